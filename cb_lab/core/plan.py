@@ -1,0 +1,85 @@
+"""A step's plan and its result: plain data between the three phases of a step.
+
+::
+
+    plan   = scheduler.schedule()        # StepPlan: who runs which tokens (reads state only)
+    result = executor.run(plan)          # StepResult: new K/V rows and sampled tokens
+    scheduler.commit(plan, result)       # the only place request state changes
+
+Print a plan to see a step before it runs: ``step 3: decode [a, b] | prefill [c 4:8] (6 tokens)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cb_lab.core.request import Request
+
+__all__ = ["PrefillChunk", "SeqOutput", "StepPlan", "StepResult"]
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillChunk:
+    """Prompt rows ``[start, start + length)`` of ``request``."""
+
+    request: Request
+    start: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+    @property
+    def completes_prompt(self) -> bool:
+        """True when this chunk's last row is the prompt's last: its output is generated token 1."""
+        return self.end == self.request.prompt_len
+
+    def __repr__(self) -> str:
+        return f"{self.request.req_id} {self.start}:{self.end}"
+
+
+@dataclass(frozen=True, slots=True)
+class StepPlan:
+    """Which requests decode one token and which prompt chunks prefill, in one step."""
+
+    step_id: int
+    decode: tuple[Request, ...]
+    prefill: tuple[PrefillChunk, ...]
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return len(self.decode)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(chunk.length for chunk in self.prefill)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.num_decode_tokens + self.num_prefill_tokens
+
+    def __repr__(self) -> str:
+        decode = ", ".join(r.req_id for r in self.decode)
+        prefill = ", ".join(map(repr, self.prefill))
+        tokens = f"{self.total_tokens} token" + ("" if self.total_tokens == 1 else "s")
+        return f"step {self.step_id}: decode [{decode}] | prefill [{prefill}] ({tokens})"
+
+
+@dataclass(frozen=True, slots=True)
+class SeqOutput:
+    """What compute produced for one request in one step (nothing is stored yet)."""
+
+    k: torch.Tensor  # [n, D] new key rows
+    v: torch.Tensor  # [n, D] new value rows
+    token: torch.Tensor | None  # [D] sampled token; None for a chunk that does not end the prompt
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """Outputs in plan order: ``prefill[i]`` belongs to ``plan.prefill[i]``, ``decode[j]`` to ``plan.decode[j]``."""
+
+    prefill: tuple[SeqOutput, ...]
+    decode: tuple[SeqOutput, ...]

@@ -1,0 +1,135 @@
+"""Request: one prompt's journey through prefill, decode, and finish.
+
+A request's sequence is its prompt rows followed by the tokens it generates::
+
+    prompt  p0 p1 ... p(L-1) | generated g1 g2 ... gn
+    prefill: prompt chunks [prefill_pos, prefill_pos + n) fill the KV cache
+    the output at p(L-1) is g1 (also the ``decode_seed``, the first decode input)
+    decode:  feed g(i), attend over the cache and itself, output is g(i+1)
+
+It is finished once it holds ``max_new_tokens`` generated tokens; its cache then holds
+``L + max_new_tokens - 1`` rows (the last token is never fed back). A request with
+``max_new_tokens == 0`` is finished from the start.
+
+The scheduler changes a request only in its commit phase; ``get_prefill_chunk`` is a
+pure read, so planning a step never consumes anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from cb_lab.core.kv_cache import BaseKVCache
+from cb_lab.exceptions import RequestError, ValidationError
+
+__all__ = ["Request"]
+
+
+def _check_prompt(req_id: str, prompt: object) -> None:
+    if not isinstance(prompt, torch.Tensor):
+        raise ValidationError(f"request {req_id!r}: prompt must be a torch.Tensor, got {type(prompt).__name__}")
+    if prompt.dim() != 2 or prompt.shape[0] == 0 or prompt.shape[1] == 0:
+        raise ValidationError(
+            f"request {req_id!r}: prompt must be a non-empty [seq_len, dim] tensor, got shape {tuple(prompt.shape)}"
+        )
+    if not prompt.is_floating_point():
+        raise ValidationError(f"request {req_id!r}: prompt must be floating point, got {prompt.dtype}")
+    if not bool(torch.isfinite(prompt).all()):
+        raise ValidationError(f"request {req_id!r}: prompt contains NaN or inf; pass finite values")
+
+
+@dataclass(eq=False, repr=False)
+class Request:
+    """One inference request: a prompt ``[seq_len, dim]``, a token budget, and its KV cache."""
+
+    req_id: str
+    prompt: torch.Tensor
+    max_new_tokens: int
+    kv_cache: BaseKVCache
+    prefill_pos: int = 0
+    generated_tokens: list[torch.Tensor] = field(default_factory=list)
+    finished: bool = False
+    decode_seed: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.req_id, str) or not self.req_id:
+            raise ValidationError(f"req_id must be a non-empty str, got {self.req_id!r}")
+        _check_prompt(self.req_id, self.prompt)
+        n = self.max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValidationError(f"request {self.req_id!r}: max_new_tokens must be an int >= 0, got {n!r}")
+        if not isinstance(self.kv_cache, BaseKVCache):
+            raise ValidationError(
+                f"request {self.req_id!r}: kv_cache must be a BaseKVCache (DenseKVCache or PagedKVCache), "
+                f"got {type(self.kv_cache).__name__}"
+            )
+        p = self.prefill_pos
+        if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= self.prompt_len:
+            raise ValidationError(
+                f"request {self.req_id!r}: prefill_pos must be an int in [0, {self.prompt_len}], got {p!r}"
+            )
+        if len(self.generated_tokens) >= n:
+            self.finished = True
+
+    @property
+    def prompt_len(self) -> int:
+        return self.prompt.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.prompt.shape[1]
+
+    @property
+    def in_prefill(self) -> bool:
+        """True while prompt rows remain to be run (never for a finished request)."""
+        return not self.finished and self.prefill_pos < self.prompt_len
+
+    @property
+    def in_decode(self) -> bool:
+        """True once the prompt is done and tokens remain to be generated."""
+        return not self.finished and self.prefill_pos == self.prompt_len
+
+    @property
+    def last_token(self) -> torch.Tensor:
+        """The next decode input ``[dim]``: the latest generated token."""
+        if not self.generated_tokens:
+            raise RequestError(f"request {self.req_id!r} has generated no token yet; finish its prefill first")
+        return self.generated_tokens[-1]
+
+    def get_prefill_chunk(self, chunk_size: int) -> torch.Tensor:
+        """The next ``[<= chunk_size, dim]`` prompt rows from ``prefill_pos`` (a pure read; a view)."""
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValidationError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+        return self.prompt[self.prefill_pos : self.prefill_pos + chunk_size]
+
+    def append_kv(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        """Store new K/V rows ``[n, dim]`` in this request's cache."""
+        self.kv_cache.append(k_new, v_new)
+
+    def append_token(self, tok: torch.Tensor) -> None:
+        """Record a generated token (``[dim]`` or ``[1, dim]``); finishes the request at ``max_new_tokens``."""
+        if self.finished:
+            raise RequestError(
+                f"request {self.req_id!r} already holds its {self.max_new_tokens} tokens; it takes no more"
+            )
+        if not isinstance(tok, torch.Tensor) or tuple(tok.shape) not in ((self.dim,), (1, self.dim)):
+            shape = tuple(tok.shape) if isinstance(tok, torch.Tensor) else type(tok).__name__
+            raise ValidationError(
+                f"request {self.req_id!r}: a token must be [{self.dim}] or [1, {self.dim}], got {shape}"
+            )
+        if not tok.is_floating_point():
+            raise ValidationError(f"request {self.req_id!r}: a token must be floating point, got {tok.dtype}")
+        token = tok.reshape(self.dim)
+        if self.decode_seed is None:
+            self.decode_seed = token
+        self.generated_tokens.append(token)
+        self.finished = len(self.generated_tokens) >= self.max_new_tokens
+
+    def __repr__(self) -> str:
+        phase = "finished" if self.finished else "prefill" if self.in_prefill else "decode"
+        return (
+            f"Request({self.req_id!r}, {phase}, prefill={self.prefill_pos}/{self.prompt_len}, "
+            f"generated={len(self.generated_tokens)}/{self.max_new_tokens}, cache_len={len(self.kv_cache)})"
+        )

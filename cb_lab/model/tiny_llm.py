@@ -1,0 +1,157 @@
+"""TinyLLM: one attention layer, one head, and tokens that are plain vectors.
+
+There is no vocabulary: a token is a ``[D]`` vector and the model's output row at a
+position *is* the next token (or goes through a sampler first). That keeps every number
+small enough to print while the data flow is exactly a decoder's::
+
+    x [T, D] -> RMSNorm -> q, k, v = Wq h, Wk h, Wv h -> attention -> Wo -> out [T, D]
+
+Three ways to run it, all the same math (tests hold them to it):
+
+- ``forward_prefill_dense``: one sequence, causal mask. The *oracle* every schedule must match.
+- ``forward_prefill_ragged``: many requests' chunks in one flat batch with a ragged mask,
+  optionally on top of their cached prefixes (chunked prefill).
+- ``forward_decode``: one new token against a request's KV cache (paged caches are read
+  through their block table by paged attention).
+
+None of them writes to a cache: they return the new ``k, v`` rows and the caller decides
+when to store them (the scheduler does it only after the whole step has been computed).
+Shape letters: ``T`` one sequence, ``N`` rows of a ragged batch, ``C`` cached rows, ``D`` dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from cb_lab.attention.dense_attention import dense_causal_attention, scaled_dot_product_attention
+from cb_lab.attention.paged_attention import paged_attention
+from cb_lab.attention.ragged_attention import ragged_attention
+from cb_lab.core.kv_cache import BaseKVCache, PagedKVCache
+from cb_lab.exceptions import ConfigurationError, ModelError
+
+__all__ = ["AttentionHook", "TinyLLM"]
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+class AttentionHook(Protocol):
+    """Sees the attention probabilities of every call (``AttentionPlugin`` fits it)."""
+
+    def on_attention(self, phase: str, weights: torch.Tensor) -> None: ...
+
+
+class TinyLLM(nn.Module):
+    """A single-layer, single-head attention block with Q/K/V/O projections.
+
+    Weights come from torch's global RNG: call ``torch.manual_seed`` first for a
+    reproducible model. ``eps`` guards the RMSNorm of an all-zero token.
+    """
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ConfigurationError(f"TinyLLM dim must be an int >= 1, got {dim!r}")
+        self.dim = dim
+        self.eps = 1e-6
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
+            # std 1/sqrt(D) keeps rows near unit scale, so generated tokens neither vanish nor blow up.
+            nn.init.normal_(proj.weight, std=dim**-0.5)
+
+    @property
+    def device(self) -> torch.device:
+        return self.q_proj.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.q_proj.weight.dtype
+
+    def _check_rows(self, x: object, name: str) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise ModelError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 2 or x.shape[1] != self.dim:
+            raise ModelError(f"{name} must be [rows, {self.dim}] for this model, got {tuple(x.shape)}")
+        if x.dtype != self.dtype:
+            raise ModelError(f"{name} must be {self.dtype} like the model's weights, got {x.dtype}")
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x [N, D]`` -> ``q, k, v`` each ``[N, D]``, from the RMS-normalised input."""
+        h = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return self.q_proj(h), self.k_proj(h), self.v_proj(h)
+
+    @torch.no_grad()  # no_grad, not inference_mode: caches are written in place outside it later
+    def forward_prefill_dense(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Causal forward of one whole sequence ``[T, D]`` -> ``(out, k, v)``, each ``[T, D]``."""
+        self._check_rows(tokens, "tokens")
+        q, k, v = self.project_qkv(tokens)
+        attn, _ = dense_causal_attention(q, k, v)
+        return self.o_proj(attn), k, v
+
+    @torch.no_grad()
+    def forward_prefill_ragged(
+        self,
+        tokens: torch.Tensor,
+        ragged_mask: torch.Tensor,
+        past_kv: KV | None = None,
+        *,
+        attention_hooks: Sequence[AttentionHook] = (),
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Forward of a ragged batch ``tokens [N, D]`` -> ``(out, k, v)`` for its N rows.
+
+        Without ``past_kv`` the mask is ``[N, N]``. With ``past_kv = (K [C, D], V [C, D])``
+        (the batch's cached prefixes, concatenated) the keys are ``cat(K, k)`` and the
+        mask is ``[N, C + N]``: cached columns first, then the batch's own.
+        """
+        self._check_rows(tokens, "tokens")
+        q, k, v = self.project_qkv(tokens)
+        keys, values = k, v
+        if past_kv is not None:
+            keys = torch.cat([past_kv[0].to(k.dtype), k])
+            values = torch.cat([past_kv[1].to(v.dtype), v])
+        attn, probs = ragged_attention(q, keys, values, ragged_mask)
+        for hook in attention_hooks:
+            hook.on_attention("prefill", probs)
+        return self.o_proj(attn), k, v
+
+    @torch.no_grad()
+    def forward_decode(
+        self,
+        new_token: torch.Tensor,
+        kv_cache: BaseKVCache,
+        *,
+        attention_hooks: Sequence[AttentionHook] = (),
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One token ``[D]`` or ``[1, D]`` against its request's cache -> ``(out, k, v)``, each ``[1, D]``.
+
+        The token attends to every cached position *and to itself*. The cache is only
+        read; store the returned ``k, v`` to advance it.
+        """
+        x = new_token[None] if isinstance(new_token, torch.Tensor) and new_token.dim() == 1 else new_token
+        self._check_rows(x, "new_token")
+        if x.shape[0] != 1:
+            raise ModelError(f"forward_decode takes one token, got {x.shape[0]} rows")
+        q, k, v = self.project_qkv(x)
+        if len(kv_cache) == 0:
+            attn, probs = scaled_dot_product_attention(q, k, v)  # nothing cached: only itself
+        elif isinstance(kv_cache, PagedKVCache) and kv_cache.allocator is not None:
+            allocator = kv_cache.allocator
+            table = torch.tensor([kv_cache.block_table], device=self.device)  # [1, num_blocks]
+            lens = torch.tensor([len(kv_cache)], device=self.device)
+            attn, probs = paged_attention(
+                q, allocator.key_blocks, allocator.value_blocks, table, lens, k, v
+            )
+        else:
+            k_cache, v_cache = kv_cache.get_kv()  # [C, D] views
+            keys = torch.cat([k_cache.to(k.dtype), k])
+            values = torch.cat([v_cache.to(v.dtype), v])
+            attn, probs = scaled_dot_product_attention(q, keys, values)
+        for hook in attention_hooks:
+            hook.on_attention("decode", probs)
+        return self.o_proj(attn), k, v

@@ -1,0 +1,398 @@
+"""Every public boundary refuses bad input with the spec's exception and a message naming the value.
+
+One table: ``(id, call, exception class, text the message must contain)``. Each ``call``
+builds what it needs and then makes exactly one bad call. Below the table: a running
+scheduler hit by every bad ``add_request`` still finishes its requests oracle-exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from cb_lab.core.batch_builder import build_ragged_batch
+from cb_lab.core.kv_cache import DenseKVCache, PagedKVCache
+from cb_lab.core.request import Request
+from cb_lab.core.scheduler import Scheduler
+from cb_lab.exceptions import (
+    CBLabException,
+    ConfigurationError,
+    KVCacheError,
+    ModelError,
+    RequestError,
+    SchedulerError,
+    ValidationError,
+)
+from cb_lab.model.tiny_llm import TinyLLM
+from cb_lab.plugins.base import AttentionPlugin, CachePlugin, PluginManager, SchedulerPlugin
+from helpers import assert_oracle, make_model, make_request
+
+DIM = 4
+
+
+def prompt(L: int = 3, dim: int = DIM) -> torch.Tensor:
+    return torch.randn(L, dim, generator=torch.Generator().manual_seed(L * 31 + dim))
+
+
+def nan_prompt() -> torch.Tensor:
+    p = prompt()
+    p[1, 2] = float("nan")
+    return p
+
+
+def inf_prompt() -> torch.Tensor:
+    p = prompt()
+    p[0, 0] = float("-inf")
+    return p
+
+
+def req(req_id: Any = "r", p: Any = None, n: Any = 2, cache: Any = "dense", **kw: Any) -> Request:
+    cache = DenseKVCache() if cache == "dense" else cache
+    return Request(req_id, prompt() if p is None else p, n, cache, **kw)
+
+
+def cache_with_rows(cache=None, dim: int = DIM):
+    cache = cache if cache is not None else DenseKVCache()
+    cache.append(torch.ones(2, dim), torch.ones(2, dim))
+    return cache
+
+
+def scheduler(*active: Request, **kw: Any) -> Scheduler:
+    sched = Scheduler(make_model(DIM), **kw)
+    for r in active:
+        sched.add_request(r)
+    return sched
+
+
+def set_attr(obj: object, name: str, value: object) -> None:
+    setattr(obj, name, value)
+
+
+# ---------------------------------------------------------------- plugins used by the table
+class SchedPlugin(SchedulerPlugin):
+    pass
+
+
+class AttnPlugin(AttentionPlugin):
+    pass
+
+
+class LevelPlugin(SchedulerPlugin):
+    """A plugin with one option, ``level`` (declared in ``options`` and returned by ``get_config``)."""
+
+    options = ("level",)
+
+    def __init__(self) -> None:
+        self.level = "INFO"
+
+    def get_config(self) -> dict[str, Any]:
+        return {"level": self.level}
+
+    def configure(self, config) -> None:
+        super().configure(config)  # rejects unknown keys
+        self.level = config.get("level", self.level)
+
+
+def manager_with(*plugins: SchedulerPlugin) -> PluginManager:
+    m = PluginManager()
+    for p in plugins:
+        m.register_scheduler_plugin(p)
+    return m
+
+
+# ---------------------------------------------------------------- the table
+Case = tuple[str, Callable[[], object], type[CBLabException], str]
+
+REQUEST_CASES: list[Case] = [
+    ("request/prompt-1d", lambda: req(p=torch.randn(4)), ValidationError, "(4,)"),
+    ("request/prompt-3d", lambda: req(p=torch.randn(1, 3, 4)), ValidationError, "(1, 3, 4)"),
+    ("request/prompt-no-rows", lambda: req(p=torch.randn(0, 4)), ValidationError, "(0, 4)"),
+    ("request/prompt-no-cols", lambda: req(p=torch.randn(3, 0)), ValidationError, "(3, 0)"),
+    ("request/prompt-int", lambda: req(p=torch.ones(3, 4, dtype=torch.int64)), ValidationError, "torch.int64"),
+    ("request/prompt-bool", lambda: req(p=torch.ones(3, 4, dtype=torch.bool)), ValidationError, "torch.bool"),
+    ("request/prompt-list", lambda: req(p=[[1.0, 2.0]]), ValidationError, "list"),
+    ("request/prompt-nan", lambda: req(p=nan_prompt()), ValidationError, "NaN"),
+    ("request/prompt-inf", lambda: req(p=inf_prompt()), ValidationError, "inf"),
+    ("request/max-new-float", lambda: req(n=1.5), ValidationError, "1.5"),
+    ("request/max-new-bool", lambda: req(n=True), ValidationError, "True"),
+    ("request/max-new-negative", lambda: req(n=-1), ValidationError, "-1"),
+    ("request/max-new-str", lambda: req(n="3"), ValidationError, "'3'"),
+    ("request/max-new-none", lambda: req(n=None), ValidationError, "None"),
+    ("request/req-id-empty", lambda: req(req_id=""), ValidationError, "''"),
+    ("request/req-id-int", lambda: req(req_id=5), ValidationError, "got 5"),
+    ("request/req-id-none", lambda: req(req_id=None), ValidationError, "None"),
+    ("request/kv-cache-dict", lambda: req(cache={}), ValidationError, "dict"),
+    ("request/kv-cache-none", lambda: req(cache=None), ValidationError, "NoneType"),
+    ("request/kv-cache-class", lambda: req(cache=DenseKVCache), ValidationError, "ABCMeta"),
+    ("request/prefill-pos-negative", lambda: req(prefill_pos=-1), ValidationError, "-1"),
+    ("request/prefill-pos-past-end", lambda: req(prefill_pos=4), ValidationError, "got 4"),
+    ("request/prefill-pos-bool", lambda: req(prefill_pos=True), ValidationError, "True"),
+    ("request/prefill-pos-float", lambda: req(prefill_pos=1.0), ValidationError, "1.0"),
+    ("request/append-after-finish", lambda: req(n=0).append_token(torch.zeros(DIM)), RequestError, "'r'"),
+    ("request/last-token-before-any", lambda: req().last_token, RequestError, "'r'"),
+    ("request/append-token-column", lambda: req().append_token(torch.zeros(DIM, 1)), ValidationError,
+     f"({DIM}, 1)"),
+    ("request/append-token-int", lambda: req().append_token(torch.zeros(DIM, dtype=torch.int64)), ValidationError,
+     "torch.int64"),
+]
+
+CACHE_CASES: list[Case] = [
+    ("cache/block-size-zero", lambda: PagedKVCache(block_size=0), ConfigurationError, "got 0"),
+    ("cache/block-size-float", lambda: PagedKVCache(block_size=2.5), ConfigurationError, "2.5"),
+    ("cache/block-size-bool", lambda: PagedKVCache(block_size=True), ConfigurationError, "True"),
+    ("cache/initial-capacity-negative", lambda: DenseKVCache(initial_capacity=-1), ConfigurationError, "-1"),
+    ("cache/append-1d", lambda: DenseKVCache().append(torch.ones(4), torch.ones(4)), ValidationError, "(4,)"),
+    ("cache/append-int", lambda: PagedKVCache(2).append(torch.ones(2, 4, dtype=torch.int32),
+                                                        torch.ones(2, 4)), ValidationError, "torch.int32"),
+    ("cache/append-zero-rows", lambda: DenseKVCache().append(torch.ones(0, 4), torch.ones(0, 4)),
+     ValidationError, "0 rows"),
+    ("cache/append-dim-mismatch", lambda: cache_with_rows().append(torch.ones(1, 5), torch.ones(1, 5)),
+     KVCacheError, "dim 5"),
+    ("cache/append-paged-dim-mismatch", lambda: cache_with_rows(PagedKVCache(3)).append(torch.ones(1, 6),
+                                                                                       torch.ones(1, 6)),
+     KVCacheError, "dim 6"),
+    ("cache/append-meta-device", lambda: DenseKVCache().append(torch.empty(2, 4, device="meta"),
+                                                               torch.empty(2, 4, device="meta")),
+     KVCacheError, "meta"),
+]
+
+BATCH_CASES: list[Case] = [
+    ("batch/empty", lambda: build_ragged_batch([]), ValidationError, "none"),
+    ("batch/duplicate-id", lambda: build_ragged_batch([("dup", 0, prompt()), ("dup", 3, prompt())]),
+     ValidationError, "'dup'"),
+    ("batch/negative-start", lambda: build_ragged_batch([("a", -1, prompt())]), ValidationError, "-1"),
+    ("batch/mixed-dims", lambda: build_ragged_batch([("a", 0, prompt(2, 3)), ("b", 0, prompt(2, 5))]),
+     ValidationError, "[3, 5]"),
+]
+
+SCHEDULER_CONFIG_CASES: list[Case] = [
+    (f"scheduler/{where}-{name}={value!r}", call, ConfigurationError, repr(value))
+    for name in ("max_tokens_per_step", "prefill_chunk_size")
+    for value in (0, -1, 1.5, True)
+    for where, call in (
+        ("init", lambda name=name, value=value: Scheduler(make_model(DIM), **{name: value})),
+        ("set", lambda name=name, value=value: set_attr(scheduler(), name, value)),
+    )
+]
+
+
+def add_dup() -> None:
+    scheduler(req("dup")).add_request(req("dup"))
+
+
+def add_shared_cache() -> None:
+    shared = DenseKVCache()
+    scheduler(req("a", cache=shared)).add_request(req("b", cache=shared))
+
+
+ADD_REQUEST_CASES: list[Case] = [
+    ("add/not-a-request", lambda: scheduler().add_request("r"), SchedulerError, "str"),
+    ("add/none", lambda: scheduler().add_request(None), SchedulerError, "NoneType"),
+    ("add/duplicate-active-id", add_dup, SchedulerError, "'dup'"),
+    ("add/dim-mismatch", lambda: scheduler().add_request(req(p=prompt(3, 5))), SchedulerError, "dim 5"),
+    ("add/already-prefilled", lambda: scheduler().add_request(req(prefill_pos=2)), SchedulerError, "prefill=2/3"),
+    ("add/cache-has-rows", lambda: scheduler().add_request(req(cache=cache_with_rows())), SchedulerError,
+     "cache_len=2"),
+    ("add/has-tokens", lambda: scheduler().add_request(req(generated_tokens=[torch.zeros(DIM)])),
+     SchedulerError, "generated=1/2"),
+    ("add/shared-cache", add_shared_cache, SchedulerError, "'b'"),
+    ("add/cache-on-meta", lambda: scheduler().add_request(req(cache=DenseKVCache("meta"))), SchedulerError,
+     "meta"),
+]
+
+MODEL_CASES: list[Case] = [
+    (f"model/dim={value!r}", lambda value=value: TinyLLM(value), ConfigurationError, repr(value))
+    for value in (0, -1, 2.5, True)
+] + [
+    ("model/decode-two-rows", lambda: make_model(DIM).forward_decode(torch.ones(2, DIM), DenseKVCache()),
+     ModelError, "2 rows"),
+    ("model/prefill-list", lambda: make_model(DIM).forward_prefill_dense([[0.0] * DIM]), ModelError, "list"),
+    ("model/prefill-float64", lambda: make_model(DIM).forward_prefill_dense(torch.ones(2, DIM, dtype=torch.float64)),
+     ModelError, "torch.float64"),
+]
+
+
+def register_twice() -> None:
+    m = PluginManager()
+    m.register_scheduler_plugin(SchedPlugin())
+    m.register_scheduler_plugin(SchedPlugin())
+
+
+PLUGIN_CASES: list[Case] = [
+    ("plugins/scheduler-as-attention", lambda: PluginManager().register_attention_plugin(SchedPlugin()),
+     ValidationError, "SchedPlugin"),
+    ("plugins/attention-as-cache", lambda: PluginManager().register_cache_plugin(AttnPlugin()),
+     ValidationError, "CachePlugin"),
+    ("plugins/not-a-plugin", lambda: PluginManager().register_scheduler_plugin(object()), ValidationError,
+     "object"),
+    ("plugins/duplicate-name", register_twice, ConfigurationError, "'SchedPlugin'"),
+    ("plugins/get-unknown", lambda: manager_with(LevelPlugin()).get_plugin_config("nope"), ConfigurationError,
+     "'nope'"),
+    ("plugins/set-unknown", lambda: manager_with(LevelPlugin()).set_plugin_config("nope", {}),
+     ConfigurationError, "'nope'"),
+    ("plugins/set-unknown-key", lambda: manager_with(LevelPlugin()).set_plugin_config("LevelPlugin",
+                                                                                      {"colour": 1}),
+     ConfigurationError, "colour"),
+    ("plugins/register-unknown-key", lambda: PluginManager().register_scheduler_plugin(LevelPlugin(),
+                                                                                       {"colour": 1}),
+     ConfigurationError, "colour"),
+    ("plugins/option-less-plugin-key", lambda: manager_with(SchedPlugin()).set_plugin_config("SchedPlugin",
+                                                                                             {"x": 1}),
+     ConfigurationError, "'x'"),
+]
+
+ALL_CASES = (
+    REQUEST_CASES + CACHE_CASES + BATCH_CASES + SCHEDULER_CONFIG_CASES + ADD_REQUEST_CASES + MODEL_CASES
+    + PLUGIN_CASES
+)
+
+
+def test_table_is_big_enough_and_ids_are_unique() -> None:
+    ids = [case[0] for case in ALL_CASES]
+    assert len(ids) >= 30 and len(set(ids)) == len(ids)
+
+
+@pytest.mark.parametrize(("case_id", "call", "exc", "needle"), ALL_CASES, ids=[c[0] for c in ALL_CASES])
+def test_bad_input(case_id: str, call: Callable[[], object], exc: type[Exception], needle: str) -> None:
+    with pytest.raises(exc) as info:
+        call()
+    assert isinstance(info.value, CBLabException)
+    assert needle in str(info.value), f"{case_id}: {needle!r} not in message {str(info.value)!r}"
+
+
+# ---------------------------------------------------------------- state after a refusal
+@pytest.mark.parametrize("name", ["max_tokens_per_step", "prefill_chunk_size"])
+def test_refused_budget_keeps_the_old_value(name: str) -> None:
+    sched = scheduler(max_tokens_per_step=6, prefill_chunk_size=3)
+    old = getattr(sched, name)
+    with pytest.raises(ConfigurationError):
+        setattr(sched, name, 0)
+    assert getattr(sched, name) == old
+    setattr(sched, name, 5)  # a good value is still taken
+    assert getattr(sched, name) == 5
+
+
+def test_refused_plugin_is_not_registered_and_options_apply() -> None:
+    m = PluginManager()
+    with pytest.raises(ConfigurationError):
+        m.register_scheduler_plugin(LevelPlugin(), {"colour": 1})
+    assert m.list_plugins() == {"scheduler": [], "attention": [], "cache": []}
+    m.register_scheduler_plugin(LevelPlugin(), {"level": "DEBUG"})
+    assert m.get_plugin_config("LevelPlugin") == {"level": "DEBUG"}
+    with pytest.raises(ConfigurationError):
+        m.set_plugin_config("LevelPlugin", {"level": "WARNING", "colour": 1})
+    assert m.get_plugin_config("LevelPlugin") == {"level": "DEBUG"}  # validated before applied
+    m.set_plugin_config("LevelPlugin", {"level": "WARNING"})
+    assert m.get_plugin_config("LevelPlugin") == {"level": "WARNING"}
+    with pytest.raises(ValidationError):
+        m.register_cache_plugin(LevelPlugin())  # wrong kind: nothing registered either
+    assert m.list_plugins()["cache"] == []
+    m.register_cache_plugin(type("Squash", (CachePlugin,), {})())
+    assert m.list_plugins() == {"scheduler": ["LevelPlugin"], "attention": [], "cache": ["Squash"]}
+
+
+# ---------------------------------------------------------------- a running scheduler is not disturbed
+RUN_DIM = 8
+
+
+def running_scheduler() -> tuple[Scheduler, TinyLLM, list[Request]]:
+    model = make_model(RUN_DIM, 21)
+    reqs = [
+        make_request("r0", 6, 4, RUN_DIM, "dense"),
+        make_request("r1", 3, 6, RUN_DIM, "paged", block_size=3),
+        make_request("r2", 11, 2, RUN_DIM, "paged", block_size=2),
+    ]
+    sched = Scheduler(model, max_tokens_per_step=5, prefill_chunk_size=3)
+    for r in reqs:
+        sched.add_request(r)
+    sched.step()
+    sched.step()
+    assert any(r.in_decode for r in reqs) and any(r.in_prefill for r in reqs)  # mid-flight
+    return sched, model, reqs
+
+
+def snapshot(sched: Scheduler) -> list[tuple]:
+    return [
+        (
+            r.req_id, r.prefill_pos, r.finished, [t.clone() for t in r.generated_tokens],
+            len(r.kv_cache), [x.clone() for x in r.kv_cache.get_kv()], r.kv_cache.hooks,
+        )
+        for r in sched.active
+    ] + [(sched.step_id, sched.num_finished)]
+
+
+def assert_same(before: list[tuple], after: list[tuple]) -> None:
+    assert len(before) == len(after)
+    for b, a in zip(before[:-1], after[:-1]):
+        assert b[:3] == a[:3] and b[4] == a[4] and b[6] is a[6]
+        assert len(b[3]) == len(a[3]) and all(torch.equal(x, y) for x, y in zip(b[3], a[3]))
+        assert all(torch.equal(x, y) for x, y in zip(b[5], a[5]))
+    assert before[-1] == after[-1]
+
+
+def bad_adds(reqs: list[Request]) -> dict[str, Callable[[], object]]:
+    """Each value builds one request (or object) that add_request must refuse mid-run."""
+    r1_cache = reqs[1].kv_cache
+    return {
+        "not-a-request": lambda: {"req_id": "x"},
+        "duplicate-id": lambda: make_request("r0", 2, 1, RUN_DIM),
+        "same-object-again": lambda: reqs[2],
+        "dim-mismatch": lambda: make_request("new", 3, 1, RUN_DIM + 1),
+        "already-prefilled": lambda: Request("new", torch.randn(3, RUN_DIM), 1, DenseKVCache(), prefill_pos=1),
+        "cache-has-rows": lambda: Request("new", torch.randn(3, RUN_DIM), 1, cache_with_rows(dim=RUN_DIM)),
+        "has-tokens": lambda: Request("new", torch.randn(3, RUN_DIM), 3, DenseKVCache(),
+                                      generated_tokens=[torch.zeros(RUN_DIM)]),
+        "shares-running-cache": lambda: Request("new", torch.randn(3, RUN_DIM), 1, r1_cache),
+        "cache-on-meta": lambda: Request("new", torch.randn(3, RUN_DIM), 1, DenseKVCache("meta")),
+    }
+
+
+BAD_ADD_NAMES = list(bad_adds([make_request(f"r{i}", 2, 1, RUN_DIM) for i in range(3)]))
+
+
+@pytest.mark.parametrize("name", BAD_ADD_NAMES)
+def test_bad_add_request_mid_run_disturbs_nothing(name: str) -> None:
+    sched, model, reqs = running_scheduler()
+    before = snapshot(sched)
+    bad = bad_adds(reqs)[name]()
+    with pytest.raises(SchedulerError):
+        sched.add_request(bad)
+    assert_same(before, snapshot(sched))
+    assert [r.req_id for r in sched.active] == ["r0", "r1", "r2"]
+    sched.run_until_complete(max_steps=100)
+    assert not sched.active and sched.num_finished == 3
+    for r in reqs:
+        assert_oracle(model, r)
+
+
+def test_every_bad_add_between_steps_then_a_good_one() -> None:
+    sched, model, reqs = running_scheduler()
+    late = make_request("late", 5, 3, RUN_DIM, "paged", block_size=2)
+    for make_bad in bad_adds(reqs).values():
+        before = snapshot(sched)
+        with pytest.raises(SchedulerError):
+            sched.add_request(make_bad())
+        assert_same(before, snapshot(sched))
+        if sched.active:
+            sched.step()
+    sched.add_request(late)  # the scheduler still takes good requests
+    sched.run_until_complete(max_steps=100)
+    assert sched.num_finished == 4
+    for r in [*reqs, late]:
+        assert_oracle(model, r)
+
+
+# ---------------------------------------------------------------- devices: "cpu" and "cpu:0" are one device
+def test_add_request_accepts_a_cache_on_the_same_device_spelled_with_an_index() -> None:
+    model = make_model(DIM)
+    cache = DenseKVCache("cpu:0")
+    cache_probe = DenseKVCache("cpu:0")
+    cache_probe.append(torch.ones(1, DIM), torch.ones(1, DIM))  # the cache itself calls it the same device
+    r = Request("r", prompt(), 2, cache)
+    sched = Scheduler(model)
+    sched.add_request(r)
+    sched.run_until_complete()
+    assert_oracle(model, r)

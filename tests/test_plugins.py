@@ -1,0 +1,238 @@
+"""Plugins are really called: every hook, the expected number of times, with real data."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_oracle, make_model, make_request
+
+from cb_lab.core.kv_cache import BaseKVCache
+from cb_lab.core.plan import StepPlan
+from cb_lab.core.request import Request
+from cb_lab.core.scheduler import Scheduler
+from cb_lab.exceptions import ConfigurationError, ValidationError
+from cb_lab.plugins.base import AttentionPlugin, CachePlugin, PluginManager, SchedulerPlugin
+from cb_lab.plugins.builtin import (
+    AttentionVisualizationPlugin,
+    CacheCompressionPlugin,
+    LoggingPlugin,
+    MetricsPlugin,
+)
+
+SHAPES = [(5, 4), (2, 6), (7, 1), (3, 0)]  # (prompt_len, max_new_tokens)
+
+
+class CountScheduler(SchedulerPlugin):
+    def __init__(self) -> None:
+        self.plans: list[StepPlan] = []
+        self.stats: list[dict[str, Any]] = []
+        self.completed: list[str] = []
+
+    def before_step(self, plan: StepPlan) -> None:
+        self.plans.append(plan)
+
+    def after_step(self, stats: dict[str, Any]) -> None:
+        self.stats.append(stats)
+
+    def on_request_completion(self, request: Request) -> None:
+        self.completed.append(request.req_id)
+
+
+class CountAttention(AttentionPlugin):
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, torch.Tensor]] = []
+
+    def on_attention(self, phase: str, weights: torch.Tensor) -> None:
+        self.calls.append((phase, weights))
+
+
+class CountCache(CachePlugin):
+    def __init__(self) -> None:
+        self.before: list[int] = []
+        self.after: list[int] = []
+
+    def before_append(
+        self, cache: BaseKVCache, k_new: torch.Tensor, v_new: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.before.append(k_new.shape[0])
+        return k_new, v_new
+
+    def after_append(self, cache: BaseKVCache, num_rows: int) -> None:
+        self.after.append(num_rows)
+
+
+def run(manager: PluginManager, cache: str = "dense", dim: int = 8) -> tuple[Any, list[Request], list[dict[str, Any]]]:
+    model = make_model(dim)
+    sched = Scheduler(model, 6, 3, plugins=manager)
+    reqs = [make_request(f"r{i}", L, n, dim, cache, 2) for i, (L, n) in enumerate(SHAPES)]
+    for r in reqs:
+        sched.add_request(r)
+    return model, reqs, sched.run_until_complete()
+
+
+@pytest.mark.parametrize("cache", ["dense", "paged"])
+def test_every_hook_is_called_the_expected_number_of_times(cache: str) -> None:
+    manager = PluginManager()
+    sched_p, attn_p, cache_p = CountScheduler(), CountAttention(), CountCache()
+    manager.register_scheduler_plugin(sched_p)
+    manager.register_attention_plugin(attn_p)
+    manager.register_cache_plugin(cache_p)
+    model, reqs, history = run(manager, cache)
+
+    assert len(sched_p.plans) == len(sched_p.stats) == len(history)
+    assert sched_p.stats == history
+    assert sorted(sched_p.completed) == sorted(r.req_id for r in reqs)  # each exactly once, zero-token one too
+    prefill_steps = sum(1 for p in sched_p.plans if p.prefill)
+    decodes = sum(p.num_decode_tokens for p in sched_p.plans)
+    phases = [phase for phase, _ in attn_p.calls]
+    assert phases.count("prefill") == prefill_steps and phases.count("decode") == decodes
+    for _, weights in attn_p.calls:
+        torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[0]))
+    chunks = [ch.length for p in sched_p.plans for ch in p.prefill]
+    assert cache_p.before == cache_p.after
+    assert sorted(cache_p.before) == sorted(chunks + [1] * decodes)
+    assert sum(cache_p.after) == sum(len(r.kv_cache) for r in reqs)
+    for r in reqs:
+        assert_oracle(model, r)
+
+
+def test_prefill_attention_weights_are_zero_across_requests() -> None:
+    manager = PluginManager()
+    attn_p, sched_p = CountAttention(), CountScheduler()
+    manager.register_attention_plugin(attn_p)
+    manager.register_scheduler_plugin(sched_p)
+    run(manager)
+    phase, weights = attn_p.calls[0]
+    plan = sched_p.plans[0]
+    assert phase == "prefill" and all(ch.start == 0 for ch in plan.prefill)
+    owner = torch.repeat_interleave(torch.arange(len(plan.prefill)), torch.tensor([c.length for c in plan.prefill]))
+    other = owner[:, None] != owner[None, :]
+    assert bool((weights[other] == 0).all()) and bool((weights[~other].sum() > 0))
+
+
+def test_a_hook_fault_before_compute_changes_nothing() -> None:
+    class Boom(SchedulerPlugin):
+        def before_step(self, plan: StepPlan) -> None:
+            raise RuntimeError("boom")
+
+    manager = PluginManager()
+    manager.register_scheduler_plugin(Boom())
+    sched = Scheduler(make_model(8), 6, 3, plugins=manager)
+    req = make_request("a", 4, 2, 8)
+    sched.add_request(req)
+    with pytest.raises(RuntimeError, match="boom"):
+        sched.step()
+    assert (req.prefill_pos, len(req.kv_cache), sched.step_id) == (0, 0, 0)
+
+
+def test_metrics_plugin_needs_no_manual_calls() -> None:
+    manager = PluginManager()
+    metrics = MetricsPlugin()
+    manager.register_scheduler_plugin(metrics)
+    _, reqs, history = run(manager)
+    summary = metrics.get_summary()
+    assert summary["steps"]["total_steps"] == len(history)
+    assert summary["steps"]["total_tokens_processed"] == sum(s["total_tokens"] for s in history)
+    assert summary["requests"]["completed_requests"] == len(reqs)
+    for r in reqs:
+        tracked = metrics.collector.requests[r.req_id]
+        assert tracked.is_finished and tracked.decode_tokens == len(r.generated_tokens)
+        assert tracked.prefill_tokens == r.prefill_pos
+
+
+def test_logging_plugin_logs_each_step_at_its_level(caplog: pytest.LogCaptureFixture) -> None:
+    manager = PluginManager()
+    manager.register_scheduler_plugin(LoggingPlugin("DEBUG"))
+    manager.set_plugin_config("LoggingPlugin", {"log_level": "warning"})
+    assert manager.get_plugin_config("LoggingPlugin") == {"log_level": "WARNING"}
+    with caplog.at_level(logging.WARNING, logger="cb_lab.plugins.builtin"):
+        _, reqs, history = run(manager)
+    messages = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
+    assert sum(m.startswith("step ") and ": decode [" in m for m in messages) == len(history)
+    assert sum(" done: " in m for m in messages) == len(history)
+    assert sum(m.startswith("finished Request(") for m in messages) == len(reqs)
+
+
+@pytest.mark.parametrize(("ratio", "dtype", "per_value"), [(0.5, torch.float16, 2), (0.25, torch.float8_e4m3fn, 1)])
+@pytest.mark.parametrize("cache", ["dense", "paged"])
+def test_compression_really_shrinks_the_cache(ratio: float, dtype: torch.dtype, per_value: int, cache: str) -> None:
+    _, plain, _ = run(PluginManager(), cache)
+    manager = PluginManager()
+    compression = CacheCompressionPlugin(ratio)
+    manager.register_cache_plugin(compression)
+    _, squeezed, _ = run(manager, cache)
+    rows = sum(len(r.kv_cache) for r in squeezed)
+    report = compression.report()
+    assert report["bytes_original"] == rows * 8 * 2 * 4  # dim 8, K and V, float32
+    assert report["bytes_stored"] == rows * 8 * 2 * per_value
+    assert report["achieved_ratio"] == per_value / 4 and compression.bytes_saved > 0
+    assert sum(r.kv_cache.nbytes for r in squeezed) == report["bytes_stored"]
+    assert sum(r.kv_cache.nbytes for r in plain) == report["bytes_original"]
+    assert all(r.kv_cache.get_kv()[0].dtype == dtype for r in squeezed if len(r.kv_cache))
+    error = compression.output_error(plain, squeezed)
+    assert 0 < error < (0.05 if dtype == torch.float16 else 2.0)
+    assert 0 < report["max_kv_error"] < (0.01 if dtype == torch.float16 else 0.5)
+
+
+def test_compression_ratio_one_changes_nothing() -> None:
+    _, plain, _ = run(PluginManager())
+    manager = PluginManager()
+    compression = CacheCompressionPlugin(1.0)
+    manager.register_cache_plugin(compression)
+    _, same, _ = run(manager)
+    assert compression.output_error(plain, same) == 0.0 and compression.bytes_saved == 0
+
+
+def test_compression_output_error_needs_the_same_requests() -> None:
+    _, plain, _ = run(PluginManager())
+    with pytest.raises(ValidationError, match="req_ids differ"):
+        CacheCompressionPlugin.output_error(plain, plain[:2])
+
+
+def test_attention_visualization_writes_what_it_recorded(tmp_path: Path) -> None:
+    manager = PluginManager()
+    viz = AttentionVisualizationPlugin(str(tmp_path / "viz"), max_records=5)
+    manager.register_attention_plugin(viz)
+    run(manager)
+    assert len(viz.records) == 5
+    paths = viz.save()
+    npys = sorted(p for p in paths if p.suffix == ".npy")
+    pngs = sorted(p for p in paths if p.suffix == ".png")
+    assert len(npys) == 5 and len(pngs) == 5 and all(p.stat().st_size > 0 for p in pngs)
+    for path, (phase, weights) in zip(npys, viz.records):
+        assert path.name.endswith(f"_{phase}.npy")
+        np.testing.assert_array_equal(np.load(path), weights)
+        np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
+
+
+def test_plugin_manager_registry_and_configs() -> None:
+    manager = PluginManager()
+    manager.register_scheduler_plugin(LoggingPlugin(), {"log_level": "ERROR"})
+    manager.register_scheduler_plugin(MetricsPlugin())
+    manager.register_cache_plugin(CacheCompressionPlugin(0.7))
+    manager.register_attention_plugin(AttentionVisualizationPlugin("v"))
+    assert manager.list_plugins() == {
+        "scheduler": ["LoggingPlugin", "MetricsPlugin"],
+        "attention": ["AttentionVisualizationPlugin"],
+        "cache": ["CacheCompressionPlugin"],
+    }
+    assert manager.get_plugin_config("LoggingPlugin") == {"log_level": "ERROR"}
+    assert manager.get_plugin_config("MetricsPlugin") == {}
+    manager.set_plugin_config("CacheCompressionPlugin", {"compression_ratio": 0.3})
+    compression = manager.cache_plugins[0]
+    assert isinstance(compression, CacheCompressionPlugin) and compression.storage_dtype == torch.float8_e4m3fn
+    manager.set_plugin_config("AttentionVisualizationPlugin", {"max_records": 2})
+    assert manager.get_plugin_config("AttentionVisualizationPlugin") == {"save_dir": "v", "max_records": 2}
+    for bad in ({"compression_ratio": 0.1}, {"compression_ratio": True}, {"ratio": 0.5}):
+        with pytest.raises(ConfigurationError):
+            manager.set_plugin_config("CacheCompressionPlugin", bad)
+    with pytest.raises(ConfigurationError, match="'TRACE'"):
+        LoggingPlugin("TRACE")
+    for bad_viz in ({"save_dir": ""}, {"max_records": 0}):
+        with pytest.raises(ConfigurationError):
+            manager.set_plugin_config("AttentionVisualizationPlugin", bad_viz)

@@ -1,0 +1,277 @@
+"""The scheduler against the oracle: any schedule, same numbers (DESIGN.md sections 2-3)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from helpers import TOL, assert_oracle, make_model, make_request
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cb_lab.core.request import Request
+from cb_lab.core.scheduler import Scheduler
+from cb_lab.monitoring.metrics import MetricsCollector
+
+STAT_KEYS = {
+    "step_id", "decode_tokens", "prefill_tokens", "total_tokens",
+    "active_requests", "finished_requests", "step_duration", "status",
+}
+
+
+def expected_tokens(sched: Scheduler) -> int:
+    """Work conservation: a step runs min(budget, decodes + what prefill can take)."""
+    decoders = sum(r.in_decode for r in sched.active)
+    prefill = sum(min(sched.prefill_chunk_size, r.prompt_len - r.prefill_pos) for r in sched.active if r.in_prefill)
+    return min(sched.max_tokens_per_step, decoders + prefill)
+
+
+def run_checked(sched: Scheduler, arrivals: list[tuple[int, Request]]) -> list[dict[str, Any]]:
+    """Run to completion, checking budget and work conservation before every step."""
+    pending = sorted(arrivals, key=lambda a: a[0])
+    history: list[dict[str, Any]] = []
+    now = 0
+    while pending or sched.active:
+        while pending and pending[0][0] <= now:
+            sched.add_request(pending.pop(0)[1])
+        want = expected_tokens(sched)
+        stats = sched.step()
+        assert stats["total_tokens"] <= sched.max_tokens_per_step
+        assert stats["total_tokens"] == want
+        history.append(stats)
+        now += 1
+        assert now < 10_000, "no progress"
+    return history
+
+
+@st.composite
+def workloads(draw: st.DrawFn) -> dict[str, Any]:
+    n = draw(st.integers(1, 6))
+    return {
+        "dim": draw(st.integers(1, 64)),
+        "budget": draw(st.integers(1, 32)),
+        "chunk": draw(st.integers(1, 16)),
+        "cache": draw(st.sampled_from(["dense", "paged"])),
+        "block_size": draw(st.sampled_from([1, 2, 3, 5, 7, 16])),
+        "tanh": draw(st.booleans()),
+        "reqs": [(draw(st.integers(0, 6)), draw(st.integers(1, 12)), draw(st.integers(0, 8))) for _ in range(n)],
+    }
+
+
+@settings(deadline=None, max_examples=60)
+@given(workloads())
+def test_any_schedule_matches_the_oracle(w: dict[str, Any]) -> None:
+    model = make_model(w["dim"], seed=w["dim"])
+    sampler = torch.tanh if w["tanh"] else None
+    sched = Scheduler(model, w["budget"], w["chunk"], sampler=sampler)
+    reqs = [
+        make_request(f"r{i}", L, n, w["dim"], w["cache"], w["block_size"], seed=i)
+        for i, (_, L, n) in enumerate(w["reqs"])
+    ]
+    run_checked(sched, [(arrive, req) for (arrive, _, _), req in zip(w["reqs"], reqs)])
+    for req in reqs:
+        assert req.finished and len(req.generated_tokens) == req.max_new_tokens
+        assert len(req.kv_cache) == (req.prompt_len + req.max_new_tokens - 1 if req.max_new_tokens else 0)
+        assert_oracle(model, req, sampler=sampler)
+
+
+def test_chunked_prefill_gives_the_numbers_of_one_shot_prefill() -> None:
+    model = make_model(16)
+    outs = []
+    for budget, chunk in [(1, 1), (3, 2), (64, 64)]:
+        req = make_request("a", 13, 5, seed=7)
+        sched = Scheduler(model, budget, chunk)
+        sched.add_request(req)
+        sched.run_until_complete()
+        outs.append(torch.stack(req.generated_tokens))
+    torch.testing.assert_close(outs[0], outs[2], **TOL)
+    torch.testing.assert_close(outs[1], outs[2], **TOL)
+
+
+def test_decode_goes_first_then_prefill_fills_the_rest_in_arrival_order() -> None:
+    sched = Scheduler(make_model(8), max_tokens_per_step=6, prefill_chunk_size=4)
+    a, b, c = make_request("a", 2, 3, 8), make_request("b", 9, 3, 8), make_request("c", 9, 3, 8)
+    for r in (a, b, c):
+        sched.add_request(r)
+    first = sched.schedule()
+    assert [(ch.request.req_id, ch.start, ch.length) for ch in first.prefill] == [("a", 0, 2), ("b", 0, 4)]
+    sched.step()
+    second = sched.schedule()
+    assert [r.req_id for r in second.decode] == ["a"]
+    assert [(ch.request.req_id, ch.start, ch.length) for ch in second.prefill] == [("b", 4, 4), ("c", 0, 1)]
+    assert repr(second) == "step 1: decode [a] | prefill [b 4:8, c 0:1] (6 tokens)"
+
+
+def test_schedule_is_pure() -> None:
+    sched = Scheduler(make_model(8), 4, 2)
+    req = make_request("a", 5, 2, 8)
+    sched.add_request(req)
+    before = (req.prefill_pos, len(req.kv_cache), sched.step_id)
+    assert repr(sched.schedule()) == repr(sched.schedule())
+    assert (req.prefill_pos, len(req.kv_cache), sched.step_id) == before
+
+
+def test_lowered_budget_rotates_decodes_round_robin() -> None:
+    model = make_model(8)
+    sched = Scheduler(model, max_tokens_per_step=32, prefill_chunk_size=32)
+    reqs = [make_request(f"r{i}", 2, 20, 8) for i in range(6)]
+    for r in reqs:
+        sched.add_request(r)
+    sched.step()  # all six prefill; each now holds one token
+    sched.max_tokens_per_step = 4
+    picked: list[list[str]] = []
+    counts = {r.req_id: 0 for r in reqs}
+    for _ in range(9):
+        plan = sched.schedule()
+        picked.append([r.req_id for r in plan.decode])
+        for r in plan.decode:
+            counts[r.req_id] += 1
+        sched.step()
+    assert picked[0] == ["r0", "r1", "r2", "r3"]
+    assert picked[1] == ["r4", "r5", "r0", "r1"]  # r4, r5 waited longest
+    assert picked[2] == ["r2", "r3", "r4", "r5"]
+    assert set(counts.values()) == {6}  # 9 steps x 4 tokens = 36 = 6 each: nobody starves
+    sched.max_tokens_per_step = 32
+    sched.run_until_complete()
+    for r in reqs:
+        assert_oracle(model, r)
+
+
+def test_requests_join_between_steps_and_leave_when_finished() -> None:
+    model = make_model(8)
+    sched = Scheduler(model, 8, 4)
+    a = make_request("a", 3, 2, 8)
+    sched.add_request(a)
+    sched.step()
+    b = make_request("b", 4, 1, 8)
+    sched.add_request(b)
+    assert [r.req_id for r in sched.active] == ["a", "b"]
+    stats = sched.step()
+    assert stats["finished_requests"] == 2 and sched.active == [] and sched.num_finished == 2
+    c = make_request("a", 2, 1, 8)  # a finished id may be reused
+    sched.add_request(c)
+    sched.run_until_complete()
+    for r in (a, b, c):
+        assert_oracle(model, r)
+
+
+def test_zero_token_request_completes_at_the_next_step_without_running() -> None:
+    sched = Scheduler(make_model(8), 8, 4)
+    zero, one = make_request("z", 4, 0, 8), make_request("o", 4, 1, 8)
+    sched.add_request(zero)
+    sched.add_request(one)
+    assert zero.finished and zero not in sched.schedule().decode
+    assert all(ch.request is not zero for ch in sched.schedule().prefill)
+    stats = sched.step()
+    assert stats["finished_requests"] == 2 and len(zero.kv_cache) == 0 and zero.generated_tokens == []
+
+
+def test_step_stats_feed_metrics_collector_as_they_are() -> None:
+    sched = Scheduler(make_model(8), 8, 4)
+    sched.add_request(make_request("a", 5, 3, 8))
+    collector = MetricsCollector(enable_memory_profiling=False)
+    history = sched.run_until_complete()
+    history.append(sched.step())
+    for stats in history:
+        assert set(stats) == STAT_KEYS
+        collector.record_step(**stats)
+    assert history[-1]["status"] == "no_active_requests" and history[-1]["total_tokens"] == 0
+    summary = collector.get_step_summary()
+    assert summary["total_tokens_processed"] == 5 + 2  # prompt rows + decode tokens (token 1 came from prefill)
+    assert [s["step_id"] for s in history[:-1]] == list(range(len(history) - 1))
+
+
+class FlakyModel:
+    """Wraps a model; raises on chosen calls to its forwards (counted per method)."""
+
+    def __init__(self, model: Any, fail_prefill: set[int], fail_decode: set[int]) -> None:
+        self.model, self.fail_prefill, self.fail_decode = model, fail_prefill, fail_decode
+        self.calls = {"prefill": 0, "decode": 0}
+        self.dim, self.device = model.dim, model.device
+
+    def forward_prefill_ragged(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls["prefill"] += 1
+        if self.calls["prefill"] in self.fail_prefill:
+            raise RuntimeError("injected prefill fault")
+        return self.model.forward_prefill_ragged(*args, **kwargs)
+
+    def forward_decode(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls["decode"] += 1
+        if self.calls["decode"] in self.fail_decode:
+            raise RuntimeError("injected decode fault")
+        return self.model.forward_decode(*args, **kwargs)
+
+
+def snapshot(reqs: list[Request]) -> list[tuple[Any, ...]]:
+    return [
+        (r.prefill_pos, len(r.generated_tokens), r.finished, len(r.kv_cache), r.kv_cache.get_kv()[0].clone())
+        for r in reqs
+    ]
+
+
+@pytest.mark.parametrize("cache", ["dense", "paged"])
+@pytest.mark.parametrize(("fail_prefill", "fail_decode"), [({2}, set()), (set(), {3}), (set(), {5, 6}), ({1, 4}, {2})])
+def test_a_fault_in_compute_changes_nothing_and_the_run_completes(
+    cache: str, fail_prefill: set[int], fail_decode: set[int]
+) -> None:
+    model = make_model(8)
+    flaky = FlakyModel(model, fail_prefill, fail_decode)
+    sched = Scheduler(flaky, 6, 3)  # type: ignore[arg-type]
+    reqs = [make_request(f"r{i}", L, n, 8, cache, 3) for i, (L, n) in enumerate([(5, 4), (2, 6), (7, 3)])]
+    for r in reqs:
+        sched.add_request(r)
+    faults = 0
+    while sched.active:
+        before, step_id = snapshot(reqs), sched.step_id
+        try:
+            sched.step()
+        except RuntimeError:
+            faults += 1
+            after = snapshot(reqs)
+            assert sched.step_id == step_id
+            for (*meta_b, k_b), (*meta_a, k_a) in zip(before, after):
+                assert meta_b == meta_a
+                torch.testing.assert_close(k_b, k_a, rtol=0, atol=0)
+    assert faults == len(fail_prefill) + len(fail_decode)
+    for r in reqs:
+        assert_oracle(model, r)
+
+
+def test_a_failing_sampler_changes_nothing() -> None:
+    model = make_model(8)
+    calls = {"n": 0}
+
+    def sampler(row: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise ValueError("sampler fault")
+        return torch.tanh(row)
+
+    sched = Scheduler(model, 8, 4, sampler=sampler)
+    reqs = [make_request("a", 3, 4, 8), make_request("b", 2, 4, 8)]
+    for r in reqs:
+        sched.add_request(r)
+    sched.step()
+    before = snapshot(reqs)
+    with pytest.raises(ValueError, match="sampler fault"):
+        sched.step()
+    assert [s[:4] for s in snapshot(reqs)] == [s[:4] for s in before]
+    sched.run_until_complete()
+    for r in reqs:
+        assert_oracle(model, r, sampler=torch.tanh)
+
+
+def test_sampler_returning_a_wrong_shape_is_rejected() -> None:
+    sched = Scheduler(make_model(8), 8, 4, sampler=lambda row: row[:2])
+    sched.add_request(make_request("a", 2, 2, 8))
+    with pytest.raises(Exception, match=r"sampler must map a \(8,\) row"):
+        sched.step()
+
+
+def test_repr_shows_the_state() -> None:
+    sched = Scheduler(make_model(8), 8, 4)
+    sched.add_request(make_request("a", 2, 1, 8))
+    assert repr(sched) == "Scheduler(step=0, active=1, finished=0, budget=8, chunk=4)"
+    sched.step()
+    assert repr(sched) == "Scheduler(step=1, active=0, finished=1, budget=8, chunk=4)"
