@@ -63,11 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     worst = 0.0  # per request: paged attention (through the block table) vs dense attention over get_kv()
     for req in paged:
         cache = req.kv_cache
-        assert isinstance(cache, PagedKVCache) and cache.allocator is not None
+        assert isinstance(cache, PagedKVCache) and cache.pool is not None
         print(f"\n{req.req_id} after prefill | {after_prefill[req.req_id]}")
         print(f"{req.req_id} after decode  | {describe(cache)}")
         q, (k, v) = torch.randn(1, dim), cache.get_kv()  # get_kv() gathers the blocks into [len, D] copies
-        out_paged, _ = paged_attention(q, cache.allocator.key_blocks, cache.allocator.value_blocks,
+        out_paged, _ = paged_attention(q, cache.pool.key_cache, cache.pool.value_cache,
                                        torch.tensor([cache.block_table]), torch.tensor([len(cache)]))
         worst = max(worst, (out_paged - scaled_dot_product_attention(q, k, v)[0]).abs().max().item())
     dense, _ = run(model, prompts, DenseKVCache)

@@ -189,7 +189,7 @@ def test_paged_attention(block_size: int, capsys: pytest.CaptureFixture[str]) ->
         assert used == len(table) == math.ceil(length / block_size)
         assert wasted == used * block_size - length < block_size
         assert m[8].count("_") == wasted and m[8].count(":[") == used
-        pool = 4  # each cache's own allocator starts with 4 blocks and doubles when full
+        pool = 4  # each cache's private pool starts with 4 blocks and doubles when full
         while pool < used:
             pool *= 2
         assert free == pool - used

@@ -149,30 +149,30 @@ def test_paged_block_table_and_slot_addressing(bs: int, sizes: list[int]) -> Non
     assert n == sum(sizes)
     assert cache.num_blocks_used == len(cache.block_table) == math.ceil(n / bs)
     assert len(set(cache.block_table)) == len(cache.block_table)  # no block used twice
-    alloc = cache.allocator
+    alloc = cache.pool
     assert alloc is not None and alloc.block_size == bs
     assert cache.num_blocks_free == alloc.num_blocks - len(cache.block_table)
     for p in range(n):
         block, slot = cache.block_table[p // bs], p % bs
-        torch.testing.assert_close(alloc.key_blocks[block, slot], k_ref[p], rtol=0, atol=0)
-        torch.testing.assert_close(alloc.value_blocks[block, slot], v_ref[p], rtol=0, atol=0)
+        torch.testing.assert_close(alloc.key_cache[block, slot], k_ref[p], rtol=0, atol=0)
+        torch.testing.assert_close(alloc.value_cache[block, slot], v_ref[p], rtol=0, atol=0)
 
 
 def test_paged_pool_growth_keeps_earlier_rows() -> None:
     cache = PagedKVCache(block_size=1)
     k0, v0 = fill(cache, [2])
-    assert cache.allocator is not None
-    first_pool = cache.allocator.num_blocks
+    assert cache.pool is not None
+    first_pool = cache.pool.num_blocks
     k_ref, v_ref = fill(cache, [1] * 18)
     k_ref, v_ref = torch.cat([k0, k_ref]), torch.cat([v0, v_ref])
-    alloc = cache.allocator
+    alloc = cache.pool
     assert alloc.num_blocks > first_pool and alloc.num_blocks >= 20
     assert sorted(cache.block_table) == list(range(20))
     k, v = cache.get_kv()
     torch.testing.assert_close(k, k_ref, rtol=0, atol=0)
     torch.testing.assert_close(v, v_ref, rtol=0, atol=0)
     for p, block in enumerate(cache.block_table):
-        torch.testing.assert_close(alloc.key_blocks[block, 0], k_ref[p], rtol=0, atol=0)
+        torch.testing.assert_close(alloc.key_cache[block, 0], k_ref[p], rtol=0, atol=0)
 
 
 def test_paged_get_kv_is_a_copy() -> None:

@@ -66,23 +66,26 @@ class CountCache(CachePlugin):
         self.after.append(num_rows)
 
 
-def run(manager: PluginManager, cache: str = "dense", dim: int = 8) -> tuple[Any, list[Request], list[dict[str, Any]]]:
+def run(
+    manager: PluginManager, cache: str = "dense", dim: int = 8, executor: str = "fused"
+) -> tuple[Any, list[Request], list[dict[str, Any]]]:
     model = make_model(dim)
-    sched = Scheduler(model, 6, 3, plugins=manager)
+    sched = Scheduler(model, 6, 3, plugins=manager, executor=executor)
     reqs = [make_request(f"r{i}", L, n, dim, cache, 2) for i, (L, n) in enumerate(SHAPES)]
     for r in reqs:
         sched.add_request(r)
     return model, reqs, sched.run_until_complete()
 
 
+@pytest.mark.parametrize("executor", ["fused", "split"])
 @pytest.mark.parametrize("cache", ["dense", "paged"])
-def test_every_hook_is_called_the_expected_number_of_times(cache: str) -> None:
+def test_every_hook_is_called_the_expected_number_of_times(cache: str, executor: str) -> None:
     manager = PluginManager()
     sched_p, attn_p, cache_p = CountScheduler(), CountAttention(), CountCache()
     manager.register_scheduler_plugin(sched_p)
     manager.register_attention_plugin(attn_p)
     manager.register_cache_plugin(cache_p)
-    model, reqs, history = run(manager, cache)
+    model, reqs, history = run(manager, cache, executor=executor)
 
     assert len(sched_p.plans) == len(sched_p.stats) == len(history)
     assert sched_p.stats == history
@@ -90,7 +93,10 @@ def test_every_hook_is_called_the_expected_number_of_times(cache: str) -> None:
     prefill_steps = sum(1 for p in sched_p.plans if p.prefill)
     decodes = sum(p.num_decode_tokens for p in sched_p.plans)
     phases = [phase for phase, _ in attn_p.calls]
-    assert phases.count("prefill") == prefill_steps and phases.count("decode") == decodes
+    # fused: one batched decode attention per step with decodes; split: one per decode token
+    decode_calls = sum(1 for p in sched_p.plans if p.decode) if executor == "fused" else decodes
+    assert phases.count("prefill") == prefill_steps and phases.count("decode") == decode_calls
+    assert sum(w.shape[0] for phase, w in attn_p.calls if phase == "decode") == decodes
     for _, weights in attn_p.calls:
         torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[0]))
     chunks = [ch.length for p in sched_p.plans for ch in p.prefill]

@@ -10,6 +10,8 @@ from helpers import TOL, assert_oracle, make_model, make_request
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cb_lab.core.block_pool import BlockPool
+from cb_lab.core.kv_cache import PagedKVCache
 from cb_lab.core.request import Request
 from cb_lab.core.scheduler import Scheduler
 from cb_lab.monitoring.metrics import MetricsCollector
@@ -52,7 +54,8 @@ def workloads(draw: st.DrawFn) -> dict[str, Any]:
         "dim": draw(st.integers(1, 64)),
         "budget": draw(st.integers(1, 32)),
         "chunk": draw(st.integers(1, 16)),
-        "cache": draw(st.sampled_from(["dense", "paged"])),
+        "cache": draw(st.sampled_from(["dense", "paged", "shared"])),
+        "executor": draw(st.sampled_from(["fused", "split"])),
         "block_size": draw(st.sampled_from([1, 2, 3, 5, 7, 16])),
         "tanh": draw(st.booleans()),
         "reqs": [(draw(st.integers(0, 6)), draw(st.integers(1, 12)), draw(st.integers(0, 8))) for _ in range(n)],
@@ -64,16 +67,20 @@ def workloads(draw: st.DrawFn) -> dict[str, Any]:
 def test_any_schedule_matches_the_oracle(w: dict[str, Any]) -> None:
     model = make_model(w["dim"], seed=w["dim"])
     sampler = torch.tanh if w["tanh"] else None
-    sched = Scheduler(model, w["budget"], w["chunk"], sampler=sampler)
+    sched = Scheduler(model, w["budget"], w["chunk"], sampler=sampler, executor=w["executor"])
+    bs, shared = w["block_size"], w["cache"] == "shared"
+    pool = BlockPool(sum(-(-(L + n) // bs) for _, L, n in w["reqs"]), bs, w["dim"])  # room for all at once
     reqs = [
-        make_request(f"r{i}", L, n, w["dim"], w["cache"], w["block_size"], seed=i)
+        make_request(f"r{i}", L, n, w["dim"], PagedKVCache(bs, pool=pool) if shared else w["cache"], bs, seed=i)
         for i, (_, L, n) in enumerate(w["reqs"])
     ]
     run_checked(sched, [(arrive, req) for (arrive, _, _), req in zip(w["reqs"], reqs)])
     for req in reqs:
         assert req.finished and len(req.generated_tokens) == req.max_new_tokens
-        assert len(req.kv_cache) == (req.prompt_len + req.max_new_tokens - 1 if req.max_new_tokens else 0)
-        assert_oracle(model, req, sampler=sampler)
+        full = req.prompt_len + req.max_new_tokens - 1 if req.max_new_tokens else 0
+        assert len(req.kv_cache) == (0 if shared else full)  # a shared pool's blocks go back at finish
+        assert_oracle(model, req, sampler=sampler, check_cache=not shared)
+    assert pool.num_used_blocks == 0 and pool.num_tokens == 0 and set(pool.ref_counts) <= {0}
 
 
 def test_chunked_prefill_gives_the_numbers_of_one_shot_prefill() -> None:
@@ -183,24 +190,26 @@ def test_step_stats_feed_metrics_collector_as_they_are() -> None:
 
 
 class FlakyModel:
-    """Wraps a model; raises on chosen calls to its forwards (counted per method)."""
+    """Wraps a model; the forward calls numbered in ``fail_calls`` (1-based, any forward) raise."""
 
-    def __init__(self, model: Any, fail_prefill: set[int], fail_decode: set[int]) -> None:
-        self.model, self.fail_prefill, self.fail_decode = model, fail_prefill, fail_decode
-        self.calls = {"prefill": 0, "decode": 0}
+    def __init__(self, model: Any, fail_calls: set[int]) -> None:
+        self.model, self.fail_calls, self.calls = model, fail_calls, 0
         self.dim, self.device = model.dim, model.device
 
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        if self.calls in self.fail_calls:
+            raise RuntimeError(f"injected fault in {name}")
+        return getattr(self.model, name)(*args, **kwargs)
+
     def forward_prefill_ragged(self, *args: Any, **kwargs: Any) -> Any:
-        self.calls["prefill"] += 1
-        if self.calls["prefill"] in self.fail_prefill:
-            raise RuntimeError("injected prefill fault")
-        return self.model.forward_prefill_ragged(*args, **kwargs)
+        return self._call("forward_prefill_ragged", *args, **kwargs)
 
     def forward_decode(self, *args: Any, **kwargs: Any) -> Any:
-        self.calls["decode"] += 1
-        if self.calls["decode"] in self.fail_decode:
-            raise RuntimeError("injected decode fault")
-        return self.model.forward_decode(*args, **kwargs)
+        return self._call("forward_decode", *args, **kwargs)
+
+    def forward_fused(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call("forward_fused", *args, **kwargs)
 
 
 def snapshot(reqs: list[Request]) -> list[tuple[Any, ...]]:
@@ -210,32 +219,37 @@ def snapshot(reqs: list[Request]) -> list[tuple[Any, ...]]:
     ]
 
 
-@pytest.mark.parametrize("cache", ["dense", "paged"])
-@pytest.mark.parametrize(("fail_prefill", "fail_decode"), [({2}, set()), (set(), {3}), (set(), {5, 6}), ({1, 4}, {2})])
+@pytest.mark.parametrize("executor", ["fused", "split"])
+@pytest.mark.parametrize("cache", ["dense", "paged", "shared"])
+@pytest.mark.parametrize("fail_calls", [{1}, {2}, {3, 4}, {2, 5, 7}])
 def test_a_fault_in_compute_changes_nothing_and_the_run_completes(
-    cache: str, fail_prefill: set[int], fail_decode: set[int]
+    executor: str, cache: str, fail_calls: set[int]
 ) -> None:
+    """Faults land in prefill forwards, decode forwards and (split) between two decodes of one step."""
     model = make_model(8)
-    flaky = FlakyModel(model, fail_prefill, fail_decode)
-    sched = Scheduler(flaky, 6, 3)  # type: ignore[arg-type]
-    reqs = [make_request(f"r{i}", L, n, 8, cache, 3) for i, (L, n) in enumerate([(5, 4), (2, 6), (7, 3)])]
+    sched = Scheduler(FlakyModel(model, fail_calls), 6, 3, executor=executor)  # type: ignore[arg-type]
+    pool = BlockPool(16, 3, 8)
+    reqs = [
+        make_request(f"r{i}", L, n, 8, PagedKVCache(3, pool=pool) if cache == "shared" else cache, 3)
+        for i, (L, n) in enumerate([(5, 4), (2, 6), (7, 3)])
+    ]
     for r in reqs:
         sched.add_request(r)
     faults = 0
     while sched.active:
-        before, step_id = snapshot(reqs), sched.step_id
+        before, step_id, pool_before = snapshot(reqs), sched.step_id, pool.stats()
         try:
             sched.step()
         except RuntimeError:
             faults += 1
-            after = snapshot(reqs)
-            assert sched.step_id == step_id
-            for (*meta_b, k_b), (*meta_a, k_a) in zip(before, after):
+            assert sched.step_id == step_id and pool.stats() == pool_before
+            for (*meta_b, k_b), (*meta_a, k_a) in zip(before, snapshot(reqs)):
                 assert meta_b == meta_a
                 torch.testing.assert_close(k_b, k_a, rtol=0, atol=0)
-    assert faults == len(fail_prefill) + len(fail_decode)
+    assert faults == len(fail_calls)
     for r in reqs:
-        assert_oracle(model, r)
+        assert_oracle(model, r, check_cache=cache != "shared")
+    assert pool.stats()["used_blocks"] == 0
 
 
 def test_a_failing_sampler_changes_nothing() -> None:

@@ -10,16 +10,36 @@ block table, for a whole batch of requests at once::
 
 A decode token also attends to itself. Its K/V are not in the blocks yet (the step only
 writes after compute succeeds), so they come in as ``new_keys / new_values`` and join
-as one extra, always-valid column.
+as one extra, always-valid column. The math is dense attention's (masked scores are
+``-inf`` before the softmax); the layout is the point: the gathered keys are read once
+by one batched matmul, never copied again.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from cb_lab.attention.dense_attention import scaled_dot_product_attention
+__all__ = ["PagedKV", "paged_attention"]
 
-__all__ = ["paged_attention"]
+
+@dataclass(frozen=True, slots=True)
+class PagedKV:
+    """Where a batch of B decode rows finds its cached K/V: blocks, one block-table row per query, lengths.
+
+    A contiguous cache fits too: make each request's rows one block
+    (``key_cache [B, S, D]``, ``block_tables = arange(B)[:, None]``).
+    """
+
+    key_cache: torch.Tensor  # [num_blocks, block_size, D]
+    value_cache: torch.Tensor  # [num_blocks, block_size, D]
+    block_tables: torch.Tensor  # [B, max_blocks] int64
+    context_lens: torch.Tensor  # [B] int64
+
+    @property
+    def num_rows(self) -> int:
+        return self.block_tables.shape[0]
 
 
 def paged_attention(
@@ -39,14 +59,18 @@ def paged_attention(
     with ``S = max_blocks * block_size`` (+1 when new K/V are given).
     """
     B, D = query.shape
-    keys = key_cache[block_tables].reshape(B, -1, D).to(query.dtype)  # [B, S, D]
+    scale = D**-0.5
+    keys = key_cache[block_tables].reshape(B, -1, D).to(query.dtype)  # [B, S, D]: the one gather
     values = value_cache[block_tables].reshape(B, -1, D).to(query.dtype)
     valid = torch.arange(keys.shape[1], device=query.device)[None, :] < context_lens[:, None]  # [B, S]
-    if new_keys is not None and new_values is not None:
-        keys = torch.cat([keys, new_keys[:, None, :]], dim=1)
-        values = torch.cat([values, new_values[:, None, :]], dim=1)
-        valid = torch.cat([valid, valid.new_ones((B, 1))], dim=1)
-    assert bool(valid.any(dim=1).all()), "every decode row needs at least one visible key"
-    # One query per row: [B, 1, D] against [B, S, D], the same kernel as dense attention.
-    out, probs = scaled_dot_product_attention(query[:, None, :], keys, values, valid[:, None, :])
-    return out[:, 0, :], probs[:, 0, :]
+    scores = torch.bmm(keys, query[:, :, None])[:, :, 0] * scale  # [B, S]
+    scores = scores.masked_fill(~valid, float("-inf"))
+    if new_keys is not None:
+        # The token's own key joins as one more column, without copying the gathered keys.
+        scores = torch.cat([scores, (query * new_keys).sum(-1, keepdim=True) * scale], dim=1)  # [B, S+1]
+    assert bool(torch.isfinite(scores).any(dim=1).all()), "every decode row needs at least one visible key"
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.bmm(probs[:, None, : keys.shape[1]], values)[:, 0, :]  # [B, D]
+    if new_values is not None:
+        out = out + probs[:, -1:] * new_values
+    return out, probs

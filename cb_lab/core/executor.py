@@ -1,14 +1,18 @@
 """The compute phase of a step: turn a StepPlan into new K/V rows and tokens.
 
-``SplitExecutor`` follows the classic data flow:
+Two executors, same results (the oracle holds for both):
 
-1. all prefill chunks of the step go through ONE ragged forward. A chunk that starts
-   at ``s > 0`` also attends to its request's cached rows ``[0, s)``, so chunked prefill
-   computes exactly what a one-shot prefill would;
-2. each decode token then goes through its own ``forward_decode`` against its cache.
+- ``SplitExecutor``, the classic data flow: all prefill chunks go through ONE ragged
+  forward, then each decode token through its own ``forward_decode``. With 32 decoding
+  requests that is 33 model calls, and the weights are read 33 times per step.
+- ``FusedExecutor`` (the default), what vLLM v1, Sarathi-Serve and SGLang do: every token
+  of the step, decode and prefill, in ONE flat batch and ONE ``forward_fused`` call. The
+  weights are read once per step; that amortization is why batching raises throughput.
 
-It reads requests and caches and writes nothing: the scheduler stores the results in
-its commit phase. It reaches the model only through :class:`StepModel`.
+Either way a prefill chunk that starts at ``s > 0`` also attends to its request's cached
+rows ``[0, s)``, so chunked prefill computes exactly what a one-shot prefill would. The
+executors read requests and caches and write nothing: the scheduler stores the results in
+its commit phase. They reach the model only through :class:`StepModel`.
 """
 
 from __future__ import annotations
@@ -18,14 +22,15 @@ from typing import Protocol
 
 import torch
 
+from cb_lab.attention.paged_attention import PagedKV
 from cb_lab.core.batch_builder import cached_prefix_mask
-from cb_lab.core.kv_cache import BaseKVCache
+from cb_lab.core.kv_cache import BaseKVCache, PagedKVCache
 from cb_lab.core.plan import PrefillChunk, SeqOutput, StepPlan, StepResult
 from cb_lab.core.request import Request
 from cb_lab.exceptions import ValidationError
 from cb_lab.model.tiny_llm import KV, AttentionHook
 
-__all__ = ["Sampler", "SplitExecutor", "StepModel"]
+__all__ = ["Executor", "FusedExecutor", "Sampler", "SplitExecutor", "StepModel"]
 
 Sampler = Callable[[torch.Tensor], torch.Tensor]  # output row [D] -> token [D]
 
@@ -56,24 +61,30 @@ class StepModel(Protocol):
         attention_hooks: Sequence[AttentionHook] = (),
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
+    def forward_fused(
+        self,
+        tokens: torch.Tensor,
+        decode_kv: PagedKV | None,
+        prefill_mask: torch.Tensor | None,
+        prefill_past: KV | None = None,
+        *,
+        attention_hooks: Sequence[AttentionHook] = (),
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
-class SplitExecutor:
-    """One ragged forward for the step's prefill chunks, one ``forward_decode`` per decode token."""
+
+class Executor:
+    """What both executors share: the model, the sampler, and the prefill inputs."""
 
     def __init__(
-        self,
-        model: StepModel,
-        sampler: Sampler | None = None,
-        attention_hooks: Sequence[AttentionHook] = (),
+        self, model: StepModel, sampler: Sampler | None = None, attention_hooks: Sequence[AttentionHook] = ()
     ) -> None:
         self.model = model
         self.sampler = sampler
         self.attention_hooks = attention_hooks  # a live list: plugins registered later are seen
+        self.num_model_calls = 0  # forward calls so far: the split path makes one per decode token
 
     def run(self, plan: StepPlan) -> StepResult:
-        prefill = self._run_prefill(plan.prefill) if plan.prefill else ()
-        decode = tuple(self._run_decode(req) for req in plan.decode)
-        return StepResult(prefill, decode)
+        raise NotImplementedError
 
     def sample(self, row: torch.Tensor) -> torch.Tensor:
         """Output row ``[D]`` -> the token that is recorded and fed back (identity without a sampler)."""
@@ -85,32 +96,90 @@ class SplitExecutor:
             raise ValidationError(f"the sampler must map a {tuple(row.shape)} row to the same shape, got {got}")
         return token
 
-    def _run_prefill(self, chunks: Sequence[PrefillChunk]) -> tuple[SeqOutput, ...]:
+    def _prefill_inputs(self, chunks: Sequence[PrefillChunk]) -> tuple[torch.Tensor, torch.Tensor, KV | None]:
+        """Chunk rows ``[P, D]``, their mask ``[P, C + P]`` and cached prefixes ``[C, D]`` (None if all start at 0)."""
         device = self.model.device
-        tokens = torch.cat([c.request.prompt[c.start : c.end] for c in chunks])  # [N, D]
-        starts = torch.tensor([c.start for c in chunks], device=device)  # [B]
-        lengths = torch.tensor([c.length for c in chunks], device=device)  # [B]
-        # Chunk b also sees its request's cached rows [0, start_b): key columns are [C + N].
-        mask = cached_prefix_mask(starts, lengths)  # [N, C + N]
-        out, k, v = self.model.forward_prefill_ragged(
-            tokens, mask, self._cached_prefixes(chunks), attention_hooks=self.attention_hooks
-        )
-        sizes = [c.length for c in chunks]
-        outputs = []
-        for chunk, out_c, k_c, v_c in zip(chunks, torch.split(out, sizes), torch.split(k, sizes), torch.split(v, sizes)):
-            token = self.sample(out_c[-1]) if chunk.completes_prompt else None
-            outputs.append(SeqOutput(k_c, v_c, token))
-        return tuple(outputs)
-
-    def _cached_prefixes(self, chunks: Sequence[PrefillChunk]) -> KV | None:
-        """``(K [C, D], V [C, D])`` of every chunk's cached rows, or None when all start at 0."""
+        tokens = torch.cat([c.request.prompt[c.start : c.end] for c in chunks])
+        starts = torch.tensor([c.start for c in chunks], device=device)
+        lengths = torch.tensor([c.length for c in chunks], device=device)
         cached = [c.request.kv_cache.get_kv() for c in chunks if c.start > 0]
         for chunk in chunks:
             assert len(chunk.request.kv_cache) == chunk.start, "a prefilling cache holds exactly prefill_pos rows"
-        if not cached:
-            return None
-        return torch.cat([k for k, _ in cached]), torch.cat([v for _, v in cached])
+        past = (torch.cat([k for k, _ in cached]), torch.cat([v for _, v in cached])) if cached else None
+        return tokens, cached_prefix_mask(starts, lengths), past
+
+    def _outputs(
+        self, chunks: Sequence[PrefillChunk], out: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[SeqOutput, ...]:
+        """Split a prefill batch's rows back per chunk; sample where a chunk completes its prompt."""
+        sizes = [c.length for c in chunks]
+        return tuple(
+            SeqOutput(k_c, v_c, self.sample(out_c[-1]) if chunk.completes_prompt else None)
+            for chunk, out_c, k_c, v_c in zip(
+                chunks, torch.split(out, sizes), torch.split(k, sizes), torch.split(v, sizes)
+            )
+        )
+
+
+class SplitExecutor(Executor):
+    """One ragged forward for the step's prefill chunks, one ``forward_decode`` per decode token."""
+
+    def run(self, plan: StepPlan) -> StepResult:
+        prefill: tuple[SeqOutput, ...] = ()
+        if plan.prefill:
+            tokens, mask, past = self._prefill_inputs(plan.prefill)
+            out, k, v = self.model.forward_prefill_ragged(tokens, mask, past, attention_hooks=self.attention_hooks)
+            self.num_model_calls += 1
+            prefill = self._outputs(plan.prefill, out, k, v)
+        decode = tuple(self._run_decode(req) for req in plan.decode)
+        return StepResult(prefill, decode)
 
     def _run_decode(self, req: Request) -> SeqOutput:
         out, k, v = self.model.forward_decode(req.last_token, req.kv_cache, attention_hooks=self.attention_hooks)
+        self.num_model_calls += 1
         return SeqOutput(k, v, self.sample(out[0]))
+
+
+class FusedExecutor(Executor):
+    """Every token of the step in one flat batch ``[decode rows | prefill rows]`` and one forward."""
+
+    def run(self, plan: StepPlan) -> StepResult:
+        parts, decode_kv, mask, past = [], None, None, None
+        if plan.decode:
+            parts.append(torch.stack([r.last_token for r in plan.decode]))  # [B, D]
+            decode_kv = decode_inputs([r.kv_cache for r in plan.decode], self.model.device)
+        if plan.prefill:
+            tokens, mask, past = self._prefill_inputs(plan.prefill)
+            parts.append(tokens)  # [P, D]
+        if not parts:  # only zero-token requests finishing: nothing to compute
+            return StepResult((), ())
+        out, k, v = self.model.forward_fused(
+            torch.cat(parts), decode_kv, mask, past, attention_hooks=self.attention_hooks
+        )
+        self.num_model_calls += 1
+        B = len(plan.decode)
+        decode = tuple(SeqOutput(k[i : i + 1], v[i : i + 1], self.sample(out[i])) for i in range(B))
+        prefill = self._outputs(plan.prefill, out[B:], k[B:], v[B:]) if plan.prefill else ()
+        return StepResult(prefill, decode)
+
+
+def decode_inputs(caches: Sequence[BaseKVCache], device: torch.device) -> PagedKV:
+    """Where B decode rows find their cached K/V, as one ``PagedKV``.
+
+    Caches sharing one block pool are read in place through their block tables (padded
+    with block 0, masked by ``context_lens``). Other caches are copied into one padded
+    ``[B, S, D]`` tensor, each request's rows as a single block.
+    """
+    lens = torch.tensor([len(c) for c in caches], device=device)
+    first = caches[0]
+    if isinstance(first, PagedKVCache) and first.shares_pool and first.pool is not None:
+        pool = first.pool
+        if all(isinstance(c, PagedKVCache) and c.pool is pool for c in caches):
+            tables = [c.block_table for c in caches if isinstance(c, PagedKVCache)]
+            width = max(len(t) for t in tables)
+            padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device)
+            return PagedKV(pool.key_cache, pool.value_cache, padded, lens)
+    rows = [c.get_kv() for c in caches]
+    keys = torch.nn.utils.rnn.pad_sequence([k for k, _ in rows], batch_first=True)  # [B, S, D]
+    values = torch.nn.utils.rnn.pad_sequence([v for _, v in rows], batch_first=True)
+    return PagedKV(keys, values, torch.arange(len(caches), device=device)[:, None], lens)

@@ -8,9 +8,13 @@ Two layouts, one interface (:class:`BaseKVCache`):
 
 - :class:`DenseKVCache`: one contiguous buffer per tensor that doubles when full,
   so an append costs amortized O(new rows). Simplest to inspect.
-- :class:`PagedKVCache`: fixed-size blocks handed out by a tiny allocator and found
-  through a *block table* (vLLM's PagedAttention layout). Memory grows one block at a
-  time and nothing needs to be contiguous.
+- :class:`PagedKVCache`: fixed-size blocks from a :class:`~cb_lab.core.block_pool.BlockPool`
+  (private by default, or shared by many requests), found through a *block table*
+  (vLLM's PagedAttention layout). Memory grows one block at a time and nothing needs to
+  be contiguous.
+
+``append_batch`` appends to many caches at once (a step's commit): rows for caches that
+share a pool go into it with one scatter.
 
 Appends are validated here, once, at the boundary: malformed tensors raise
 ``ValidationError``; well-formed rows that do not fit this cache (dim, device) raise
@@ -27,11 +31,12 @@ from typing import Protocol
 
 import torch
 
+from cb_lab.core.block_pool import BlockPool
 from cb_lab.exceptions import ConfigurationError, KVCacheError, ValidationError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BaseKVCache", "BlockAllocator", "CacheHook", "DenseKVCache", "PagedKVCache", "same_device"]
+__all__ = ["BaseKVCache", "CacheHook", "DenseKVCache", "PagedKVCache", "append_batch", "same_device"]
 
 
 class CacheHook(Protocol):
@@ -82,6 +87,10 @@ class BaseKVCache(ABC):
 
     def append(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         """Append rows ``k_new, v_new`` (``[n, dim]`` each) after the stored ones."""
+        append_batch([(self, k_new, v_new)])
+
+    def _prepare(self, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validate rows and run the ``before_append`` hooks; stores nothing."""
         k_new, v_new = _check_rows(k_new, v_new)
         if self.dim is not None and k_new.shape[1] != self.dim:
             raise KVCacheError(
@@ -95,10 +104,11 @@ class BaseKVCache(ABC):
             )
         for hook in self.hooks:
             k_new, v_new = hook.before_append(self, k_new, v_new)
-        self._store(k_new, v_new)
-        self.dim = k_new.shape[1]
+        return k_new, v_new
+
+    def _after_append(self, num_rows: int) -> None:
         for hook in self.hooks:
-            hook.after_append(self, k_new.shape[0])
+            hook.after_append(self, num_rows)
 
     @abstractmethod
     def _store(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
@@ -152,6 +162,7 @@ class DenseKVCache(BaseKVCache):
         self._k[self._len : needed].copy_(k_new)
         self._v[self._len : needed].copy_(v_new)
         self._len = needed
+        self.dim = k_new.shape[1]
 
     def _grown(self, buf: torch.Tensor, capacity: int) -> torch.Tensor:
         new = torch.empty((capacity, buf.shape[1]), dtype=buf.dtype, device=buf.device)
@@ -175,94 +186,97 @@ class DenseKVCache(BaseKVCache):
         return f"DenseKVCache(len={self._len}, capacity={self.capacity}, dim={self.dim}, device={self.device})"
 
 
-class BlockAllocator:
-    """A tiny block allocator: ``num_blocks`` fixed-size blocks in two tensors and a free list.
+class PagedKVCache(BaseKVCache):
+    """K/V stored in fixed-size blocks of a :class:`BlockPool`, found through ``block_table``.
 
-    ``key_blocks`` / ``value_blocks`` are ``[num_blocks, block_size, D]``; a block id is an
-    index into their first axis. When no block is free the pool doubles (block ids stay
-    valid), so an allocation costs amortized O(block).
+    Token position ``p`` lives in block ``block_table[p // block_size]`` at offset
+    ``p % block_size``. Only the last block can be partly filled, so at most
+    ``block_size - 1`` slots are ever wasted. Without ``pool`` the cache gets a private,
+    growable pool at its first append; with a shared ``pool`` (fixed size, one per model)
+    many requests' blocks live side by side and a finished request gives its blocks back
+    (``release``). ``get_kv()`` gathers the blocks into new ``[len, D]`` tensors (a copy);
+    decode avoids that with paged attention.
     """
 
     def __init__(
-        self, block_size: int, dim: int, dtype: torch.dtype, device: torch.device, num_blocks: int = 4
+        self, block_size: int = 64, device: torch.device | str | None = None, pool: BlockPool | None = None
     ) -> None:
-        self.block_size = block_size
-        self.key_blocks = torch.zeros((num_blocks, block_size, dim), dtype=dtype, device=device)
-        self.value_blocks = torch.zeros_like(self.key_blocks)
-        self.free_block_ids: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() gives the lowest id
-
-    @property
-    def num_blocks(self) -> int:
-        return self.key_blocks.shape[0]
-
-    @property
-    def num_free_blocks(self) -> int:
-        return len(self.free_block_ids)
-
-    @property
-    def num_used_blocks(self) -> int:
-        return self.num_blocks - self.num_free_blocks
-
-    def allocate(self) -> int:
-        """Hand out one free block id, growing the pool when none is free."""
-        if not self.free_block_ids:
-            old = self.num_blocks
-            self.key_blocks = torch.cat([self.key_blocks, torch.zeros_like(self.key_blocks)])
-            self.value_blocks = torch.cat([self.value_blocks, torch.zeros_like(self.value_blocks)])
-            self.free_block_ids = list(range(2 * old - 1, old - 1, -1))
-            logger.debug("block pool grew from %d to %d blocks", old, 2 * old)
-        return self.free_block_ids.pop()
-
-
-class PagedKVCache(BaseKVCache):
-    """K/V stored in fixed-size blocks, found through ``block_table`` (vLLM's layout).
-
-    Token position ``p`` lives in block ``block_table[p // block_size]`` at slot
-    ``p % block_size``. Only the last block can be partly filled, so at most
-    ``block_size - 1`` slots are ever wasted. ``get_kv()`` gathers the blocks into new
-    ``[len, D]`` tensors (a copy); the decode path avoids it with paged attention.
-    """
-
-    def __init__(self, block_size: int = 64, device: torch.device | str | None = None) -> None:
+        if pool is not None and device is None:
+            device = pool.device
         super().__init__(device)
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ConfigurationError(f"block_size must be an int >= 1, got {block_size!r}")
+        if pool is not None and (pool.block_size != block_size or not same_device(pool.device, self.device)):
+            raise ConfigurationError(
+                f"the pool has block_size {pool.block_size} on {pool.device}, the cache asks for {block_size} on "
+                f"{self.device}; use PagedKVCache(pool.block_size, pool.device, pool=pool)"
+            )
         self.block_size = block_size
-        self.allocator: BlockAllocator | None = None  # created by the first append (dim known)
+        self.pool = pool
+        self.shares_pool = pool is not None
+        self.dim = pool.dim if pool is not None else None
         self.block_table: list[int] = []
         self._len = 0
 
+    def blocks_needed(self, num_rows: int) -> int:
+        """Blocks an append of ``num_rows`` rows would take from the pool."""
+        return -(-(self._len + num_rows) // self.block_size) - len(self.block_table)
+
+    def _claim_slots(self, num_rows: int) -> list[int]:
+        """Allocate blocks for the next ``num_rows`` positions; returns their flat slots."""
+        if self.pool is None:
+            raise AssertionError("a cache claims slots only once it has a pool")
+        missing = self.blocks_needed(num_rows)
+        if missing > 0:
+            self.block_table.extend(self.pool.allocate(missing))
+        slots: list[int] = []
+        pos, end, bs = self._len, self._len + num_rows, self.block_size
+        while pos < end:  # one range per block touched, not one step per token
+            block_end = min(end, (pos // bs + 1) * bs)
+            base = self.block_table[pos // bs] * bs - (pos // bs) * bs
+            slots.extend(range(base + pos, base + block_end))
+            pos = block_end
+        self._len = end
+        self.pool.num_tokens += num_rows
+        return slots
+
+    def _ensure_pool(self, k_new: torch.Tensor) -> BlockPool:
+        if self.pool is None:
+            self.pool = BlockPool(4, self.block_size, k_new.shape[1], dtype=k_new.dtype, device=self.device,
+                                  growable=True)
+            self.dim = k_new.shape[1]
+        return self.pool
+
     def _store(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
-        if self.allocator is None:
-            self.allocator = BlockAllocator(self.block_size, k_new.shape[1], k_new.dtype, self.device)
-        n, end = k_new.shape[0], self._len + k_new.shape[0]
-        while len(self.block_table) * self.block_size < end:
-            self.block_table.append(self.allocator.allocate())
-        # Scatter the rows to their (block, slot) addresses in one indexed write.
-        positions = torch.arange(self._len, end, device=self.device)
-        table = torch.tensor(self.block_table, device=self.device)
-        blocks, slots = table[positions // self.block_size], positions % self.block_size
-        self.allocator.key_blocks[blocks, slots] = k_new.to(self.allocator.key_blocks.dtype)
-        self.allocator.value_blocks[blocks, slots] = v_new.to(self.allocator.value_blocks.dtype)
-        self._len += n
+        pool = self._ensure_pool(k_new)
+        slots = torch.tensor(self._claim_slots(k_new.shape[0]), device=self.device)
+        pool.write(slots, k_new, v_new)
 
     def get_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.allocator is None:
+        if self.pool is None:
             empty = torch.empty((0, self.dim or 0), device=self.device)
             return empty, empty
-        table = torch.tensor(self.block_table, device=self.device)
-        k = self.allocator.key_blocks[table].flatten(0, 1)[: self._len]  # [len, D]
-        v = self.allocator.value_blocks[table].flatten(0, 1)[: self._len]
+        table = torch.tensor(self.block_table, device=self.device, dtype=torch.long)
+        k = self.pool.key_cache[table].flatten(0, 1)[: self._len]  # [len, D]
+        v = self.pool.value_cache[table].flatten(0, 1)[: self._len]
         return k, v
+
+    def release(self) -> None:
+        """Give every block back to the pool (the rows are gone; the cache is empty again)."""
+        if self.pool is not None:
+            self.pool.free(self.block_table)
+            self.pool.num_tokens -= self._len
+        self.block_table = []
+        self._len = 0
 
     def __len__(self) -> int:
         return self._len
 
     @property
     def nbytes(self) -> int:
-        if self.allocator is None:
+        if self.pool is None:
             return 0
-        return 2 * self._len * self.allocator.key_blocks.shape[2] * self.allocator.key_blocks.element_size()
+        return 2 * self._len * self.pool.dim * self.pool.key_cache.element_size()
 
     @property
     def num_blocks_used(self) -> int:
@@ -270,10 +284,35 @@ class PagedKVCache(BaseKVCache):
 
     @property
     def num_blocks_free(self) -> int:
-        return 0 if self.allocator is None else self.allocator.num_free_blocks
+        """Free blocks of the pool this cache draws from (shared: free for every request)."""
+        return 0 if self.pool is None else self.pool.num_free_blocks
 
     def __repr__(self) -> str:
         return (
             f"PagedKVCache(len={self._len}, block_size={self.block_size}, "
             f"block_table={self.block_table}, free_blocks={self.num_blocks_free})"
         )
+
+
+def append_batch(items: Sequence[tuple[BaseKVCache, torch.Tensor, torch.Tensor]]) -> None:
+    """Append rows to several caches at once, as a step's commit does.
+
+    Every item is validated (and its ``before_append`` hooks run) before anything is
+    stored, so a bad item stores nothing. Rows of caches that share one ``BlockPool`` are
+    scattered with one indexed write per pool (vLLM's ``slot_mapping``).
+    """
+    prepared = [(cache, *cache._prepare(k, v)) for cache, k, v in items]
+    by_pool: dict[int, list[tuple[PagedKVCache, torch.Tensor, torch.Tensor]]] = {}
+    for cache, k, v in prepared:
+        if isinstance(cache, PagedKVCache) and cache.shares_pool:
+            by_pool.setdefault(id(cache.pool), []).append((cache, k, v))
+        else:
+            cache._store(k, v)
+    for group in by_pool.values():
+        pool = group[0][0].pool
+        assert pool is not None
+        slots = [slot for cache, k, _ in group for slot in cache._claim_slots(k.shape[0])]
+        pool.write(torch.tensor(slots, device=pool.device), torch.cat([k for _, k, _ in group]),
+                   torch.cat([v for _, _, v in group]))
+    for cache, k, _ in prepared:
+        cache._after_append(k.shape[0])

@@ -15,7 +15,9 @@ re-formed every step: that is the "continuous" in continuous batching. A step is
     self.commit(plan, result)           # append K/V, advance prefill, record tokens, finish
 
 Nothing is written before compute succeeds, so an exception from the model leaves
-every request as it was and the next ``step()`` simply retries.
+every request as it was and the next ``step()`` simply retries. Compute runs on one of
+two executors (``core/executor.py``): ``"fused"`` (one forward per step, the default) or
+``"split"`` (one forward for the prefill chunks plus one per decode token).
 """
 
 from __future__ import annotations
@@ -24,16 +26,19 @@ import logging
 import time
 from typing import Any
 
-from cb_lab.core.executor import Sampler, SplitExecutor, StepModel
-from cb_lab.core.kv_cache import same_device
+from cb_lab.core.executor import Executor, FusedExecutor, Sampler, SplitExecutor, StepModel
+from cb_lab.core.kv_cache import BaseKVCache, PagedKVCache, append_batch, same_device
 from cb_lab.core.plan import PrefillChunk, StepPlan, StepResult
 from cb_lab.core.request import Request
 from cb_lab.exceptions import ConfigurationError, SchedulerError
+from cb_lab.exceptions import MemoryError as CBLabMemoryError
 from cb_lab.plugins.base import PluginManager
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Scheduler"]
+__all__ = ["EXECUTORS", "Scheduler", "check_blocks"]
+
+EXECUTORS: dict[str, type[Executor]] = {"fused": FusedExecutor, "split": SplitExecutor}
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -42,12 +47,31 @@ def _positive_int(name: str, value: object) -> int:
     return value
 
 
+def check_blocks(plan: StepPlan) -> None:
+    """Raise MemoryError before compute if a shared block pool cannot hold the step's new rows."""
+    needed: dict[int, int] = {}
+    pools = {}
+    rows: list[tuple[BaseKVCache, int]] = [(c.request.kv_cache, c.length) for c in plan.prefill]
+    rows += [(r.kv_cache, 1) for r in plan.decode]
+    for cache, n in rows:
+        if isinstance(cache, PagedKVCache) and cache.shares_pool and cache.pool is not None:
+            pools[id(cache.pool)] = cache.pool
+            needed[id(cache.pool)] = needed.get(id(cache.pool), 0) + cache.blocks_needed(n)
+    for key, n in needed.items():
+        if not pools[key].can_allocate(n):
+            raise CBLabMemoryError(
+                f"step {plan.step_id} needs {n} new KV blocks but the shared pool has {pools[key].num_free_blocks} "
+                "free; give the BlockPool more num_blocks or add fewer requests at once"
+            )
+
+
 class Scheduler:
     """Mixes decode tokens and prefill chunks under a per-step token budget.
 
     ``sampler`` maps an output row to the token recorded and fed back (identity when
     None; ``torch.tanh`` is a fun one). ``plugins`` wires scheduler, attention and cache
-    plugins. Both budgets may be changed between steps.
+    plugins. ``executor`` is ``"fused"`` or ``"split"`` (same numbers, different speed).
+    Both budgets may be changed between steps.
     """
 
     def __init__(
@@ -58,12 +82,15 @@ class Scheduler:
         *,
         sampler: Sampler | None = None,
         plugins: PluginManager | None = None,
+        executor: str = "fused",
     ) -> None:
+        if executor not in EXECUTORS:
+            raise ConfigurationError(f"executor must be one of {sorted(EXECUTORS)}, got {executor!r}")
         self.model = model
         self.max_tokens_per_step = max_tokens_per_step
         self.prefill_chunk_size = prefill_chunk_size
         self.plugins = plugins if plugins is not None else PluginManager()
-        self.executor = SplitExecutor(model, sampler, self.plugins.attention_plugins)
+        self.executor: Executor = EXECUTORS[executor](model, sampler, self.plugins.attention_plugins)
         self.active: list[Request] = []  # arrival order
         self.step_id = 0
         self.num_finished = 0
@@ -93,8 +120,11 @@ class Scheduler:
             raise SchedulerError(f"add_request takes a Request, got {type(req).__name__}")
         if any(r.req_id == req.req_id for r in self.active):
             raise SchedulerError(f"request id {req.req_id!r} is already active; use a unique req_id")
-        if req.dim != self.model.dim:
-            raise SchedulerError(f"request {req.req_id!r} has dim {req.dim} but the model has dim {self.model.dim}")
+        if req.dim != self.model.dim or req.kv_cache.dim not in (None, self.model.dim):
+            raise SchedulerError(
+                f"request {req.req_id!r} has dim {req.dim} (cache dim {req.kv_cache.dim}) but the model has "
+                f"dim {self.model.dim}"
+            )
         if req.prefill_pos != 0 or req.generated_tokens or len(req.kv_cache) != 0:
             raise SchedulerError(f"request {req.req_id!r} has already run ({req!r}); add a new Request")
         if any(r.kv_cache is req.kv_cache for r in self.active):
@@ -114,6 +144,7 @@ class Scheduler:
             return self._stats(self.step_id, 0, 0, 0, 0.0, "no_active_requests")
         start = time.perf_counter()
         plan = self.schedule()
+        check_blocks(plan)
         self.plugins.before_step(plan)
         result = self.executor.run(plan)
         finished = self.commit(plan, result)
@@ -148,16 +179,15 @@ class Scheduler:
 
     def commit(self, plan: StepPlan, result: StepResult) -> list[Request]:
         """Write a computed step into the requests; returns the requests it finished."""
-        for chunk, out in zip(plan.prefill, result.prefill, strict=True):
-            req = chunk.request
-            req.append_kv(out.k, out.v)
-            req.prefill_pos = chunk.end
+        requests = [chunk.request for chunk in plan.prefill] + list(plan.decode)
+        outputs = result.prefill + result.decode
+        append_batch([(req.kv_cache, out.k, out.v) for req, out in zip(requests, outputs, strict=True)])
+        for chunk in plan.prefill:
+            chunk.request.prefill_pos = chunk.end
+        for req, out in zip(requests, outputs):
             if out.token is not None:
                 req.append_token(out.token)
-        for req, out in zip(plan.decode, result.decode, strict=True):
-            assert out.token is not None, "every decode produces a token"
-            req.append_kv(out.k, out.v)
-            req.append_token(out.token)
+        for req in plan.decode:
             self._decode_turn[req.req_id] = self._next_turn
             self._next_turn += 1
         finished = [r for r in self.active if r.finished]
@@ -166,6 +196,8 @@ class Scheduler:
         self.num_finished += len(finished)
         for req in finished:
             self._decode_turn.pop(req.req_id, None)
+            if isinstance(req.kv_cache, PagedKVCache) and req.kv_cache.shares_pool:
+                req.kv_cache.release()  # a shared pool's blocks go back at once; private caches stay readable
             logger.debug("step %d finished %r", plan.step_id, req)
             self.plugins.on_request_completion(req)
         return finished

@@ -13,6 +13,9 @@ Three ways to run it, all the same math (tests hold them to it):
   optionally on top of their cached prefixes (chunked prefill).
 - ``forward_decode``: one new token against a request's KV cache (paged caches are read
   through their block table by paged attention).
+- ``forward_fused``: a whole step in ONE forward: decode tokens and prefill chunks of many
+  requests share each projection matmul, so the weights are read once per step, not once
+  per decode token. Decode rows take paged attention, prefill rows ragged attention.
 
 None of them writes to a cache: they return the new ``k, v`` rows and the caller decides
 when to store them (the scheduler does it only after the whole step has been computed).
@@ -28,7 +31,7 @@ import torch
 from torch import nn
 
 from cb_lab.attention.dense_attention import dense_causal_attention, scaled_dot_product_attention
-from cb_lab.attention.paged_attention import paged_attention
+from cb_lab.attention.paged_attention import PagedKV, paged_attention
 from cb_lab.attention.ragged_attention import ragged_attention
 from cb_lab.core.kv_cache import BaseKVCache, PagedKVCache
 from cb_lab.exceptions import ConfigurationError, ModelError
@@ -140,13 +143,11 @@ class TinyLLM(nn.Module):
         q, k, v = self.project_qkv(x)
         if len(kv_cache) == 0:
             attn, probs = scaled_dot_product_attention(q, k, v)  # nothing cached: only itself
-        elif isinstance(kv_cache, PagedKVCache) and kv_cache.allocator is not None:
-            allocator = kv_cache.allocator
+        elif isinstance(kv_cache, PagedKVCache) and kv_cache.pool is not None:
+            pool = kv_cache.pool
             table = torch.tensor([kv_cache.block_table], device=self.device)  # [1, num_blocks]
             lens = torch.tensor([len(kv_cache)], device=self.device)
-            attn, probs = paged_attention(
-                q, allocator.key_blocks, allocator.value_blocks, table, lens, k, v
-            )
+            attn, probs = paged_attention(q, pool.key_cache, pool.value_cache, table, lens, k, v)
         else:
             k_cache, v_cache = kv_cache.get_kv()  # [C, D] views
             keys = torch.cat([k_cache.to(k.dtype), k])
@@ -155,3 +156,49 @@ class TinyLLM(nn.Module):
         for hook in attention_hooks:
             hook.on_attention("decode", probs)
         return self.o_proj(attn), k, v
+
+    @torch.no_grad()
+    def forward_fused(
+        self,
+        tokens: torch.Tensor,
+        decode_kv: PagedKV | None,
+        prefill_mask: torch.Tensor | None,
+        prefill_past: KV | None = None,
+        *,
+        attention_hooks: Sequence[AttentionHook] = (),
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One forward over a step's flat batch ``tokens [N, D]`` -> ``(out, k, v)``, each ``[N, D]``.
+
+        The first ``B = decode_kv.num_rows`` rows are decode tokens: each attends to its
+        request's cached rows (found through ``decode_kv``) and to itself. The other
+        ``P = N - B`` rows are prefill chunks: they attend through ``prefill_mask
+        [P, C + P]`` to ``prefill_past`` (their cached prefixes, ``[C, D]``) and to each other.
+        """
+        self._check_rows(tokens, "tokens")
+        num_decode = 0 if decode_kv is None else decode_kv.num_rows
+        q, k, v = self.project_qkv(tokens)  # [N, D] each: every weight matrix is read once
+        parts = []
+        if decode_kv is not None:
+            d = decode_kv
+            attn, probs = paged_attention(
+                q[:num_decode], d.key_cache, d.value_cache, d.block_tables, d.context_lens,
+                k[:num_decode], v[:num_decode],
+            )
+            parts.append(attn)
+            for hook in attention_hooks:
+                hook.on_attention("decode", probs)
+        if prefill_mask is not None:
+            keys, values = k[num_decode:], v[num_decode:]
+            if prefill_past is not None:
+                keys = torch.cat([prefill_past[0].to(k.dtype), keys])
+                values = torch.cat([prefill_past[1].to(v.dtype), values])
+            attn, probs = ragged_attention(q[num_decode:], keys, values, prefill_mask)
+            parts.append(attn)
+            for hook in attention_hooks:
+                hook.on_attention("prefill", probs)
+        if sum(part.shape[0] for part in parts) != tokens.shape[0]:
+            raise ModelError(
+                f"forward_fused got {tokens.shape[0]} rows but {num_decode} decode rows and a prefill mask for "
+                f"{tokens.shape[0] - num_decode if prefill_mask is not None else 0}; every row needs one of them"
+            )
+        return self.o_proj(torch.cat(parts)), k, v
