@@ -29,7 +29,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=16, help="model / token dim (default 16)")
     p.add_argument("--budget", type=int, default=8, help="max_tokens_per_step (default 8)")
     p.add_argument("--chunk", type=int, default=4, help="prefill_chunk_size (default 4)")
-    p.add_argument("--cache", choices=("dense", "paged"), default="dense")
+    p.add_argument("--cache", choices=("dense", "paged", "shared"), default="dense",
+                   help="dense buffers, paged with a private pool each, or one shared block pool")
+    p.add_argument("--executor", choices=("fused", "split"), default="fused",
+                   help="one forward per step (fused) or one per decode token (split)")
     p.add_argument("--block-size", type=int, default=4, help="paged cache block size (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tanh", action="store_true", help="sample tokens with torch.tanh")
@@ -46,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def run(args: argparse.Namespace, plugins: PluginManager) -> tuple[TinyLLM, list[Request], list[dict[str, Any]]]:
+def run(args: argparse.Namespace, plugins: PluginManager) -> tuple[TinyLLM, list[Request], Scheduler, list[dict[str, Any]]]:
     """Build the model and workload from ``args`` and run it to completion."""
     torch.manual_seed(args.seed)
     model = TinyLLM(args.dim)
@@ -56,10 +59,10 @@ def run(args: argparse.Namespace, plugins: PluginManager) -> tuple[TinyLLM, list
         cache=args.cache, block_size=args.block_size, seed=args.seed,
     )
     sampler = torch.tanh if args.tanh else None
-    scheduler = Scheduler(model, args.budget, args.chunk, sampler=sampler, plugins=plugins)
+    scheduler = Scheduler(model, args.budget, args.chunk, sampler=sampler, plugins=plugins, executor=args.executor)
     half = (len(requests) + 1) // 2
     arrivals = [(0 if i < half else 2 * (i - half + 1), req) for i, req in enumerate(requests)]
-    return model, requests, run_workload(scheduler, arrivals)
+    return model, requests, scheduler, run_workload(scheduler, arrivals)
 
 
 def budget_bar(stats: dict[str, Any], budget: int) -> str:
@@ -75,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.log_level:
         logging.basicConfig(level=args.log_level, format="%(name)s: %(message)s")
         plugins.register_scheduler_plugin(LoggingPlugin(args.log_level))
-    model, requests, history = run(args, plugins)
+    model, requests, scheduler, history = run(args, plugins)
 
     print(f"cb-lab: {args.requests} requests, dim {args.dim}, {args.cache} caches, "
-          f"budget {args.budget} tokens/step, prefill chunks <= {args.chunk}\n")
+          f"budget {args.budget} tokens/step, prefill chunks <= {args.chunk}, {args.executor} executor\n")
     print("step  budget" + " " * max(args.budget - 6, 1) + " decode prefill active finished")
     for s in history:
         if s["status"] == "completed":
@@ -88,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     used = steps["total_tokens_processed"] / (args.budget * max(steps["total_steps"], 1))
     print(f"\nsteps: {steps['total_steps']}, tokens: {steps['total_tokens_processed']} "
           f"({steps['total_prefill_tokens']} prefill + {steps['total_decode_tokens']} decode), "
-          f"budget used: {used:.0%}, throughput: {steps['tokens_per_second']:,.0f} tokens/s")
+          f"budget used: {used:.0%}, throughput: {steps['tokens_per_second']:,.0f} tokens/s, "
+          f"model calls: {scheduler.executor.num_model_calls}")
     print(f"requests: {reqs['completed_requests']} finished, mean latency {reqs['mean_latency_s'] * 1e3:.1f} ms, "
           f"p99 {reqs['p99_latency_s'] * 1e3:.1f} ms")
     error = oracle_error(model, requests, torch.tanh if args.tanh else None)
@@ -104,7 +108,7 @@ def report_compression(args: argparse.Namespace, reference: list[Request]) -> No
     plugins = PluginManager()
     compression = CacheCompressionPlugin(args.compression)
     plugins.register_cache_plugin(compression)
-    _, compressed, _ = run(args, plugins)
+    _, compressed, _, _ = run(args, plugins)
     r = compression.report()
     print(f"compression {args.compression} ({compression.storage_dtype}): stored {r['bytes_stored']:,.0f} of "
           f"{r['bytes_original']:,.0f} K/V bytes (saved {r['bytes_saved']:,.0f}), max K/V error "

@@ -53,4 +53,5 @@ class ConfigurationError(CBLabException, ValueError):
 
 
 class MemoryError(CBLabException):  # noqa: A001 - the spec's name; shadows the builtin only here
-    """A memory measurement was asked for before its baseline was set."""
+    """Memory ran out or cannot be measured: a shared KV block pool has too few free blocks,
+    or a memory delta was asked for before its baseline was set."""

@@ -1,4 +1,4 @@
-"""The main job (``python -m cb_lab``), the benchmark command and the workload helpers."""
+"""The main job (``python -m cb_lab``) and the workload helpers."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from helpers import make_model
 
 from cb_lab import __main__ as cli
-from cb_lab import bench
+from cb_lab.core.kv_cache import PagedKVCache
 from cb_lab.core.scheduler import Scheduler
 from cb_lab.exceptions import ConfigurationError
 from cb_lab.model.oracle import naive_tokens, oracle_error
@@ -54,15 +54,6 @@ def test_main_job_rejects_bad_arguments(argv: list[str], capsys: pytest.CaptureF
     assert argv[1] in capsys.readouterr().err
 
 
-def test_bench_prints_one_row_per_configuration(capsys: pytest.CaptureFixture[str]) -> None:
-    assert bench.main(["--quick"]) == 0
-    out = capsys.readouterr().out
-    rows = [line.split() for line in out.splitlines() if re.match(r"^\s+16\s+(dense|paged)\s", line)]
-    assert [r[1] for r in rows] == ["dense", "paged"]
-    assert all(int(r[2]) > 0 and float(r[3].replace(",", "")) > 0 for r in rows)
-    assert re.search(r"dim 16: paged runs at \d+\.\d\dx the speed of dense", out)
-
-
 def test_random_requests_are_seeded_and_in_range() -> None:
     a = random_requests(20, dim=4, prompt_lens=(2, 5), output_lens=(0, 3), seed=3)
     b = random_requests(20, dim=4, prompt_lens=(2, 5), output_lens=(0, 3), seed=3, cache="paged", block_size=2)
@@ -70,6 +61,10 @@ def test_random_requests_are_seeded_and_in_range() -> None:
     assert all(2 <= r.prompt_len <= 5 and 0 <= r.max_new_tokens <= 3 for r in a)
     for x, y in zip(a, b):
         torch.testing.assert_close(x.prompt, y.prompt, rtol=0, atol=0)
+    shared = random_requests(20, dim=4, prompt_lens=(2, 5), output_lens=(0, 3), seed=3, cache="shared", block_size=2)
+    pools = {id(r.kv_cache.pool) for r in shared if isinstance(r.kv_cache, PagedKVCache)}
+    pool = shared[0].kv_cache.pool  # type: ignore[attr-defined]
+    assert len(pools) == 1 and pool.num_blocks == sum(-(-(r.prompt_len + r.max_new_tokens) // 2) for r in shared)
     with pytest.raises(ConfigurationError, match="prompt_lens"):
         random_requests(1, dim=4, prompt_lens=(0, 3))
     with pytest.raises(ConfigurationError, match="output_lens"):
@@ -111,3 +106,16 @@ def test_the_library_logs_but_never_prints(capsys: pytest.CaptureFixture[str]) -
         sched.add_request(req)
     sched.run_until_complete()
     assert capsys.readouterr().out == "" and cb_lab.__version__
+
+
+@pytest.mark.parametrize("executor", ["fused", "split"])
+def test_main_job_counts_model_calls_per_executor(executor: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--quick", "--cache", "shared", "--executor", executor]) == 0
+    out = capsys.readouterr().out
+    steps = [m.groups() for line in out.splitlines() if (m := STEP_LINE.match(line))]
+    calls = int(re.search(r"model calls: (\d+)", out).group(1))  # type: ignore[union-attr]
+    if executor == "fused":
+        assert calls == sum(1 for _, _, d, p, _, _ in steps if int(d) + int(p) > 0)
+    else:
+        assert calls == sum(int(d) + (int(p) > 0) for _, _, d, p, _, _ in steps)
+    assert "(OK)" in out and f"{executor} executor" in out

@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from cb_lab.core.batch_builder import build_ragged_batch
+from cb_lab.core.block_pool import BlockPool
 from cb_lab.core.kv_cache import PagedKVCache
 from cb_lab.core.request import Request
 from cb_lab.core.scheduler import Scheduler
 from demos import (
+    demo_fused_step,
     demo_paged_attention,
     demo_prefill_decode_mix,
     demo_prefill_only,
@@ -166,9 +168,46 @@ def test_scheduler_timeline(budget: int, chunk: int, capsys: pytest.CaptureFixtu
     assert float(summary[3]) == pytest.approx(mean_ttft, abs=0.005)
 
 
+PoolStep = tuple[int, int, int]  # (num_blocks, blocks held, rows held)
+
+
+def replay_paged(block_size: int) -> tuple[list[PoolStep], list[list[str]], dict[str, tuple[list[int], int]]]:
+    """The paged demo's workload on our own, over one shared pool. Per step: pool size, blocks and
+    rows held (summed over the caches, not read from the pool's counters), who finished; and each
+    cache's (block_table, len) after its prefill and just before its last decode."""
+    specs = demo_paged_attention.QUICK_REQUESTS
+    pool = BlockPool(sum(math.ceil((n + k - 1) / block_size) for _, n, k in specs), block_size, 8)
+    caches = {r: PagedKVCache(block_size, pool=pool) for r, _, _ in specs}
+    reqs = [Request(r, torch.randn(n, 8), k, caches[r]) for r, n, k in specs]
+    sched = Scheduler(make_model(8, 0), max_tokens_per_step=8, prefill_chunk_size=4)
+    for req in reqs:
+        sched.add_request(req)
+    steps: list[PoolStep] = []
+    finished: list[list[str]] = []
+    seen: dict[str, tuple[list[int], int]] = {}
+    while sched.active:
+        for r in sched.active:
+            if r.in_decode and len(r.generated_tokens) + 1 == r.max_new_tokens:
+                seen[f"{r.req_id} at last decode"] = (list(caches[r.req_id].block_table), len(r.kv_cache))
+        prefilling = [r for r in sched.active if r.in_prefill]
+        active = list(sched.active)
+        sched.step()
+        for r in prefilling:
+            if r.in_decode:
+                seen[f"{r.req_id} after prefill"] = (list(caches[r.req_id].block_table), len(r.kv_cache))
+        held = [c.block_table for c in caches.values()]
+        assert len({b for t in held for b in t}) == sum(map(len, held)), "no block is in two tables"
+        steps.append((pool.num_blocks, sum(map(len, held)), sum(map(len, caches.values()))))
+        finished.append([r.req_id for r in active if r.finished])
+    return steps, finished, seen
+
+
+POOL_STEP = re.compile(
+    r"^step\s+(\d+) \| num_blocks\s+(\d+), used_blocks\s+(\d+), free_blocks\s+(\d+), tokens_stored\s+(\d+), "
+    r"unused_slots\s+(\d+)(?: \| finished: ([\w ]+) \(its blocks are free again\))?$"
+)
 PAGED_ROW = re.compile(
-    r"^(\w) after (prefill|decode)\s+\| len\s+(\d+) \| blocks used (\d+), free (\d+) \| "
-    r"wasted slots (\d+) \| block_table \[(.*?)\] \| (.*)$"
+    r"^(\w) (after prefill|at last decode)\s+\| len\s+(\d+) \| unused slots (\d+) \| block_table \[(.*?)\] \| (.*)$"
 )
 
 
@@ -176,27 +215,98 @@ PAGED_ROW = re.compile(
 def test_paged_attention(block_size: int, capsys: pytest.CaptureFixture[str]) -> None:
     out = run_demo(demo_paged_attention.main, ["--quick", "--block-size", str(block_size)], capsys)
     specs = demo_paged_attention.QUICK_REQUESTS
-    model = make_model(8, 0)  # the demo's model and prompts, rebuilt from the same seed
-    prompts = [(r, torch.randn(n, 8), k) for r, n, k in specs]
-    requests, after_prefill = demo_paged_attention.run(model, prompts, lambda: PagedKVCache(block_size))
+    steps, finished, seen = replay_paged(block_size)
+    pool_rows = [m for m in map(POOL_STEP.match, out.splitlines()) if m]
+    assert [int(m[1]) for m in pool_rows] == list(range(len(steps)))
+    for m, want, done in zip(pool_rows, steps, finished):
+        num, used, free, tokens, unused = map(int, m.groups()[1:6])
+        assert (num, used, tokens) == want
+        assert free == num - used and unused == used * block_size - tokens
+        assert (m[7] or "").split() == done
+    assert (pool_rows[-1][3], pool_rows[-1][5]) == ("0", "0"), "every block is back in the pool at the end"
     rows = [m for m in map(PAGED_ROW.match, out.splitlines()) if m]
-    assert [(m[1], m[2]) for m in rows] == [(r, phase) for r, _, _ in specs for phase in ("prefill", "decode")]
+    assert [(m[1], m[2]) for m in rows] == [(r, w) for r, _, _ in specs for w in ("after prefill", "at last decode")]
+    tables = []
     for m in rows:
-        length, used, free, wasted = map(int, (m[3], m[4], m[5], m[6]))
-        table = [int(b) for b in m[7].split(",")]
+        length, unused = int(m[3]), int(m[4])
+        table = [int(b) for b in m[5].split(",")]
         prompt_len, max_new = next((n, k) for r, n, k in specs if r == m[1])
-        assert length == (prompt_len if m[2] == "prefill" else prompt_len + max_new - 1)
-        assert used == len(table) == math.ceil(length / block_size)
-        assert wasted == used * block_size - length < block_size
-        assert m[8].count("_") == wasted and m[8].count(":[") == used
-        pool = 4  # each cache's private pool starts with 4 blocks and doubles when full
-        while pool < used:
-            pool *= 2
-        assert free == pool - used
-        if m[2] == "prefill":  # what the cache held in the step its prompt was done
-            assert m[0] == f"{m[1]} after prefill | {after_prefill[m[1]]}"
-        else:  # the final state is the real cache's
-            cache = next(r.kv_cache for r in requests if r.req_id == m[1])
-            assert isinstance(cache, PagedKVCache)
-            assert (table, length, free) == (cache.block_table, len(cache), cache.num_blocks_free)
+        assert length == (prompt_len if m[2] == "after prefill" else prompt_len + max_new - 2)
+        assert (table, length) == seen[f"{m[1]} {m[2]}"], "the real block table at that moment"
+        assert len(table) == math.ceil(length / block_size) and unused == len(table) * block_size - length < block_size
+        drawn = re.findall(r"(\d+):\[([^\]]*)\]", m[6])
+        assert [int(b) for b, _ in drawn] == table
+        slots = [cell for _, cells in drawn for cell in cells.split()]
+        assert slots == [str(p) for p in range(length)] + ["_"] * unused
+        tables.append(table)
+    assert any(t != list(range(t[0], t[0] + len(t))) for t in tables), "one shared pool: block tables interleave"
+    assert len(diffs(out)) == 3 and max(diffs(out)) < 1e-5
+
+
+FUSED_STEP = re.compile(r"^step\s+(\d+) \| (\d+) decode \+ (\d+) prefill \| model calls: split (\d+), fused (\d+)$")
+
+
+Snapshot = list[tuple[str, list[int], int]]  # (req_id, block_table, len) per request
+
+
+def replay_fused(
+    dim: int, seed: int, num_blocks: int, upto: int
+) -> tuple[list[tuple[int, int]], Snapshot, dict[int, str]]:
+    """The fused-step demo's fused run on our own: (decode, prefill) tokens per step, every cache
+    after step ``upto``, and who held each block before that step (its latest owner)."""
+    d = demo_fused_step
+    model = make_model(dim, seed)
+    pool = BlockPool(num_blocks, d.BLOCK_SIZE, dim)
+    caches = {r: PagedKVCache(d.BLOCK_SIZE, pool=pool) for r, _, _ in d.QUICK_REQUESTS}
+    reqs = [Request(r, torch.randn(n, dim), k, caches[r]) for r, n, k in d.QUICK_REQUESTS]
+    sched = Scheduler(model, d.BUDGET, d.CHUNK, executor="fused")
+    for req in reqs:
+        sched.add_request(req)
+    tokens: list[tuple[int, int]] = []
+    owner: dict[int, str] = {}
+    snapshot: Snapshot = []
+    before: dict[int, str] = {}
+    while sched.active:
+        stats = sched.step()
+        tokens.append((stats["decode_tokens"], stats["prefill_tokens"]))
+        if stats["step_id"] == upto:
+            snapshot, before = [(r, list(c.block_table), len(c)) for r, c in caches.items()], dict(owner)
+        owner |= {b: r for r, c in caches.items() for b in c.block_table}
+    return tokens, snapshot, before
+
+
+@pytest.mark.parametrize("extra", [[], ["--seed", "3", "--dim", "8"]])
+def test_fused_step(extra: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    out = run_demo(demo_fused_step.main, ["--quick", *extra], capsys)
+    dim, seed = (8, 3) if extra else (16, 0)
+    header = re.search(r"(\d+) requests, dim (\d+), budget (\d+), chunk (\d+), (\d+) blocks per pool", out)
+    assert header is not None and int(header[2]) == dim
+    shown = re.search(r"shared pool after step (\d+): (\d+)/(\d+) blocks used, (\d+) tokens stored, (\d+) unused", out)
+    assert shown is not None
+    tokens, snapshot, before = replay_fused(dim, seed, int(header[5]), int(shown[1]))
+    steps = [tuple(map(int, m.groups())) for m in map(FUSED_STEP.match, out.splitlines()) if m]
+    assert [(i, d, p) for i, d, p, _, _ in steps] == [(i, d, p) for i, (d, p) in enumerate(tokens)]
+    for _, d, p, split, fused in steps:
+        assert split == d + (1 if p else 0), "split: one forward per decode token, plus one for all prefill chunks"
+        assert fused == (1 if d + p else 0), "fused: one forward per step"
+    total = re.search(r"model calls in total: split (\d+), fused (\d+)", out)
+    assert total is not None and (int(total[1]), int(total[2])) == (sum(s[3] for s in steps), sum(s[4] for s in steps))
+    assert int(total[1]) > int(total[2])
+    # The pool grid: one row per block id, rebuilt from the re-run's real block tables.
+    bs = demo_fused_step.BLOCK_SIZE
+    want = dict.fromkeys(range(int(header[5])), "free")
+    for req_id, table, length in snapshot:
+        for i, b in enumerate(table):
+            filled = min(bs, length - i * bs)
+            was = f"   <- was {before[b]}'s" if before.get(b, req_id) != req_id else ""
+            want[b] = " ".join([req_id] * filled + ["."] * (bs - filled)) + was
+    got = dict((int(b), row) for b, row in re.findall(r"^block\s+(\d+): (.*)$", out, flags=re.M))
+    assert got == want
+    assert any("<- was" in row for row in got.values()), "the grid shows a freed block holding another request's rows"
+    live = ", ".join(f"{r} {t}" for r, t, _ in snapshot if t)
+    assert f"block tables: {live}\n" in out
+    used = sum(len(t) for _, t, _ in snapshot)
+    stored = sum(n for _, _, n in snapshot)
+    assert tuple(map(int, shown.groups()[1:])) == (used, int(header[5]), stored, used * bs - stored)
+    assert "noisy" in out  # --quick says its timing is tiny and noisy
     assert len(diffs(out)) == 3 and max(diffs(out)) < 1e-5

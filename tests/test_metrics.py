@@ -86,6 +86,7 @@ def test_zero_step_summary_has_no_division_by_zero() -> None:
         "total_steps": 0, "idle_steps": 0, "total_tokens_processed": 0, "total_decode_tokens": 0,
         "total_prefill_tokens": 0, "total_time": 0.0, "avg_step_duration": 0.0,
         "tokens_per_second": 0.0, "avg_tokens_per_step": 0.0, "peak_memory_mb": None,
+        "total_preemptions": 0, "total_padding_tokens": 0,
     }
 
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 from helpers import assert_oracle, make_model, make_request
 
-from cb_lab.core.kv_cache import BaseKVCache
+from cb_lab.core.block_pool import BlockPool
+from cb_lab.core.kv_cache import BaseKVCache, PagedKVCache
 from cb_lab.core.plan import StepPlan
 from cb_lab.core.request import Request
 from cb_lab.core.scheduler import Scheduler
@@ -242,3 +243,19 @@ def test_plugin_manager_registry_and_configs() -> None:
     for bad_viz in ({"save_dir": ""}, {"max_records": 0}):
         with pytest.raises(ConfigurationError):
             manager.set_plugin_config("AttentionVisualizationPlugin", bad_viz)
+
+
+@pytest.mark.parametrize(("pool_dtype", "per_value"), [(torch.float32, 4), (torch.float16, 2)])
+def test_compression_reports_what_a_shared_pool_really_stores(pool_dtype: torch.dtype, per_value: int) -> None:
+    manager = PluginManager()
+    compression = CacheCompressionPlugin(0.5)
+    manager.register_cache_plugin(compression)
+    pool = BlockPool(32, 2, 8, dtype=pool_dtype)
+    sched = Scheduler(make_model(8), 6, 3, plugins=manager)
+    reqs = [make_request(f"r{i}", L, n, 8, PagedKVCache(2, pool=pool)) for i, (L, n) in enumerate(SHAPES)]
+    for r in reqs:
+        sched.add_request(r)
+    sched.run_until_complete()
+    rows = sum(r.prompt_len + r.max_new_tokens - 1 for r in reqs if r.max_new_tokens)
+    assert compression.report()["bytes_original"] == rows * 8 * 2 * 4
+    assert compression.report()["bytes_stored"] == rows * 8 * 2 * per_value

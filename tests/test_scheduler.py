@@ -19,6 +19,7 @@ from cb_lab.monitoring.metrics import MetricsCollector
 STAT_KEYS = {
     "step_id", "decode_tokens", "prefill_tokens", "total_tokens",
     "active_requests", "finished_requests", "step_duration", "status",
+    "waiting_requests", "preempted_requests", "padding_tokens",
 }
 
 
@@ -107,7 +108,7 @@ def test_decode_goes_first_then_prefill_fills_the_rest_in_arrival_order() -> Non
     second = sched.schedule()
     assert [r.req_id for r in second.decode] == ["a"]
     assert [(ch.request.req_id, ch.start, ch.length) for ch in second.prefill] == [("b", 4, 4), ("c", 0, 1)]
-    assert repr(second) == "step 1: decode [a] | prefill [b 4:8, c 0:1] (6 tokens)"
+    assert repr(second) == "step 1: decode [a] | prefill [b 4:8, c 0:1] (6 tokens) | admitted [c]"
 
 
 def test_schedule_is_pure() -> None:
@@ -286,6 +287,6 @@ def test_sampler_returning_a_wrong_shape_is_rejected() -> None:
 def test_repr_shows_the_state() -> None:
     sched = Scheduler(make_model(8), 8, 4)
     sched.add_request(make_request("a", 2, 1, 8))
-    assert repr(sched) == "Scheduler(step=0, active=1, finished=0, budget=8, chunk=4)"
+    assert repr(sched) == "Scheduler(step=0, active=1, waiting=1, finished=0, budget=8, chunk=4)"
     sched.step()
     assert repr(sched) == "Scheduler(step=1, active=0, finished=1, budget=8, chunk=4)"

@@ -20,6 +20,7 @@ raises ``MemoryError`` (cb-lab's) when it runs out; a request's private pool may
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 
 import torch
@@ -35,6 +36,12 @@ __all__ = ["BlockPool"]
 def _positive(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigurationError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+def _count(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValidationError(f"{name} must be an int >= 0, got {value!r}")
     return value
 
 
@@ -84,11 +91,11 @@ class BlockPool:
         return self.num_used_blocks * self.block_size - self.num_tokens
 
     def can_allocate(self, num_blocks: int) -> bool:
-        return self.growable or num_blocks <= self.num_free_blocks
+        return self.growable or _count("num_blocks", num_blocks) <= self.num_free_blocks
 
     def allocate(self, num_blocks: int = 1) -> list[int]:
         """Take ``num_blocks`` free blocks (ref count 1 each); raises MemoryError when there are too few."""
-        if num_blocks > self.num_free_blocks:
+        if _count("num_blocks", num_blocks) > self.num_free_blocks:
             if not self.growable:
                 raise CBLabMemoryError(
                     f"KV block pool exhausted: {num_blocks} block(s) needed, {self.num_free_blocks} free of "
@@ -102,10 +109,18 @@ class BlockPool:
         return ids
 
     def free(self, block_ids: Sequence[int]) -> None:
-        """Drop one reference to each block; a block with no reference left is free again."""
+        """Drop one reference to each block; a block with no reference left is free again.
+
+        All or nothing: if any id is not held (often enough), nothing is freed.
+        """
+        drops = Counter(block_ids)
+        for block_id, n in drops.items():
+            if not isinstance(block_id, int) or not 0 <= block_id < self.num_blocks or self.ref_counts[block_id] < n:
+                raise ValidationError(
+                    f"block {block_id!r} is not allocated in this pool (or freed more often than held); "
+                    "free only blocks you own"
+                )
         for block_id in block_ids:
-            if not 0 <= block_id < self.num_blocks or self.ref_counts[block_id] == 0:
-                raise ValidationError(f"block {block_id} is not allocated in this pool; free only blocks you own")
             self.ref_counts[block_id] -= 1
             if self.ref_counts[block_id] == 0:
                 self.free_block_ids.append(block_id)

@@ -17,12 +17,13 @@ its commit phase. They reach the model only through :class:`StepModel`.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
 
-from cb_lab.attention.paged_attention import PagedKV
+from cb_lab.attention.paged_attention import GatherWorkspace, PagedKV
 from cb_lab.core.batch_builder import cached_prefix_mask
 from cb_lab.core.kv_cache import BaseKVCache, PagedKVCache
 from cb_lab.core.plan import PrefillChunk, SeqOutput, StepPlan, StepResult
@@ -72,7 +73,7 @@ class StepModel(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
-class Executor:
+class Executor(ABC):
     """What both executors share: the model, the sampler, and the prefill inputs."""
 
     def __init__(
@@ -83,8 +84,9 @@ class Executor:
         self.attention_hooks = attention_hooks  # a live list: plugins registered later are seen
         self.num_model_calls = 0  # forward calls so far: the split path makes one per decode token
 
+    @abstractmethod
     def run(self, plan: StepPlan) -> StepResult:
-        raise NotImplementedError
+        """Compute a step: new K/V rows and sampled tokens, in plan order. Writes nothing."""
 
     def sample(self, row: torch.Tensor) -> torch.Tensor:
         """Output row ``[D]`` -> the token that is recorded and fed back (identity without a sampler)."""
@@ -99,7 +101,7 @@ class Executor:
     def _prefill_inputs(self, chunks: Sequence[PrefillChunk]) -> tuple[torch.Tensor, torch.Tensor, KV | None]:
         """Chunk rows ``[P, D]``, their mask ``[P, C + P]`` and cached prefixes ``[C, D]`` (None if all start at 0)."""
         device = self.model.device
-        tokens = torch.cat([c.request.prompt[c.start : c.end] for c in chunks])
+        tokens = torch.cat([c.request.prefill_rows[c.start : c.end] for c in chunks])
         starts = torch.tensor([c.start for c in chunks], device=device)
         lengths = torch.tensor([c.length for c in chunks], device=device)
         cached = [c.request.kv_cache.get_kv() for c in chunks if c.start > 0]
@@ -143,11 +145,17 @@ class SplitExecutor(Executor):
 class FusedExecutor(Executor):
     """Every token of the step in one flat batch ``[decode rows | prefill rows]`` and one forward."""
 
+    def __init__(
+        self, model: StepModel, sampler: Sampler | None = None, attention_hooks: Sequence[AttentionHook] = ()
+    ) -> None:
+        super().__init__(model, sampler, attention_hooks)
+        self.workspace = GatherWorkspace()  # paged attention's gather buffers, reused every step
+
     def run(self, plan: StepPlan) -> StepResult:
         parts, decode_kv, mask, past = [], None, None, None
         if plan.decode:
             parts.append(torch.stack([r.last_token for r in plan.decode]))  # [B, D]
-            decode_kv = decode_inputs([r.kv_cache for r in plan.decode], self.model.device)
+            decode_kv = decode_inputs([r.kv_cache for r in plan.decode], self.model.device, self.workspace)
         if plan.prefill:
             tokens, mask, past = self._prefill_inputs(plan.prefill)
             parts.append(tokens)  # [P, D]
@@ -163,7 +171,9 @@ class FusedExecutor(Executor):
         return StepResult(prefill, decode)
 
 
-def decode_inputs(caches: Sequence[BaseKVCache], device: torch.device) -> PagedKV:
+def decode_inputs(
+    caches: Sequence[BaseKVCache], device: torch.device, workspace: GatherWorkspace | None = None
+) -> PagedKV:
     """Where B decode rows find their cached K/V, as one ``PagedKV``.
 
     Caches sharing one block pool are read in place through their block tables (padded
@@ -178,7 +188,7 @@ def decode_inputs(caches: Sequence[BaseKVCache], device: torch.device) -> PagedK
             tables = [c.block_table for c in caches if isinstance(c, PagedKVCache)]
             width = max(len(t) for t in tables)
             padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device)
-            return PagedKV(pool.key_cache, pool.value_cache, padded, lens)
+            return PagedKV(pool.key_cache, pool.value_cache, padded, lens, workspace)
     rows = [c.get_kv() for c in caches]
     keys = torch.nn.utils.rnn.pad_sequence([k for k, _ in rows], batch_first=True)  # [B, S, D]
     values = torch.nn.utils.rnn.pad_sequence([v for _, v in rows], batch_first=True)

@@ -33,10 +33,13 @@ import torch
 
 from cb_lab.core.block_pool import BlockPool
 from cb_lab.exceptions import ConfigurationError, KVCacheError, ValidationError
+from cb_lab.exceptions import MemoryError as CBLabMemoryError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BaseKVCache", "CacheHook", "DenseKVCache", "PagedKVCache", "append_batch", "same_device"]
+__all__ = [
+    "BaseKVCache", "CacheHook", "DenseKVCache", "PagedKVCache", "append_batch", "check_pool_capacity", "same_device",
+]
 
 
 class CacheHook(Protocol):
@@ -127,6 +130,10 @@ class BaseKVCache(ABC):
     def nbytes(self) -> int:
         """Bytes of the stored rows (not of spare capacity)."""
 
+    @abstractmethod
+    def release(self) -> None:
+        """Drop every stored row and give the memory back; the cache is empty again."""
+
 
 class DenseKVCache(BaseKVCache):
     """Contiguous K and V buffers that double in capacity when full.
@@ -163,6 +170,10 @@ class DenseKVCache(BaseKVCache):
         self._v[self._len : needed].copy_(v_new)
         self._len = needed
         self.dim = k_new.shape[1]
+
+    def release(self) -> None:
+        self._k = self._v = None
+        self._len = 0
 
     def _grown(self, buf: torch.Tensor, capacity: int) -> torch.Tensor:
         new = torch.empty((capacity, buf.shape[1]), dtype=buf.dtype, device=buf.device)
@@ -297,11 +308,12 @@ class PagedKVCache(BaseKVCache):
 def append_batch(items: Sequence[tuple[BaseKVCache, torch.Tensor, torch.Tensor]]) -> None:
     """Append rows to several caches at once, as a step's commit does.
 
-    Every item is validated (and its ``before_append`` hooks run) before anything is
-    stored, so a bad item stores nothing. Rows of caches that share one ``BlockPool`` are
+    Every item is validated (and its ``before_append`` hooks run) and every shared pool is
+    checked for room before anything is stored, so a bad item stores nothing. Rows of caches that share one ``BlockPool`` are
     scattered with one indexed write per pool (vLLM's ``slot_mapping``).
     """
     prepared = [(cache, *cache._prepare(k, v)) for cache, k, v in items]
+    check_pool_capacity([(cache, k.shape[0]) for cache, k, _ in prepared])
     by_pool: dict[int, list[tuple[PagedKVCache, torch.Tensor, torch.Tensor]]] = {}
     for cache, k, v in prepared:
         if isinstance(cache, PagedKVCache) and cache.shares_pool:
@@ -316,3 +328,31 @@ def append_batch(items: Sequence[tuple[BaseKVCache, torch.Tensor, torch.Tensor]]
                    torch.cat([v for _, _, v in group]))
     for cache, k, _ in prepared:
         cache._after_append(k.shape[0])
+
+
+def check_pool_capacity(
+    rows: Sequence[tuple[BaseKVCache, int]], what: str = "this append", released: Sequence[BaseKVCache] = ()
+) -> None:
+    """Raise MemoryError if the shared pools cannot take ``num_rows`` more rows for each ``(cache, num_rows)``.
+
+    ``released`` caches give their blocks back first (a step's preempted requests).
+    """
+    per_cache: dict[int, tuple[PagedKVCache, int]] = {}  # a cache may appear twice: add its rows first
+    for cache, num_rows in rows:
+        if isinstance(cache, PagedKVCache) and cache.shares_pool:
+            per_cache[id(cache)] = (cache, per_cache.get(id(cache), (cache, 0))[1] + num_rows)
+    needed: dict[int, tuple[BlockPool, int]] = {}
+    for cache, num_rows in per_cache.values():
+        assert cache.pool is not None
+        pool, n = needed.get(id(cache.pool), (cache.pool, 0))
+        needed[id(pool)] = (pool, n + cache.blocks_needed(num_rows))
+    for cache in released:
+        if isinstance(cache, PagedKVCache) and cache.shares_pool and cache.pool is not None and id(cache.pool) in needed:
+            pool, n = needed[id(cache.pool)]
+            needed[id(pool)] = (pool, n - len(cache.block_table))
+    for pool, n in needed.values():
+        if not pool.can_allocate(max(n, 0)):
+            raise CBLabMemoryError(
+                f"{what} needs {n} new KV blocks but the shared pool has {pool.num_free_blocks} free of "
+                f"{pool.num_blocks}; give the BlockPool more num_blocks or run fewer requests at once"
+            )

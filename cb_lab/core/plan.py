@@ -34,8 +34,8 @@ class PrefillChunk:
 
     @property
     def completes_prompt(self) -> bool:
-        """True when this chunk's last row is the prompt's last: its output is generated token 1."""
-        return self.end == self.request.prompt_len
+        """True when this chunk ends the request's prefill: its last output row is the next token."""
+        return self.end == self.request.prefill_len
 
     def __repr__(self) -> str:
         return f"{self.request.req_id} {self.start}:{self.end}"
@@ -43,11 +43,14 @@ class PrefillChunk:
 
 @dataclass(frozen=True, slots=True)
 class StepPlan:
-    """Which requests decode one token and which prompt chunks prefill, in one step."""
+    """Which requests decode one token, which prefill chunks run, and who joins, leaves or waits."""
 
     step_id: int
     decode: tuple[Request, ...]
     prefill: tuple[PrefillChunk, ...]
+    admitted: tuple[Request, ...] = ()  # move from waiting to running (their chunks are in prefill)
+    preempted: tuple[Request, ...] = ()  # lose their K/V and go back to the head of the waiting queue
+    skipped: tuple[tuple[str, str], ...] = ()  # (req_id, why it waits: budget, no_blocks, max_num_seqs, ...)
 
     @property
     def num_decode_tokens(self) -> int:
@@ -65,7 +68,12 @@ class StepPlan:
         decode = ", ".join(r.req_id for r in self.decode)
         prefill = ", ".join(map(repr, self.prefill))
         tokens = f"{self.total_tokens} token" + ("" if self.total_tokens == 1 else "s")
-        return f"step {self.step_id}: decode [{decode}] | prefill [{prefill}] ({tokens})"
+        text = f"step {self.step_id}: decode [{decode}] | prefill [{prefill}] ({tokens})"
+        if self.admitted:
+            text += " | admitted [" + ", ".join(r.req_id for r in self.admitted) + "]"
+        if self.preempted:
+            text += " | preempted [" + ", ".join(r.req_id for r in self.preempted) + "]"
+        return text
 
 
 @dataclass(frozen=True, slots=True)

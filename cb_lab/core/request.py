@@ -8,8 +8,9 @@ A request's sequence is its prompt rows followed by the tokens it generates::
     decode:  feed g(i), attend over the cache and itself, output is g(i+1)
 
 It is finished once it holds ``max_new_tokens`` generated tokens; its cache then holds
-``L + max_new_tokens - 1`` rows (the last token is never fed back). A request with
-``max_new_tokens == 0`` is finished from the start.
+``L + max_new_tokens - 1`` rows (the last token is never fed back), unless the cache draws
+from a shared block pool: then the scheduler gives its blocks back at once. A request
+with ``max_new_tokens == 0`` is finished from the start.
 
 The scheduler changes a request only in its commit phase; ``get_prefill_chunk`` is a
 pure read, so planning a step never consumes anything.
@@ -52,6 +53,10 @@ class Request:
     generated_tokens: list[torch.Tensor] = field(default_factory=list)
     finished: bool = False
     decode_seed: torch.Tensor | None = None
+    num_preemptions: int = 0
+    aborted: bool = False
+    # What prefill runs over: the prompt, or after a preemption prompt + the tokens generated so far.
+    _prefill_rows: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.req_id, str) or not self.req_id:
@@ -72,6 +77,7 @@ class Request:
             )
         if len(self.generated_tokens) >= n:
             self.finished = True
+        self._prefill_rows = self.prompt
 
     @property
     def prompt_len(self) -> int:
@@ -82,14 +88,23 @@ class Request:
         return self.prompt.shape[1]
 
     @property
+    def prefill_rows(self) -> torch.Tensor:
+        """``[prefill_len, dim]``: the prompt, or after a preemption the prompt + every token generated so far."""
+        return self._prefill_rows
+
+    @property
+    def prefill_len(self) -> int:
+        return self._prefill_rows.shape[0]
+
+    @property
     def in_prefill(self) -> bool:
-        """True while prompt rows remain to be run (never for a finished request)."""
-        return not self.finished and self.prefill_pos < self.prompt_len
+        """True while prefill rows remain to be run (never for a finished request)."""
+        return not self.finished and self.prefill_pos < self.prefill_len
 
     @property
     def in_decode(self) -> bool:
-        """True once the prompt is done and tokens remain to be generated."""
-        return not self.finished and self.prefill_pos == self.prompt_len
+        """True once the prefill is done and tokens remain to be generated."""
+        return not self.finished and self.prefill_pos == self.prefill_len
 
     @property
     def last_token(self) -> torch.Tensor:
@@ -102,7 +117,20 @@ class Request:
         """The next ``[<= chunk_size, dim]`` prompt rows from ``prefill_pos`` (a pure read; a view)."""
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValidationError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
-        return self.prompt[self.prefill_pos : self.prefill_pos + chunk_size]
+        return self._prefill_rows[self.prefill_pos : self.prefill_pos + chunk_size]
+
+    def preempt(self) -> None:
+        """Drop the cached K/V and start over (vLLM's recompute preemption).
+
+        The request keeps its generated tokens. Its next prefill runs over the prompt plus
+        all of them; the output at the last row is the next token, exactly what the decode
+        it missed would have produced.
+        """
+        self.kv_cache.release()
+        self.prefill_pos = 0
+        self.num_preemptions += 1
+        if self.generated_tokens:
+            self._prefill_rows = torch.cat([self.prompt, torch.stack(self.generated_tokens).to(self.prompt.dtype)])
 
     def append_kv(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         """Store new K/V rows ``[n, dim]`` in this request's cache."""
@@ -128,8 +156,8 @@ class Request:
         self.finished = len(self.generated_tokens) >= self.max_new_tokens
 
     def __repr__(self) -> str:
-        phase = "finished" if self.finished else "prefill" if self.in_prefill else "decode"
+        phase = "aborted" if self.aborted else "finished" if self.finished else "prefill" if self.in_prefill else "decode"
         return (
-            f"Request({self.req_id!r}, {phase}, prefill={self.prefill_pos}/{self.prompt_len}, "
+            f"Request({self.req_id!r}, {phase}, prefill={self.prefill_pos}/{self.prefill_len}, "
             f"generated={len(self.generated_tokens)}/{self.max_new_tokens}, cache_len={len(self.kv_cache)})"
         )

@@ -1,18 +1,22 @@
 """The token-budget scheduler: continuous batching in one loop.
 
-Every step has a budget of ``max_tokens_per_step`` tokens, spent in this order:
+Requests wait in a queue (``waiting``) until the scheduler admits them into ``running``.
+Every step has a budget of ``max_tokens_per_step`` tokens; with the default policy it
+is spent in this order (``core/planner.py`` has the others):
 
-1. **decode first**: one token for every request that has finished its prompt
+1. **decode first**: one token for every running request that has finished its prefill
    (if a lowered budget leaves room for fewer, they take turns: round robin);
-2. **prefill** fills what is left, in arrival order, one chunk of at most
-   ``prefill_chunk_size`` prompt rows per request.
+2. **prefill**: running requests' prompt chunks of at most ``prefill_chunk_size`` rows;
+3. **admission**: waiting requests join, first come first served, while the budget,
+   ``max_num_seqs`` and the KV blocks of a shared pool allow.
 
-Requests join between steps and leave the step they finish, so the batch is
-re-formed every step: that is the "continuous" in continuous batching. A step is::
+A decode that finds no free block preempts the latest admitted request (vLLM's
+recompute preemption). Requests join between steps and leave the step they finish,
+so the batch is re-formed every step: the "continuous" in continuous batching::
 
     plan   = self.schedule()            # pure: reads state, decides
     result = self.executor.run(plan)    # compute only: model forward(s)
-    self.commit(plan, result)           # append K/V, advance prefill, record tokens, finish
+    self.commit(plan, result)           # preempt, admit, append K/V, record tokens, finish
 
 Nothing is written before compute succeeds, so an exception from the model leaves
 every request as it was and the next ``step()`` simply retries. Compute runs on one of
@@ -24,14 +28,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from typing import Any
 
 from cb_lab.core.executor import Executor, FusedExecutor, Sampler, SplitExecutor, StepModel
-from cb_lab.core.kv_cache import BaseKVCache, PagedKVCache, append_batch, same_device
-from cb_lab.core.plan import PrefillChunk, StepPlan, StepResult
+from cb_lab.core.kv_cache import BaseKVCache, PagedKVCache, append_batch, check_pool_capacity, same_device
+from cb_lab.core.plan import StepPlan, StepResult
+from cb_lab.core.planner import POLICIES, PlannerConfig, plan_step
 from cb_lab.core.request import Request
 from cb_lab.exceptions import ConfigurationError, SchedulerError
-from cb_lab.exceptions import MemoryError as CBLabMemoryError
 from cb_lab.plugins.base import PluginManager
 
 logger = logging.getLogger(__name__)
@@ -48,21 +53,15 @@ def _positive_int(name: str, value: object) -> int:
 
 
 def check_blocks(plan: StepPlan) -> None:
-    """Raise MemoryError before compute if a shared block pool cannot hold the step's new rows."""
-    needed: dict[int, int] = {}
-    pools = {}
+    """Raise MemoryError if a shared block pool cannot hold the step's new rows.
+
+    The planner already keeps to the free blocks; this guards plans built or edited by hand.
+    """
     rows: list[tuple[BaseKVCache, int]] = [(c.request.kv_cache, c.length) for c in plan.prefill]
-    rows += [(r.kv_cache, 1) for r in plan.decode]
-    for cache, n in rows:
-        if isinstance(cache, PagedKVCache) and cache.shares_pool and cache.pool is not None:
-            pools[id(cache.pool)] = cache.pool
-            needed[id(cache.pool)] = needed.get(id(cache.pool), 0) + cache.blocks_needed(n)
-    for key, n in needed.items():
-        if not pools[key].can_allocate(n):
-            raise CBLabMemoryError(
-                f"step {plan.step_id} needs {n} new KV blocks but the shared pool has {pools[key].num_free_blocks} "
-                "free; give the BlockPool more num_blocks or add fewer requests at once"
-            )
+    check_pool_capacity(
+        rows + [(r.kv_cache, 1) for r in plan.decode], f"step {plan.step_id}",
+        released=[r.kv_cache for r in plan.preempted],
+    )
 
 
 class Scheduler:
@@ -71,6 +70,9 @@ class Scheduler:
     ``sampler`` maps an output row to the token recorded and fed back (identity when
     None; ``torch.tanh`` is a fun one). ``plugins`` wires scheduler, attention and cache
     plugins. ``executor`` is ``"fused"`` or ``"split"`` (same numbers, different speed).
+    Serving knobs: ``max_num_seqs`` caps running requests; ``policy`` is one of
+    ``POLICIES``; ``enable_chunked_prefill=False`` runs each prefill in one piece;
+    ``preempt_every=N`` forces a preemption every N steps (to test and show it).
     Both budgets may be changed between steps.
     """
 
@@ -83,20 +85,40 @@ class Scheduler:
         sampler: Sampler | None = None,
         plugins: PluginManager | None = None,
         executor: str = "fused",
+        max_num_seqs: int | None = None,
+        policy: str = "decode_first",
+        enable_chunked_prefill: bool = True,
+        preempt_every: int | None = None,
     ) -> None:
         if executor not in EXECUTORS:
             raise ConfigurationError(f"executor must be one of {sorted(EXECUTORS)}, got {executor!r}")
+        if policy not in POLICIES:
+            raise ConfigurationError(f"policy must be one of {list(POLICIES)}, got {policy!r}")
+        if not isinstance(enable_chunked_prefill, bool):
+            raise ConfigurationError(f"enable_chunked_prefill must be a bool, got {enable_chunked_prefill!r}")
+        self.max_num_seqs = None if max_num_seqs is None else _positive_int("max_num_seqs", max_num_seqs)
+        self.preempt_every = None if preempt_every is None else _positive_int("preempt_every", preempt_every)
+        self.policy = policy
+        self.enable_chunked_prefill = enable_chunked_prefill
         self.model = model
         self.max_tokens_per_step = max_tokens_per_step
         self.prefill_chunk_size = prefill_chunk_size
         self.plugins = plugins if plugins is not None else PluginManager()
         self.executor: Executor = EXECUTORS[executor](model, sampler, self.plugins.attention_plugins)
-        self.active: list[Request] = []  # arrival order
+        self.waiting: deque[Request] = deque()  # not admitted yet; preempted requests rejoin at the head
+        self.running: list[Request] = []  # admission order = priority (the last is preempted first)
         self.step_id = 0
         self.num_finished = 0
+        self.num_preemptions = 0
+        self._batch_size = 0  # static policy: the size of the batch now running
         # Round-robin turns: each decode takes the next number; the lowest numbers go first.
         self._decode_turn: dict[str, int] = {}
         self._next_turn = 0
+
+    @property
+    def active(self) -> list[Request]:
+        """Every request not finished yet: running first, then waiting."""
+        return [*self.running, *self.waiting]
 
     @property
     def max_tokens_per_step(self) -> int:
@@ -134,9 +156,41 @@ class Scheduler:
                 f"request {req.req_id!r} (prompt on {req.prompt.device}, cache on {req.kv_cache.device}) "
                 f"must be on the model's device {self.model.device}"
             )
+        self._check_it_can_finish(req)
         req.kv_cache.hooks = self.plugins.cache_plugins  # live: plugins registered later run too
-        self.active.append(req)
+        self.waiting.append(req)
         logger.debug("added %r", req)
+
+    def _check_it_can_finish(self, req: Request) -> None:
+        rows = req.prompt_len + max(req.max_new_tokens - 1, 0)  # its longest prefill (after a preemption)
+        if not self.enable_chunked_prefill and rows > self.max_tokens_per_step:
+            raise SchedulerError(
+                f"request {req.req_id!r} may need a {rows}-row prefill but chunked prefill is off and the budget is "
+                f"{self.max_tokens_per_step}; raise max_tokens_per_step or enable chunked prefill"
+            )
+        cache = req.kv_cache
+        if isinstance(cache, PagedKVCache) and cache.shares_pool and cache.pool is not None:
+            blocks = cache.blocks_needed(rows)
+            if blocks > cache.pool.num_blocks and not cache.pool.growable:
+                raise SchedulerError(
+                    f"request {req.req_id!r} needs {blocks} KV blocks but its pool has {cache.pool.num_blocks} in all; "
+                    "give the BlockPool more num_blocks"
+                )
+
+    def abort(self, req_id: str) -> Request:
+        """Remove a waiting or running request at once and free its KV memory."""
+        req = next((r for r in self.active if r.req_id == req_id), None)
+        if req is None:
+            raise SchedulerError(f"no active request {req_id!r} to abort; active: {[r.req_id for r in self.active]}")
+        if req in self.running:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        req.kv_cache.release()
+        req.aborted = req.finished = True
+        self._decode_turn.pop(req_id, None)
+        logger.info("aborted %r", req)
+        return req
 
     def step(self) -> dict[str, Any]:
         """Run one step (plan, compute, commit) and return its stats."""
@@ -144,41 +198,44 @@ class Scheduler:
             return self._stats(self.step_id, 0, 0, 0, 0.0, "no_active_requests")
         start = time.perf_counter()
         plan = self.schedule()
-        check_blocks(plan)
         self.plugins.before_step(plan)
         result = self.executor.run(plan)
         finished = self.commit(plan, result)
         stats = self._stats(
             plan.step_id, plan.num_decode_tokens, plan.num_prefill_tokens, len(finished),
-            time.perf_counter() - start, "completed",
+            time.perf_counter() - start, "completed", len(plan.preempted), self._padding(plan),
         )
         self.plugins.after_step(stats)
         return stats
 
     def schedule(self) -> StepPlan:
-        """Decide this step's decode tokens and prefill chunks. Changes nothing."""
-        decode = self._select_decodes()
-        budget = self.max_tokens_per_step - len(decode)
-        prefill: list[PrefillChunk] = []
-        for req in self.active:
-            if budget == 0:
-                break
-            if req.in_prefill:
-                n = min(self.prefill_chunk_size, budget, req.prompt_len - req.prefill_pos)
-                prefill.append(PrefillChunk(req, req.prefill_pos, n))
-                budget -= n
-        return StepPlan(self.step_id, tuple(decode), tuple(prefill))
+        """Decide this step's decodes, prefill chunks, admissions and preemptions. Changes nothing."""
+        config = PlannerConfig(
+            self.max_tokens_per_step, self.prefill_chunk_size, self.policy, self.enable_chunked_prefill,
+            self.max_num_seqs, self.preempt_every is not None and (self.step_id + 1) % self.preempt_every == 0,
+        )
+        return plan_step(self.step_id, config, self.running, self.waiting, self._decode_turn)
 
-    def _select_decodes(self) -> list[Request]:
-        decoders = [r for r in self.active if r.in_decode]
-        if len(decoders) <= self.max_tokens_per_step:
-            return decoders
-        # Round robin: the least recently served go first (never served: arrival order).
-        waited = sorted(decoders, key=lambda r: self._decode_turn.get(r.req_id, -1))
-        return waited[: self.max_tokens_per_step]
+    def _padding(self, plan: StepPlan) -> int:
+        """Static batching pads finished requests' slots until the whole batch is done."""
+        if self.policy != "static" or plan.prefill or not plan.decode:
+            return 0
+        return self._batch_size - len(plan.decode)
 
     def commit(self, plan: StepPlan, result: StepResult) -> list[Request]:
         """Write a computed step into the requests; returns the requests it finished."""
+        check_blocks(plan)  # before any write: a plan the pool cannot hold changes nothing
+        for req in plan.preempted:  # first: the step's appends may need the blocks they free
+            self.running.remove(req)
+            req.preempt()
+            self.waiting.appendleft(req)
+            self.num_preemptions += 1
+            logger.info("step %d preempted %r", plan.step_id, req)
+        if plan.admitted and not self.running:
+            self._batch_size = len(plan.admitted)
+        for req in plan.admitted:
+            self.waiting.remove(req)
+            self.running.append(req)
         requests = [chunk.request for chunk in plan.prefill] + list(plan.decode)
         outputs = result.prefill + result.decode
         append_batch([(req.kv_cache, out.k, out.v) for req, out in zip(requests, outputs, strict=True)])
@@ -190,8 +247,9 @@ class Scheduler:
         for req in plan.decode:
             self._decode_turn[req.req_id] = self._next_turn
             self._next_turn += 1
-        finished = [r for r in self.active if r.finished]
-        self.active = [r for r in self.active if not r.finished]
+        finished = [r for r in self.active if r.finished]  # zero-token requests finish straight from waiting
+        self.running = [r for r in self.running if not r.finished]
+        self.waiting = deque(r for r in self.waiting if not r.finished)
         self.step_id = plan.step_id + 1
         self.num_finished += len(finished)
         for req in finished:
@@ -203,15 +261,19 @@ class Scheduler:
         return finished
 
     def _stats(
-        self, step_id: int, decode: int, prefill: int, finished: int, duration: float, status: str
+        self, step_id: int, decode: int, prefill: int, finished: int, duration: float, status: str,
+        preempted: int = 0, padding: int = 0,
     ) -> dict[str, Any]:
         return {
             "step_id": step_id,
             "decode_tokens": decode,
             "prefill_tokens": prefill,
             "total_tokens": decode + prefill,
-            "active_requests": len(self.active),
+            "active_requests": len(self.running) + len(self.waiting),
+            "waiting_requests": len(self.waiting),
             "finished_requests": finished,
+            "preempted_requests": preempted,
+            "padding_tokens": padding,
             "step_duration": duration,
             "status": status,
         }
@@ -224,7 +286,8 @@ class Scheduler:
         return history
 
     def __repr__(self) -> str:
+        waiting = f", waiting={len(self.waiting)}" if self.waiting else ""
         return (
-            f"Scheduler(step={self.step_id}, active={len(self.active)}, finished={self.num_finished}, "
+            f"Scheduler(step={self.step_id}, active={len(self.active)}{waiting}, finished={self.num_finished}, "
             f"budget={self.max_tokens_per_step}, chunk={self.prefill_chunk_size})"
         )

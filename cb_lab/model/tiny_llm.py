@@ -182,7 +182,7 @@ class TinyLLM(nn.Module):
             d = decode_kv
             attn, probs = paged_attention(
                 q[:num_decode], d.key_cache, d.value_cache, d.block_tables, d.context_lens,
-                k[:num_decode], v[:num_decode],
+                k[:num_decode], v[:num_decode], d.workspace,
             )
             parts.append(attn)
             for hook in attention_hooks:

@@ -72,6 +72,9 @@ class StepMetrics:
     status: str
     timestamp: float
     memory_mb: float | None
+    waiting_requests: int = 0  # admitted nowhere yet (serving simulation)
+    preempted_requests: int = 0  # preempted in this step
+    padding_tokens: int = 0  # static batching: batch slots held by finished requests
 
 
 @dataclass(slots=True)
@@ -117,13 +120,16 @@ class MetricsCollector:
     def record_step(
         self, step_id: int, decode_tokens: int, prefill_tokens: int, active_requests: int, finished_requests: int,
         step_duration: float, status: str = "completed", total_tokens: int | None = None,
+        waiting_requests: int = 0, preempted_requests: int = 0, padding_tokens: int = 0,
     ) -> StepMetrics:
         """Validate and store one step; accepts ``**stats`` from ``Scheduler.step()`` as is.
 
         ``timestamp`` is when the step is *recorded*; ``step_duration`` is what the scheduler measured.
         """
         counts = {"step_id": step_id, "decode_tokens": decode_tokens, "prefill_tokens": prefill_tokens,
-                  "active_requests": active_requests, "finished_requests": finished_requests}
+                  "active_requests": active_requests, "finished_requests": finished_requests,
+                  "waiting_requests": waiting_requests, "preempted_requests": preempted_requests,
+                  "padding_tokens": padding_tokens}
         for name, value in counts.items():
             _check_int(name, value)
         duration = _check_duration(step_duration)
@@ -139,6 +145,7 @@ class MetricsCollector:
         step = StepMetrics(
             step_id, decode_tokens, prefill_tokens, expected, active_requests,
             finished_requests, duration, status, self._clock(), memory_mb,
+            waiting_requests, preempted_requests, padding_tokens,
         )
         self.steps.append(step)
         logger.debug("step %d: %d tokens in %.6f s (%s)", step_id, expected, duration, status)
@@ -162,6 +169,8 @@ class MetricsCollector:
             "tokens_per_second": (decode + prefill) / total_time if total_time > 0 else 0.0,
             "avg_tokens_per_step": (decode + prefill) / n if n else 0.0,
             "peak_memory_mb": max(memory) if memory else None,
+            "total_preemptions": sum(s.preempted_requests for s in self.steps),
+            "total_padding_tokens": sum(s.padding_tokens for s in self.steps),
         }
 
     def start_request_tracking(self, req_id: str, total_tokens: int) -> None:

@@ -123,7 +123,9 @@ class CacheCompressionPlugin(CachePlugin):
     The ratio picks the widest type that meets it: >= 1.0 keeps float32, [0.5, 1) stores
     float16, [0.25, 0.5) float8 (e4m3). Attention upcasts the rows when it reads them, so
     the model is unchanged and only the cached values lose precision. Register it before
-    requests are added: a cache fixes its storage type at its first append.
+    requests are added: a cache fixes its storage type at its first append. A shared
+    ``BlockPool`` stores its own dtype (create it with ``dtype=torch.float16`` to compress);
+    ``report()`` counts the bytes the caches really hold.
     """
 
     options = ("compression_ratio",)
@@ -150,10 +152,13 @@ class CacheCompressionPlugin(CachePlugin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         k_small, v_small = k_new.to(self.storage_dtype), v_new.to(self.storage_dtype)
         self.bytes_original += k_new.nbytes + v_new.nbytes
-        self.bytes_stored += k_small.nbytes + v_small.nbytes
         error = max((k_small.to(k_new.dtype) - k_new).abs().max(), (v_small.to(v_new.dtype) - v_new).abs().max())
         self.max_kv_error = max(self.max_kv_error, float(error))
         return k_small, v_small
+
+    def after_append(self, cache: BaseKVCache, num_rows: int) -> None:
+        # Count what the cache really holds: a shared pool keeps its own dtype whatever we hand it.
+        self.bytes_stored += num_rows * cache.nbytes // len(cache)
 
     @property
     def bytes_saved(self) -> int:

@@ -1,0 +1,192 @@
+"""Planning one step: who runs which tokens, who is admitted, who is preempted, and why.
+
+``plan_step`` reads the scheduler's queues and knobs and returns a :class:`StepPlan`; it
+changes nothing (the scheduler's commit applies the plan). The budget is spent in the
+order the policy says:
+
+==============  ==============================================================
+policy          order
+==============  ==============================================================
+decode_first    decodes, then running prefills, then admissions (FCFS)  (vLLM)
+prefill_first   running prefills, then admissions (FCFS), then decodes
+sjf             like decode_first, but the waiting queue shortest job first
+static          like decode_first, but admit only when nothing runs: a whole
+                batch starts together and the next waits until it is done
+==============  ==============================================================
+
+Limits: ``max_num_seqs`` running requests; KV blocks of shared pools (a request is
+admitted only when its pool can hold its whole prefill). A decode that cannot get a
+block preempts the lowest-priority running request (the latest admitted): vLLM's
+recompute preemption; the victim goes back to the head of the waiting queue. Every
+request that waits is listed in ``plan.skipped`` with the reason: ``budget``,
+``no_blocks``, ``max_num_seqs`` or ``batch_running``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cb_lab.core.block_pool import BlockPool
+from cb_lab.core.kv_cache import BaseKVCache, PagedKVCache
+from cb_lab.core.plan import PrefillChunk, StepPlan
+from cb_lab.core.request import Request
+
+__all__ = ["POLICIES", "BlockLedger", "PlannerConfig", "plan_step"]
+
+POLICIES = ("decode_first", "prefill_first", "sjf", "static")
+
+
+def on_shared_pool(cache: BaseKVCache) -> PagedKVCache | None:
+    """The cache itself if it draws from a shared pool (the only kind whose blocks run out)."""
+    return cache if isinstance(cache, PagedKVCache) and cache.shares_pool else None
+
+
+class BlockLedger:
+    """Free blocks of each shared pool while a step is planned (nothing is allocated yet)."""
+
+    def __init__(self) -> None:
+        self.free: dict[int, int] = {}
+
+    def _free(self, pool: BlockPool) -> int:
+        return self.free.setdefault(id(pool), pool.num_free_blocks)
+
+    def fits(self, cache: BaseKVCache, num_rows: int) -> bool:
+        paged = on_shared_pool(cache)
+        if paged is None or paged.pool is None or paged.pool.growable:
+            return True
+        return paged.blocks_needed(num_rows) <= self._free(paged.pool)
+
+    def take(self, cache: BaseKVCache, num_rows: int) -> None:
+        paged = on_shared_pool(cache)
+        if paged is not None and paged.pool is not None:
+            self.free[id(paged.pool)] = self._free(paged.pool) - paged.blocks_needed(num_rows)
+
+    def give_back(self, cache: BaseKVCache) -> None:
+        paged = on_shared_pool(cache)
+        if paged is not None and paged.pool is not None:
+            self.free[id(paged.pool)] = self._free(paged.pool) + len(paged.block_table)
+
+
+@dataclass(frozen=True, slots=True)
+class PlannerConfig:
+    """The scheduler's knobs, as the planner reads them."""
+
+    max_tokens_per_step: int
+    prefill_chunk_size: int
+    policy: str = "decode_first"
+    enable_chunked_prefill: bool = True
+    max_num_seqs: int | None = None
+    force_preemption: bool = False  # preempt the latest admitted running request this step
+
+
+class _StepPlanner:
+    def __init__(self, config: PlannerConfig, running: Sequence[Request], turns: dict[str, int]) -> None:
+        self.config = config
+        self.budget = config.max_tokens_per_step
+        self.ledger = BlockLedger()
+        self.running = list(running)  # still running this step (victims leave it)
+        self.turns = turns
+        self.decode: list[Request] = []
+        self.prefill: list[PrefillChunk] = []
+        self.admitted: list[Request] = []
+        self.preempted: list[Request] = []
+        self.skipped: dict[str, str] = {}
+
+    def chunk_len(self, req: Request) -> int:
+        """Rows of ``req``'s prefill this step can take (0: it must wait)."""
+        remaining = req.prefill_len - req.prefill_pos
+        if self.config.enable_chunked_prefill:
+            return min(self.config.prefill_chunk_size, self.budget, remaining)
+        return remaining if remaining <= self.budget else 0  # whole prefills only
+
+    def preempt(self, victim: Request) -> None:
+        self.running.remove(victim)
+        self.preempted.append(victim)
+        self.ledger.give_back(victim.kv_cache)
+
+    def make_room(self, req: Request, num_rows: int) -> bool:
+        """Preempt the latest admitted unscheduled requests until ``req`` fits; False if it was the victim."""
+        scheduled = {id(r) for r in self.decode} | {id(c.request) for c in self.prefill}
+        while not self.ledger.fits(req.kv_cache, num_rows):
+            candidates = [r for r in self.running if id(r) not in scheduled and r is not req]
+            victim = candidates[-1] if candidates else req
+            self.preempt(victim)
+            if victim is req:
+                return False
+        return True
+
+    def schedule_decodes(self) -> None:
+        decoders = [r for r in self.running if r.in_decode]
+        if len(decoders) > self.budget:  # round robin: the least recently served first
+            decoders.sort(key=lambda r: self.turns.get(r.req_id, -1))
+        for req in decoders:
+            if req not in self.running:
+                continue  # preempted to make room for an earlier one
+            if self.budget == 0:
+                self.skipped[req.req_id] = "budget"
+            elif self.make_room(req, 1):
+                self.ledger.take(req.kv_cache, 1)
+                self.decode.append(req)
+                self.budget -= 1
+
+    def schedule_prefills(self) -> None:
+        for req in [r for r in self.running if r.in_prefill]:
+            n = self.chunk_len(req)
+            if n == 0:
+                self.skipped[req.req_id] = "budget"
+            elif not self.ledger.fits(req.kv_cache, n):
+                self.skipped[req.req_id] = "no_blocks"
+            else:
+                self.add_chunk(req, n)
+
+    def add_chunk(self, req: Request, n: int) -> None:
+        self.ledger.take(req.kv_cache, n)
+        self.prefill.append(PrefillChunk(req, req.prefill_pos, n))
+        self.budget -= n
+
+    def admit(self, waiting: Sequence[Request]) -> None:
+        queue = [r for r in waiting if not r.finished]  # a zero-token request just completes
+        if self.config.policy == "sjf":
+            queue.sort(key=lambda r: r.prefill_len + r.max_new_tokens - len(r.generated_tokens))
+        blocked = "batch_running" if self.config.policy == "static" and self.running else None
+        for req in queue:
+            blocked = blocked or self.admission_blocker(req)
+            if blocked:  # FCFS: whoever is behind a waiting request waits too
+                self.skipped[req.req_id] = blocked
+                continue
+            self.admitted.append(req)
+            self.add_chunk(req, self.chunk_len(req))
+
+    def admission_blocker(self, req: Request) -> str | None:
+        limit = self.config.max_num_seqs
+        if limit is not None and len(self.running) + len(self.admitted) >= limit:
+            return "max_num_seqs"
+        if self.chunk_len(req) == 0:
+            return "budget"
+        if not self.ledger.fits(req.kv_cache, req.prefill_len):  # room for its whole prefill
+            return "no_blocks"
+        return None
+
+
+def plan_step(
+    step_id: int, config: PlannerConfig, running: Sequence[Request], waiting: Sequence[Request], turns: dict[str, int]
+) -> StepPlan:
+    """The plan of one step; reads ``running`` / ``waiting`` (priority order) and changes nothing."""
+    p = _StepPlanner(config, running, turns)
+    if config.force_preemption:
+        victims = [r for r in p.running if len(r.kv_cache) > 0]
+        if victims:
+            p.preempt(victims[-1])
+    if config.policy == "prefill_first":
+        p.schedule_prefills()
+        p.admit(waiting)
+        p.schedule_decodes()
+    else:
+        p.schedule_decodes()
+        p.schedule_prefills()
+        p.admit(waiting)
+    return StepPlan(
+        step_id, tuple(p.decode), tuple(p.prefill), tuple(p.admitted), tuple(p.preempted),
+        tuple(p.skipped.items()),
+    )
