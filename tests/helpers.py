@@ -113,11 +113,13 @@ def oracle_tokens(model: TinyLLM, req: Request, sampler: Sampler | None = None) 
 def assert_cache_oracle(model: TinyLLM, req: Request) -> None:
     """The cache holds exactly the K/V rows dense prefill gives for the positions run so far.
 
-    Row count: ``prefill_pos + max(len(generated) - 1, 0)`` (``L + n - 1`` once finished,
-    0 for a zero-token request); contents: the dense ``k, v`` of those positions.
+    Row count: the prefill rows run so far plus one per token fed back by a decode, i.e.
+    ``prefill_pos + max(n - r - 1, 0)`` with ``n`` tokens generated and ``r`` of them re-run
+    by the prefill after a preemption (``r = prefill_len - L``; ``L + n - 1`` once finished, 0 for
+    a zero-token request); contents: the dense ``k, v`` of those positions.
     """
-    n = len(req.generated_tokens)
-    expected_len = req.prefill_pos + max(n - 1, 0)
+    recomputed = req.prefill_len - req.prompt_len
+    expected_len = req.prefill_pos + max(len(req.generated_tokens) - recomputed - 1, 0)
     assert len(req.kv_cache) == expected_len, (
         f"{req!r}: cache holds {len(req.kv_cache)} rows, expected {expected_len}"
     )

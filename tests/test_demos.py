@@ -21,6 +21,7 @@ from demos import (
     demo_prefill_only,
     demo_ragged_mask,
     demo_scheduler_timeline,
+    demo_static_vs_continuous,
 )
 from demos._common import make_model, make_request, mask_grid
 
@@ -310,3 +311,47 @@ def test_fused_step(extra: list[str], capsys: pytest.CaptureFixture[str]) -> Non
     assert tuple(map(int, shown.groups()[1:])) == (used, int(header[5]), stored, used * bs - stored)
     assert "noisy" in out  # --quick says its timing is tiny and noisy
     assert len(diffs(out)) == 3 and max(diffs(out)) < 1e-5
+
+
+SVC_ROW = re.compile(r"^(static|continuous)\s+(\d+)\s+([\d.]+)\s+([\d,]+)\s+(\d+)\s+(\d+)$")
+
+
+@pytest.mark.parametrize("slots", [16, 8])
+def test_static_vs_continuous(slots: int, capsys: pytest.CaptureFixture[str]) -> None:
+    from cb_lab.monitoring.trace import request_timeline
+    from cb_lab.serving import QUICK_WORKLOAD, make_config, simulate
+    from cb_lab.workload import generate_workload
+
+    out = run_demo(demo_static_vs_continuous.main, ["--quick", "--slots", str(slots)], capsys)
+    specs = generate_workload(QUICK_WORKLOAD)
+    runs = {name: simulate(specs, make_config(name, max_num_seqs=slots, max_tokens_per_step=32 * slots), name=name)
+            for name in ("static", "continuous")}
+    rows = {m[1]: m for m in map(SVC_ROW.match, out.splitlines()) if m}
+    assert set(rows) == {"static", "continuous"}
+    for name, run in runs.items():
+        s, m = run.summary, rows[name]
+        assert (int(m[2]), float(m[3]), int(m[5]), int(m[6])) == (
+            s["steps"], round(s["tokens_per_step"], 2), round(s["ttft_p99_steps"]), s["padding_tokens"])
+    st, ct = runs["static"].summary, runs["continuous"].summary
+    ratio = re.search(r"continuous / static: ([\d.]+)x tokens/step, ([\d.]+)x tokens/s, ([\d.]+)x p99 TTFT", out)
+    assert ratio is not None
+    assert float(ratio[1]) == round(ct["tokens_per_step"] / st["tokens_per_step"], 2) > 2
+    assert float(ratio[3]) == round(ct["ttft_p99_steps"] / st["ttft_p99_steps"], 2) < 1
+    # Why: static batches are consecutive runs of `slots` requests (all arrive at step 0, FCFS).
+    outputs = [s.max_new_tokens for s in specs]
+    batches = [outputs[i : i + slots] for i in range(0, len(outputs), slots)]
+    shown = re.findall(r"batch (\d+): (\d+) requests, outputs mean\s+([\d.]+), longest\s+(\d+): slots busy (\d+)%", out)
+    assert len(shown) == 4
+    for (i, n, mean, longest, busy), b in zip(shown, batches):
+        assert (int(n), float(mean), int(longest)) == (len(b), round(sum(b) / len(b), 1), max(b))
+        assert int(busy) == round(100 * sum(b) / (len(b) * max(b)))
+    mean_longest = sum(map(max, batches)) / len(batches)
+    mean_output = sum(outputs) / len(outputs)
+    assert f"all {len(batches)} batches: mean output {mean_output:.1f}, mean longest {mean_longest:.1f}" in out
+    # The timelines are the runs' own: rows `slots - 4 ..` of the first 72 steps.
+    drawn = re.findall(r"^(r\d+)\s+\|(.*)\|$", out, flags=re.M)
+    assert len(drawn) == 24
+    for (name, run), part in zip(runs.items(), (drawn[:12], drawn[12:])):
+        rows_72 = request_timeline(run.steps[:72])
+        assert part == [(r, "".join(rows_72[r])) for r in list(rows_72)[slots - 4 : slots + 8]], name
+    assert len(diffs(out)) == 1 and max(diffs(out)) < 1e-5

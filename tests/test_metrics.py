@@ -344,3 +344,108 @@ def test_measure_with_real_clock_has_consistent_structure() -> None:
 def test_benchmark_rejects_bad_configuration(warmup: Any, repeats: Any) -> None:
     with pytest.raises(ConfigurationError):
         PerformanceBenchmark(warmup=warmup, repeats=repeats)
+
+
+# --- latency in steps, and the run summary ------------------------------------------------
+
+
+def test_step_latencies_follow_their_definitions() -> None:
+    clock = FakeClock(100.0)
+    collector = MetricsCollector(enable_memory_profiling=False, clock=clock)
+    collector.start_request_tracking("a", total_tokens=9, step=3)  # arrives at step 3, t = 100
+    clock.t = 101.0
+    collector.record_request_scheduled("a", 4)  # waits one step
+    collector.record_request_scheduled("a", 6)  # only the first counts
+    clock.t = 102.5
+    collector.update_request_progress("a", prefill_tokens=5, decode_tokens=1, step=5)  # first token in step 5
+    collector.record_preemption("a")
+    clock.t = 104.0
+    collector.update_request_progress("a", decode_tokens=3, step=8)  # two tokens in one report: both step 8
+    clock.t = 110.5
+    collector.update_request_progress("a", decode_tokens=4, step=11)
+    request = collector.finish_request("a", step=11)
+    assert request.token_steps == [5, 8, 8, 11]
+    assert (request.arrival_step, request.first_scheduled_step, request.first_token_step, request.finish_step) == (
+        3, 4, 5, 11)
+    assert request.queueing_steps == 1  # 4 - 3
+    assert request.ttft_steps == 3  # 5 - 3 + 1: steps 3, 4 and 5
+    assert request.e2e_steps == 9  # 11 - 3 + 1
+    assert request.tpot_steps == 2.0  # (11 - 5) / (4 - 1)
+    assert (request.queueing_s, request.ttft_s, request.e2e_s, request.tpot_s) == (1.0, 2.5, 10.5, 8.0 / 3)
+    assert request.preemptions == 1
+
+
+def test_a_first_token_in_the_arrival_step_is_ttft_one_and_one_token_has_no_tpot() -> None:
+    collector = MetricsCollector(enable_memory_profiling=False)
+    collector.start_request_tracking("a", total_tokens=3, step=7)
+    collector.record_request_scheduled("a", 7)
+    collector.update_request_progress("a", prefill_tokens=2, decode_tokens=1, step=7)
+    request = collector.finish_request("a", step=7)
+    assert (request.queueing_steps, request.ttft_steps, request.e2e_steps) == (0, 1, 1)
+    assert request.tpot_steps is None and request.tpot_s is None
+    untimed = MetricsCollector(enable_memory_profiling=False)  # no steps given: step latencies are None
+    untimed.start_request_tracking("b", total_tokens=3)
+    untimed.update_request_progress("b", decode_tokens=2)
+    done = untimed.finish_request("b")
+    assert (done.queueing_steps, done.ttft_steps, done.e2e_steps, done.tpot_steps, done.token_steps) == (
+        None, None, None, None, [])
+
+
+def test_steps_before_arrival_and_bad_steps_are_rejected() -> None:
+    collector = MetricsCollector(enable_memory_profiling=False)
+    collector.start_request_tracking("a", total_tokens=3, step=5)
+    with pytest.raises(ValidationError, match="arrived at step 5; step 4"):
+        collector.record_request_scheduled("a", 4)
+    for bad in (-1, True, 2.0):
+        with pytest.raises(ValidationError, match="step must be an int"):
+            collector.update_request_progress("a", decode_tokens=1, step=bad)
+    with pytest.raises(ValidationError, match="'ghost'"):
+        collector.record_preemption("ghost")
+    with pytest.raises(ValidationError, match="kv_blocks_used"):
+        collector.record_step(**stats(kv_blocks_used=-1))
+
+
+def test_request_summary_percentiles_in_steps() -> None:
+    collector = MetricsCollector(enable_memory_profiling=False)
+    for i in range(1, 11):  # request i arrives at step 0 and gets its only token, and finishes, at step i - 1
+        collector.start_request_tracking(f"r{i}", total_tokens=2, step=0)
+        collector.record_request_scheduled(f"r{i}", i - 1)
+        collector.update_request_progress(f"r{i}", decode_tokens=1, step=i - 1)
+        collector.finish_request(f"r{i}", step=i - 1)
+    summary = collector.get_request_summary()
+    ttfts = list(range(1, 11))  # ttft = e2e = i, queueing = i - 1
+    assert summary["ttft_mean_steps"] == 5.5 and summary["e2e_p50_steps"] == 5.5
+    assert summary["ttft_p90_steps"] == pytest.approx(statistics.quantiles(ttfts, n=100, method="inclusive")[89])
+    assert summary["ttft_p90_steps"] == pytest.approx(9.1)  # inclusive: 1 + 0.90 * (10 - 1)
+    assert summary["ttft_p99_steps"] == pytest.approx(9.91)
+    assert summary["queueing_p50_steps"] == 4.5
+    assert summary["tpot_p50_steps"] is None  # every request made one token
+    assert summary["preemptions"] == 0
+    assert summary["percentile_method"] == "statistics.quantiles(n=100, method='inclusive')"
+
+
+def test_run_summary_from_known_steps_and_requests() -> None:
+    collector = MetricsCollector(enable_memory_profiling=False)
+    collector.record_step(**stats(step_id=0, decode_tokens=0, prefill_tokens=4, total_tokens=4, step_duration=0.5),
+                          kv_blocks_used=2, max_tokens_per_step=4)
+    collector.record_step(**stats(step_id=1, decode_tokens=2, prefill_tokens=1, total_tokens=3, step_duration=0.25,
+                                  preempted_requests=1, padding_tokens=1), kv_blocks_used=4, max_tokens_per_step=4)
+    collector.record_step(**stats(step_id=2, decode_tokens=0, prefill_tokens=0, total_tokens=0, step_duration=0.25,
+                                  status="no_active_requests"))  # idle: not a step that ran
+    collector.start_request_tracking("a", total_tokens=6, step=0)
+    collector.update_request_progress("a", decode_tokens=2, step=1)
+    collector.finish_request("a", step=1)
+    collector.start_request_tracking("open", total_tokens=6, step=1)
+    run = collector.get_run_summary(num_blocks=8)
+    assert (run["steps"], run["total_tokens"], run["decode_tokens"], run["prefill_tokens"]) == (2, 7, 2, 5)
+    assert run["tokens_per_step"] == 3.5 and run["tokens_per_s"] == 7.0  # 7 tokens in 1.0 s
+    assert (run["gen_tokens"], run["completed_requests"], run["requests_per_s"]) == (2, 1, 1.0)
+    assert (run["preemptions"], run["padding_tokens"]) == (1, 1)
+    assert run["kv_utilization"] == 0.375  # mean of 2/8 and 4/8
+    assert run["budget_utilization"] == 7 / 8
+    assert run["ttft_p50_steps"] == 2 and run["e2e_p99_steps"] == 2
+    assert collector.get_run_summary()["kv_utilization"] is None  # no pool size, no utilization
+    with pytest.raises(ValidationError, match="num_blocks"):
+        collector.get_run_summary(num_blocks=0)
+    empty = MetricsCollector(enable_memory_profiling=False).get_run_summary()
+    assert empty["steps"] == 0 and empty["tokens_per_step"] == 0.0 and empty["ttft_p50_steps"] is None

@@ -259,3 +259,90 @@ def test_compression_reports_what_a_shared_pool_really_stores(pool_dtype: torch.
     rows = sum(r.prompt_len + r.max_new_tokens - 1 for r in reqs if r.max_new_tokens)
     assert compression.report()["bytes_original"] == rows * 8 * 2 * 4
     assert compression.report()["bytes_stored"] == rows * 8 * 2 * per_value
+
+
+# --- MetricsPlugin: latency in steps, computed by hand --------------------------------------
+
+
+def run_hand_schedule() -> MetricsPlugin:
+    """Budget 4, chunk 4, decode first; A (prompt 6, 2 tokens) and B (3, 3) arrive at step 0, C (2, 2) at step 2.
+
+    The collector's clock reads the scheduler's step_id, so its "seconds" are steps too: an arrival
+    at step s reads s, a step's first schedule reads s (before_step), its tokens and finishes read
+    s + 1 (the commit has moved step_id on). Then every latency in seconds equals the one in steps.
+    """
+    from cb_lab.monitoring.metrics import MetricsCollector
+    from cb_lab.workload import run_workload
+
+    holder: list[Scheduler] = []
+    manager = PluginManager()
+    metrics = MetricsPlugin(MetricsCollector(enable_memory_profiling=False, clock=lambda: float(holder[0].step_id)))
+    manager.register_scheduler_plugin(metrics)
+    holder.append(Scheduler(make_model(8), 4, 4, plugins=manager))
+    arrivals = [(0, make_request("A", 6, 2, 8)), (0, make_request("B", 3, 3, 8)), (2, make_request("C", 2, 2, 8))]
+    history = run_workload(holder[0], arrivals)
+    assert [s["total_tokens"] for s in history] == [4, 4, 4, 2, 1]
+    return metrics
+
+
+def test_metrics_of_a_hand_computed_schedule() -> None:
+    # step 0: A[0:4] takes the whole budget; B waits (budget).            tokens 4
+    # step 1: A[4:6] -> A's token 1;  B admitted, B[0:2].                  tokens 4
+    # step 2: C arrives. decode A -> token 2 (A done); B[2:3] -> B's token 1;
+    #         C admitted, C[0:2] -> C's token 1.                           tokens 1 + 1 + 2 = 4
+    # step 3: decode B (token 2), C (token 2, C done).                     tokens 2
+    # step 4: decode B (token 3, B done).                                  tokens 1
+    # request  arrival  first sched  token steps  finish | queueing  ttft       e2e        tpot
+    # A        0        0            1, 2         2      | 0         1-0+1 = 2  2-0+1 = 3  (2-1)/1 = 1.0
+    # B        0        1            2, 3, 4      4      | 1         2-0+1 = 3  4-0+1 = 5  (4-2)/2 = 1.0
+    # C        2        2            2, 3         3      | 0         2-2+1 = 1  3-2+1 = 2  (3-2)/1 = 1.0
+    metrics = run_hand_schedule()
+    expected = {"A": (0, 2, 3, 1.0, [1, 2]), "B": (1, 3, 5, 1.0, [2, 3, 4]), "C": (0, 1, 2, 1.0, [2, 3])}
+    for req_id, (queueing, ttft, e2e, tpot, token_steps) in expected.items():
+        r = metrics.collector.requests[req_id]
+        assert (r.queueing_steps, r.ttft_steps, r.e2e_steps, r.tpot_steps, r.token_steps) == (
+            queueing, ttft, e2e, tpot, token_steps), req_id
+        assert (r.queueing_s, r.ttft_s, r.e2e_s, r.tpot_s) == (queueing, ttft, e2e, tpot), req_id
+        assert r.preemptions == 0
+    run = metrics.get_summary()["run"]
+    assert run["steps"] == 5
+    assert run["total_tokens"] == 15 and run["prefill_tokens"] == 6 + 3 + 2 and run["decode_tokens"] == 1 + 2 + 1
+    assert run["tokens_per_step"] == 3.0  # 15 tokens / 5 steps
+    assert run["gen_tokens"] == 7  # 2 + 3 + 2: 4 decode tokens + 3 first tokens from prefill
+    assert run["ttft_p50_steps"] == 2 and run["queueing_p50_steps"] == 0 and run["tpot_p50_steps"] == 1.0
+    # inclusive percentiles of [2, 3, 5]: p90 = 3 + 0.8 * (5 - 3), p99 = 3 + 0.98 * (5 - 3)
+    assert run["e2e_p99_steps"] == pytest.approx(4.96) and run["e2e_p90_steps"] == pytest.approx(4.6)
+    assert run["ttft_p99_steps"] == pytest.approx(2.98)  # of [1, 2, 3]
+    assert (run["preemptions"], run["padding_tokens"], run["kv_utilization"]) == (0, 0, None)
+    assert run["tokens_per_s"] > 0 and run["requests_per_s"] > 0  # real durations: only their sign is known
+
+
+def test_metrics_plugin_counts_preemptions_and_pool_occupancy() -> None:
+    # Two requests (prompt 2, 5 tokens; 3 blocks of 2 each at the end) on a shared pool of 4 blocks.
+    # Blocks in use after each step: 2, 4, 4, then r0's 5th row preempts r1 (frees 2, r0 takes 1): 3;
+    # r0 finishes: 0; r1 waits a step, then refills 5 rows (prompt + 3 tokens) in chunks 4 + 1: 2, 3;
+    # its last decode finishes it: 0. Utilization = (2+4+4+3+0+2+3+0) / 8 steps / 4 blocks = 0.5625.
+    manager = PluginManager()
+    metrics = MetricsPlugin()
+    manager.register_scheduler_plugin(metrics)
+    sched = Scheduler(make_model(8), 4, 4, plugins=manager)
+    pool = BlockPool(4, 2, 8)
+    for i in range(2):
+        sched.add_request(make_request(f"r{i}", 2, 5, 8, PagedKVCache(2, pool=pool)))
+    sched.run_until_complete()
+    assert [s.kv_blocks_used for s in metrics.collector.steps] == [2, 4, 4, 3, 0, 2, 3, 0]
+    r0, r1 = metrics.collector.requests["r0"], metrics.collector.requests["r1"]
+    assert (r0.token_steps, r0.preemptions, r0.tpot_steps) == ([0, 1, 2, 3, 4], 0, 1.0)
+    # r1: tokens 1-3 in steps 0-2, preempted in step 3, token 4 ends its refill in step 6, token 5 in step 7
+    assert (r1.token_steps, r1.preemptions, r1.tpot_steps, r1.e2e_steps) == ([0, 1, 2, 6, 7], 1, 1.75, 8)
+    summary = metrics.get_summary()
+    assert summary["requests"]["preemptions"] == summary["run"]["preemptions"] == 1
+    assert summary["run"]["kv_utilization"] == 0.5625 and metrics.num_blocks == 4
+
+
+def test_run_summary_has_the_keys_the_serving_layer_reads() -> None:
+    run = run_hand_schedule().get_summary()["run"]
+    for key in ("steps", "gen_tokens", "tokens_per_s", "tokens_per_step", "ttft_p50_steps", "ttft_p99_steps",
+                "tpot_p50_steps", "e2e_p99_steps", "preemptions", "padding_tokens", "kv_utilization",
+                "requests_per_s", "queueing_p50_steps"):
+        assert key in run, key

@@ -15,11 +15,13 @@ static          like decode_first, but admit only when nothing runs: a whole
 ==============  ==============================================================
 
 Limits: ``max_num_seqs`` running requests; KV blocks of shared pools (a request is
-admitted only when its pool can hold its whole prefill). A decode that cannot get a
-block preempts the lowest-priority running request (the latest admitted): vLLM's
-recompute preemption; the victim goes back to the head of the waiting queue. Every
-request that waits is listed in ``plan.skipped`` with the reason: ``budget``,
-``no_blocks``, ``max_num_seqs`` or ``batch_running``.
+admitted only when its pool can hold its whole prefill). A running request (decode or
+prefill chunk) that cannot get a block preempts the lowest-priority running request (the
+latest admitted): vLLM's recompute preemption; the victim goes back to the head of the
+waiting queue. No running request ever waits for blocks a later one holds, so a run
+finishes whenever each request alone fits its pool. Every request that waits is listed
+in ``plan.skipped`` with the reason: ``budget``, ``no_blocks``, ``max_num_seqs`` or
+``batch_running``.
 """
 
 from __future__ import annotations
@@ -132,12 +134,12 @@ class _StepPlanner:
 
     def schedule_prefills(self) -> None:
         for req in [r for r in self.running if r.in_prefill]:
+            if req not in self.running:
+                continue  # preempted to make room for an earlier one
             n = self.chunk_len(req)
             if n == 0:
                 self.skipped[req.req_id] = "budget"
-            elif not self.ledger.fits(req.kv_cache, n):
-                self.skipped[req.req_id] = "no_blocks"
-            else:
+            elif self.make_room(req, n):  # like a decode: a running prefill never waits on later requests
                 self.add_chunk(req, n)
 
     def add_chunk(self, req: Request, n: int) -> None:
@@ -175,7 +177,9 @@ def plan_step(
     """The plan of one step; reads ``running`` / ``waiting`` (priority order) and changes nothing."""
     p = _StepPlanner(config, running, turns)
     if config.force_preemption:
-        victims = [r for r in p.running if len(r.kv_cache) > 0]
+        # Only a decoding request: it made a token since its last preemption, so forcing one every
+        # step still lets every request finish (a request mid-prefill could be sent back forever).
+        victims = [r for r in p.running if r.in_decode]
         if victims:
             p.preempt(victims[-1])
     if config.policy == "prefill_first":

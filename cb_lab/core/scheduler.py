@@ -10,8 +10,8 @@ is spent in this order (``core/planner.py`` has the others):
 3. **admission**: waiting requests join, first come first served, while the budget,
    ``max_num_seqs`` and the KV blocks of a shared pool allow.
 
-A decode that finds no free block preempts the latest admitted request (vLLM's
-recompute preemption). Requests join between steps and leave the step they finish,
+A decode or prefill chunk that finds no free block preempts the latest admitted
+request (vLLM's recompute preemption). Requests join between steps and leave the step they finish,
 so the batch is re-formed every step: the "continuous" in continuous batching::
 
     plan   = self.schedule()            # pure: reads state, decides
@@ -160,6 +160,7 @@ class Scheduler:
         req.kv_cache.hooks = self.plugins.cache_plugins  # live: plugins registered later run too
         self.waiting.append(req)
         logger.debug("added %r", req)
+        self.plugins.on_request_added(req, self.step_id)
 
     def _check_it_can_finish(self, req: Request) -> None:
         rows = req.prompt_len + max(req.max_new_tokens - 1, 0)  # its longest prefill (after a preemption)

@@ -12,6 +12,20 @@ Continuous batching is judged by two kinds of numbers:
   method="inclusive")`` (the method is named in the summary, because different
   tools interpolate percentiles differently).
 
+**Latency in steps.** Seconds depend on the machine; steps do not. A request that arrives
+at step ``a`` (it was added while ``scheduler.step_id == a``), is first scheduled (runs a
+prefill chunk or a decode) in step ``q``, gets its first token in step ``f``, its ``n``-th
+and last in step ``e``, and finishes in step ``e``, has::
+
+    queueing_steps = q - a                  # steps it waited before running a single token
+    ttft_steps     = f - a + 1              # arrives at s, first token in s: TTFT 1 (one step)
+    e2e_steps      = e - a + 1              # steps from arrival to its last token, both counted
+    tpot_steps     = (e - f) / (n - 1)      # time per output token after the first (n >= 2, else None)
+
+The same four in seconds (``queueing_s``, ``ttft_s``, ``e2e_s``, ``tpot_s``) use the times the
+collector's clock gave at those events (arrival: ``start_request_tracking``; first scheduled:
+``record_request_scheduled``; tokens: ``update_request_progress``; finish: ``finish_request``).
+
 Times come from ``time.perf_counter()`` (monotonic, high resolution; wall-clock time
 can jump). Speed is only comparable as a ratio measured in one run on one machine:
 :class:`PerformanceBenchmark` times callables side by side for exactly that.
@@ -24,8 +38,8 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from cb_lab.exceptions import ConfigurationError, ValidationError
 from cb_lab.monitoring.memory_profiler import Reader, make_memory_reader
@@ -36,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 STEP_STATUSES = ("completed", "no_active_requests")
 PERCENTILE_METHOD = "statistics.quantiles(n=100, method='inclusive')"
+_Num = TypeVar("_Num", int, float)
 
 
 def _check_int(name: str, value: object, minimum: int = 0, error: type[Exception] = ValidationError) -> int:
@@ -58,6 +73,22 @@ def _percentile(data: list[float], percent: int) -> float:
     return statistics.quantiles(data, n=100, method="inclusive")[percent - 1]
 
 
+def _minus(end: _Num | None, start: _Num | None) -> _Num | None:
+    return None if end is None or start is None else end - start
+
+
+def _distribution(name: str, unit: str, data: list[float]) -> dict[str, float | None]:
+    """``{name}_{mean,p50,p90,p99}_{unit}``; every value None when ``data`` is empty."""
+    keys = [f"{name}_{stat}_{unit}" for stat in ("mean", "p50", "p90", "p99")]
+    if not data:
+        return dict.fromkeys(keys)
+    return dict(zip(keys, [statistics.fmean(data), *(_percentile(data, p) for p in (50, 90, 99))]))
+
+
+# The per-request latencies the summaries report, each in steps and in seconds.
+LATENCIES = ("queueing", "ttft", "tpot", "e2e")
+
+
 @dataclass(slots=True)
 class StepMetrics:
     """One scheduler step. ``memory_mb`` is the process RSS, or None when profiling is off."""
@@ -75,6 +106,8 @@ class StepMetrics:
     waiting_requests: int = 0  # admitted nowhere yet (serving simulation)
     preempted_requests: int = 0  # preempted in this step
     padding_tokens: int = 0  # static batching: batch slots held by finished requests
+    kv_blocks_used: int | None = None  # blocks in use in the shared KV pool after the step (None: no shared pool)
+    max_tokens_per_step: int | None = None  # the step's token budget, when the stats carry it
 
 
 @dataclass(slots=True)
@@ -88,6 +121,14 @@ class RequestMetrics:
     decode_tokens: int = 0
     first_token_time: float | None = None
     end_time: float | None = None
+    # Steps (the module docstring defines the latencies built from them); None when not reported.
+    arrival_step: int | None = None
+    first_scheduled_step: int | None = None
+    first_token_step: int | None = None
+    finish_step: int | None = None
+    token_steps: list[int] = field(default_factory=list)  # the step of each generated token
+    preemptions: int = 0
+    first_scheduled_time: float | None = None
 
     @property
     def latency(self) -> float | None:
@@ -101,6 +142,44 @@ class RequestMetrics:
     @property
     def is_finished(self) -> bool:
         return self.end_time is not None
+
+    @property
+    def queueing_steps(self) -> int | None:
+        return _minus(self.first_scheduled_step, self.arrival_step)
+
+    @property
+    def ttft_steps(self) -> int | None:
+        gap = _minus(self.first_token_step, self.arrival_step)
+        return None if gap is None else gap + 1
+
+    @property
+    def e2e_steps(self) -> int | None:
+        gap = _minus(self.finish_step, self.arrival_step)
+        return None if gap is None else gap + 1
+
+    @property
+    def tpot_steps(self) -> float | None:
+        return self._per_token(_minus(self.finish_step, self.first_token_step))
+
+    @property
+    def queueing_s(self) -> float | None:
+        return _minus(self.first_scheduled_time, self.start_time)
+
+    @property
+    def ttft_s(self) -> float | None:
+        return self.time_to_first_token
+
+    @property
+    def e2e_s(self) -> float | None:
+        return self.latency
+
+    @property
+    def tpot_s(self) -> float | None:
+        return self._per_token(_minus(self.end_time, self.first_token_time))
+
+    def _per_token(self, span: float | None) -> float | None:
+        # n tokens leave n - 1 gaps after the first one.
+        return None if span is None or self.decode_tokens < 2 else span / (self.decode_tokens - 1)
 
 
 class MetricsCollector:
@@ -121,10 +200,13 @@ class MetricsCollector:
         self, step_id: int, decode_tokens: int, prefill_tokens: int, active_requests: int, finished_requests: int,
         step_duration: float, status: str = "completed", total_tokens: int | None = None,
         waiting_requests: int = 0, preempted_requests: int = 0, padding_tokens: int = 0,
+        kv_blocks_used: int | None = None, max_tokens_per_step: int | None = None,
     ) -> StepMetrics:
         """Validate and store one step; accepts ``**stats`` from ``Scheduler.step()`` as is.
 
         ``timestamp`` is when the step is *recorded*; ``step_duration`` is what the scheduler measured.
+        ``kv_blocks_used`` (blocks in use in the shared pool after the step) and ``max_tokens_per_step``
+        (the step's budget) are optional: the scheduler's stats do not carry the pool, a plugin adds it.
         """
         counts = {"step_id": step_id, "decode_tokens": decode_tokens, "prefill_tokens": prefill_tokens,
                   "active_requests": active_requests, "finished_requests": finished_requests,
@@ -132,6 +214,10 @@ class MetricsCollector:
                   "padding_tokens": padding_tokens}
         for name, value in counts.items():
             _check_int(name, value)
+        if kv_blocks_used is not None:
+            _check_int("kv_blocks_used", kv_blocks_used)
+        if max_tokens_per_step is not None:
+            _check_int("max_tokens_per_step", max_tokens_per_step, 1)
         duration = _check_duration(step_duration)
         if status not in STEP_STATUSES:
             raise ValidationError(f"status must be one of {STEP_STATUSES}, got {status!r}")
@@ -145,7 +231,7 @@ class MetricsCollector:
         step = StepMetrics(
             step_id, decode_tokens, prefill_tokens, expected, active_requests,
             finished_requests, duration, status, self._clock(), memory_mb,
-            waiting_requests, preempted_requests, padding_tokens,
+            waiting_requests, preempted_requests, padding_tokens, kv_blocks_used, max_tokens_per_step,
         )
         self.steps.append(step)
         logger.debug("step %d: %d tokens in %.6f s (%s)", step_id, expected, duration, status)
@@ -173,13 +259,16 @@ class MetricsCollector:
             "total_padding_tokens": sum(s.padding_tokens for s in self.steps),
         }
 
-    def start_request_tracking(self, req_id: str, total_tokens: int) -> None:
+    def start_request_tracking(self, req_id: str, total_tokens: int, *, step: int | None = None) -> None:
+        """Start the request's clock; ``step``: the step it arrives at (added while ``step_id == step``)."""
         if req_id in self.requests:
             raise ValidationError(f"request {req_id!r} is already tracked; request ids must be unique")
         _check_int("total_tokens", total_tokens)
-        self.requests[req_id] = RequestMetrics(req_id, total_tokens, self._clock())
+        if step is not None:
+            _check_int("step", step)
+        self.requests[req_id] = RequestMetrics(req_id, total_tokens, self._clock(), arrival_step=step)
 
-    def _get_open(self, req_id: str) -> RequestMetrics:
+    def _get_open(self, req_id: str, step: int | None = None) -> RequestMetrics:
         if req_id not in self.requests:
             raise ValidationError(
                 f"unknown request id {req_id!r}: call start_request_tracking({req_id!r}, total_tokens) first"
@@ -187,31 +276,59 @@ class MetricsCollector:
         request = self.requests[req_id]
         if request.is_finished:
             raise ValidationError(f"request {req_id!r} is already finished")
+        if step is not None and _check_int("step", step) < (request.arrival_step or 0):
+            raise ValidationError(f"request {req_id!r} arrived at step {request.arrival_step}; step {step} is earlier")
         return request
 
+    def record_request_scheduled(self, req_id: str, step: int) -> None:
+        """The request runs a token (prefill chunk or decode) in ``step``; only the first call counts."""
+        request = self._get_open(req_id, _check_int("step", step))
+        if request.first_scheduled_step is None:
+            request.first_scheduled_step = step
+            request.first_scheduled_time = self._clock()
+
+    def record_preemption(self, req_id: str) -> None:
+        """The request lost its KV cache and went back to the waiting queue."""
+        self._get_open(req_id).preemptions += 1
+
     def update_request_progress(
-        self, req_id: str, prefill_tokens: int | None = None, decode_tokens: int | None = None
+        self, req_id: str, prefill_tokens: int | None = None, decode_tokens: int | None = None,
+        *, step: int | None = None,
     ) -> None:
-        """Set absolute token counts; the first update with a decode token stamps TTFT."""
-        request = self._get_open(req_id)
+        """Set absolute token counts; the first update with a decode token stamps TTFT.
+
+        ``decode_tokens`` counts every generated token (the first one comes from prefill). With
+        ``step`` (the step that produced them), each new token is stamped with it in ``token_steps``;
+        give ``step`` on every update or on none.
+        """
+        request = self._get_open(req_id, step)
         if prefill_tokens is not None:
             request.prefill_tokens = _check_int("prefill_tokens", prefill_tokens)
         if decode_tokens is not None:
             request.decode_tokens = _check_int("decode_tokens", decode_tokens)
             if decode_tokens >= 1 and request.first_token_time is None:
                 request.first_token_time = self._clock()
+            if step is not None and decode_tokens > len(request.token_steps):
+                request.token_steps.extend([step] * (decode_tokens - len(request.token_steps)))
+                if request.first_token_step is None:
+                    request.first_token_step = step
 
-    def finish_request(self, req_id: str) -> RequestMetrics:
-        request = self._get_open(req_id)
+    def finish_request(self, req_id: str, *, step: int | None = None) -> RequestMetrics:
+        request = self._get_open(req_id, step)
         request.end_time = self._clock()
+        request.finish_step = step
         return request
 
     def get_request_summary(self) -> dict[str, Any]:
-        """Counts, mean/p50/p99 latency and mean TTFT over completed requests (None if none)."""
+        """Counts, latency percentiles over completed requests (None if none), and preemptions.
+
+        For each of ``queueing, ttft, tpot, e2e`` (defined in the module docstring) in ``steps``
+        and in seconds (``s``): ``{name}_{mean,p50,p90,p99}_{unit}``, e.g. ``ttft_p99_steps``.
+        """
         done = [r for r in self.requests.values() if r.is_finished]
         latencies = [r.latency for r in done if r.latency is not None]
         ttfts = [r.time_to_first_token for r in done if r.time_to_first_token is not None]
-        return {
+        summary: dict[str, Any] = {
             "total_requests": len(self.requests),
             "completed_requests": len(done),
             "in_flight_requests": len(self.requests) - len(done),
@@ -219,8 +336,64 @@ class MetricsCollector:
             "p50_latency_s": _percentile(latencies, 50) if latencies else None,
             "p99_latency_s": _percentile(latencies, 99) if latencies else None,
             "mean_ttft_s": statistics.fmean(ttfts) if ttfts else None,
-            "percentile_method": PERCENTILE_METHOD,
+            "preemptions": sum(r.preemptions for r in self.requests.values()),
         }
+        for name in LATENCIES:
+            for unit in ("steps", "s"):
+                values = [getattr(r, f"{name}_{unit}") for r in done]
+                summary.update(_distribution(name, unit, [float(v) for v in values if v is not None]))
+        summary["percentile_method"] = PERCENTILE_METHOD
+        return summary
+
+    def get_run_summary(self, num_blocks: int | None = None) -> dict[str, Any]:
+        """One table for a whole run: throughput from the steps, latency from the requests.
+
+        ``steps`` counts the steps that ran (status ``completed``; idle ones do not advance
+        ``step_id``). ``tokens_per_s`` and ``requests_per_s`` divide by the summed step
+        durations. ``gen_tokens``: tokens generated by completed requests (decode tokens
+        plus each prefill's first token). ``budget_utilization``: tokens over the summed
+        budgets (None unless every step carries ``max_tokens_per_step``). ``kv_utilization``:
+        the mean over steps of ``kv_blocks_used / num_blocks`` (None without ``num_blocks``
+        or without per-step pool occupancy). Latency keys as in :meth:`get_request_summary`.
+        """
+        if num_blocks is not None:
+            _check_int("num_blocks", num_blocks, 1)
+        ran = [s for s in self.steps if s.status == "completed"]
+        total_time = math.fsum(s.step_duration for s in self.steps)
+        decode = sum(s.decode_tokens for s in ran)
+        prefill = sum(s.prefill_tokens for s in ran)
+        done = [r for r in self.requests.values() if r.is_finished]
+        gen_tokens = sum(r.decode_tokens for r in done)
+        budgets = [s.max_tokens_per_step for s in ran]
+        occupancy = [s.kv_blocks_used / num_blocks for s in ran if s.kv_blocks_used is not None and num_blocks]
+
+        def per_s(x: int) -> float:
+            return x / total_time if total_time > 0 else 0.0
+
+        run: dict[str, Any] = {
+            "steps": len(ran),
+            "total_tokens": decode + prefill,
+            "decode_tokens": decode,
+            "prefill_tokens": prefill,
+            "tokens_per_step": (decode + prefill) / len(ran) if ran else 0.0,
+            "tokens_per_s": per_s(decode + prefill),
+            "gen_tokens": gen_tokens,
+            "gen_tokens_per_s": per_s(gen_tokens),
+            "completed_requests": len(done),
+            "requests_per_s": per_s(len(done)),
+            "total_time_s": total_time,
+            "preemptions": sum(s.preempted_requests for s in self.steps),
+            "padding_tokens": sum(s.padding_tokens for s in self.steps),
+            "budget_utilization": (
+                (decode + prefill) / sum(b for b in budgets if b is not None)
+                if ran and None not in budgets else None
+            ),
+            "kv_utilization": statistics.fmean(occupancy) if occupancy else None,
+        }
+        requests = self.get_request_summary()
+        run.update({key: value for key, value in requests.items() if key.startswith(LATENCIES)})
+        run["percentile_method"] = PERCENTILE_METHOD
+        return run
 
     def reset(self) -> None:
         self.steps.clear()

@@ -2,15 +2,12 @@
 
 Three kinds, each called from one place:
 
-===================  ===========================================  =====================
-kind                 hooks                                        called by
-===================  ===========================================  =====================
-SchedulerPlugin      ``before_step(plan)``, ``after_step(stats)``, ``Scheduler.step`` and
-                     ``on_request_completion(request)``           its commit
-AttentionPlugin      ``on_attention(phase, weights)``             TinyLLM's attention
-CachePlugin          ``before_append(cache, k, v) -> (k, v)``,    ``BaseKVCache.append``
-                     ``after_append(cache, num_rows)``
-===================  ===========================================  =====================
+- ``SchedulerPlugin``: ``on_request_added(request, step_id)`` (from ``Scheduler.add_request``),
+  ``before_step(plan)``, ``after_step(stats)`` and ``on_request_completion(request)``
+  (from ``Scheduler.step`` and its commit);
+- ``AttentionPlugin``: ``on_attention(phase, weights)`` (from TinyLLM's attention);
+- ``CachePlugin``: ``before_append(cache, k, v) -> (k, v)`` and ``after_append(cache, num_rows)``
+  (from ``BaseKVCache.append`` / ``append_batch``).
 
 Give the manager to ``Scheduler(model, plugins=manager)``; it wires all three kinds.
 Hooks run in registration order, and an exception from a hook propagates (nothing
@@ -62,6 +59,9 @@ class Plugin:
 
 class SchedulerPlugin(Plugin):
     """Observes scheduler steps. Override the hooks you need; the defaults do nothing."""
+
+    def on_request_added(self, request: Request, step_id: int) -> None:
+        """Called when a request joins the waiting queue, before step ``step_id`` runs."""
 
     def before_step(self, plan: StepPlan) -> None:
         """Called with the step's plan, before anything is computed or written."""
@@ -145,6 +145,10 @@ class PluginManager:
         }
 
     # Fan-out used by the Scheduler.
+    def on_request_added(self, request: Request, step_id: int) -> None:
+        for plugin in self.scheduler_plugins:
+            plugin.on_request_added(request, step_id)
+
     def before_step(self, plan: StepPlan) -> None:
         for plugin in self.scheduler_plugins:
             plugin.before_step(plan)

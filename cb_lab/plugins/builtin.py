@@ -21,11 +21,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from cb_lab.core.kv_cache import PagedKVCache
 from cb_lab.exceptions import ConfigurationError, ValidationError
 from cb_lab.monitoring.metrics import MetricsCollector
 from cb_lab.plugins.base import AttentionPlugin, CachePlugin, SchedulerPlugin
 
 if TYPE_CHECKING:
+    from cb_lab.core.block_pool import BlockPool
     from cb_lab.core.kv_cache import BaseKVCache
     from cb_lab.core.plan import StepPlan
     from cb_lab.core.request import Request
@@ -75,42 +77,72 @@ class LoggingPlugin(SchedulerPlugin):
 class MetricsPlugin(SchedulerPlugin):
     """Records every step and every request in ``self.collector`` (a MetricsCollector).
 
-    A request is tracked from the first step that schedules it; progress counts are
-    its ``prefill_pos`` and number of generated tokens after each step.
+    A request is tracked from its arrival (``on_request_added``: its arrival step); it is
+    first scheduled in the first plan that runs one of its tokens; its progress counts
+    (``prefill_pos``, generated tokens) are reported after each step with that step's id,
+    so latencies come out in steps as well as seconds. When requests share a ``BlockPool``,
+    each step also records how many of its blocks are in use (``kv_utilization``).
     """
 
     def __init__(self, collector: MetricsCollector | None = None) -> None:
         self.collector = collector if collector is not None else MetricsCollector()
+        self._plan: StepPlan | None = None
         self._in_step: list[Request] = []
+        self._pools: dict[int, BlockPool] = {}  # the shared pools of the requests seen, by id
+
+    def _track(self, req: Request, step: int | None = None) -> None:
+        if req.req_id not in self.collector.requests:
+            self.collector.start_request_tracking(req.req_id, req.prompt_len + req.max_new_tokens, step=step)
+        cache = req.kv_cache
+        if isinstance(cache, PagedKVCache) and cache.shares_pool and cache.pool is not None:
+            self._pools.setdefault(id(cache.pool), cache.pool)
+
+    def on_request_added(self, request: Request, step_id: int) -> None:
+        self._track(request, step_id)
 
     def before_step(self, plan: StepPlan) -> None:
+        self._plan = plan
         self._in_step = [*plan.decode, *(chunk.request for chunk in plan.prefill)]
         for req in self._in_step:
-            self._track(req)
+            self._track(req)  # only a request added before this plugin was registered is new here
+            self.collector.record_request_scheduled(req.req_id, plan.step_id)  # only the first counts
 
-    def _track(self, req: Request) -> None:
-        if req.req_id not in self.collector.requests:
-            self.collector.start_request_tracking(req.req_id, req.prompt_len + req.max_new_tokens)
-
-    def _update(self, req: Request) -> None:
+    def _update(self, req: Request, step: int | None) -> None:
         self.collector.update_request_progress(
-            req.req_id, prefill_tokens=req.prefill_pos, decode_tokens=len(req.generated_tokens)
+            req.req_id, prefill_tokens=req.prefill_pos, decode_tokens=len(req.generated_tokens), step=step
         )
 
     def on_request_completion(self, request: Request) -> None:
-        self._track(request)  # a zero-token request is never scheduled, only completed
-        self._update(request)
-        self.collector.finish_request(request.req_id)
+        step = self._plan.step_id if self._plan is not None else None
+        self._track(request)
+        self._update(request, step)
+        self.collector.finish_request(request.req_id, step=step)
 
     def after_step(self, stats: dict[str, Any]) -> None:
-        self.collector.record_step(**stats)
+        # Preemptions are counted here, once the step has committed (a step that fails is planned again).
+        if self._plan is not None:
+            for req in self._plan.preempted:
+                self.collector.record_preemption(req.req_id)
+        pools = self._pools.values()
+        used = sum(pool.num_used_blocks for pool in pools) if pools else None
+        self.collector.record_step(**stats, kv_blocks_used=used)
         for req in self._in_step:
             if not req.finished:
-                self._update(req)
-        self._in_step = []
+                self._update(req, stats["step_id"])
+        self._plan, self._in_step = None, []
+
+    @property
+    def num_blocks(self) -> int | None:
+        """Blocks of the shared pool(s) the requests use; None when none does."""
+        return sum(pool.num_blocks for pool in self._pools.values()) if self._pools else None
 
     def get_summary(self) -> dict[str, dict[str, Any]]:
-        return {"steps": self.collector.get_step_summary(), "requests": self.collector.get_request_summary()}
+        """``steps`` and ``requests`` (the collector's summaries) and ``run``: the run summary."""
+        return {
+            "steps": self.collector.get_step_summary(),
+            "requests": self.collector.get_request_summary(),
+            "run": self.collector.get_run_summary(self.num_blocks),
+        }
 
 
 # Storage types by bytes per value relative to float32: precision traded for memory.

@@ -1,0 +1,214 @@
+"""The per-step trace as data: what every step ran, who waited, who was preempted, and why.
+
+:class:`TracePlugin` records one :class:`StepTrace` per completed step, from the scheduler
+hooks alone (it never reads the scheduler object). Everything else is derived from
+``plugin.steps``: the per-request timeline below, the pictures in :mod:`cb_lab.viz`, and
+JSON files that reload as equal objects::
+
+    trace = TracePlugin()
+    manager.register_scheduler_plugin(trace)
+    ...run...
+    trace.request_timeline()["r001"]   # ['.', '.', 'P', 'P', 'D', 'x', '.', 'P', 'D', ' ']
+
+Timeline characters, one per step: ``' '`` not arrived yet (or finished), ``'.'`` waiting,
+``'P'`` ran a prefill chunk, ``'D'`` ran a decode, ``'-'`` running but skipped this step,
+``'x'`` preempted in this step (its K/V is gone; it waits again from the next step).
+
+Idle steps (nothing active) call no hook and do not advance ``step_id``: they leave no trace.
+``Scheduler.abort`` calls no hook either: an aborted request stays in the trace's queues.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cb_lab.core.kv_cache import PagedKVCache
+from cb_lab.exceptions import ValidationError
+from cb_lab.plugins.base import SchedulerPlugin
+
+if TYPE_CHECKING:
+    from cb_lab.core.block_pool import BlockPool
+    from cb_lab.core.plan import StepPlan
+    from cb_lab.core.request import Request
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TIMELINE_CHARS", "StepTrace", "TracePlugin", "load_trace", "request_timeline"]
+
+TIMELINE_CHARS = {" ": "not arrived / finished", ".": "waiting", "P": "prefill chunk", "D": "decode",
+                  "-": "running, skipped", "x": "preempted"}
+_FORMAT = "cb_lab.trace/1"
+
+
+@dataclass(frozen=True, slots=True)
+class StepTrace:
+    """One step. Queues and block tables are as they are *after* the step."""
+
+    step_id: int
+    budget: int | None  # max_tokens_per_step (None when neither the stats nor TracePlugin(budget=) give it)
+    decode: tuple[str, ...]
+    prefill: tuple[tuple[str, int, int], ...]  # (req_id, start, length)
+    admitted: tuple[str, ...]
+    preempted: tuple[str, ...]
+    finished: tuple[str, ...]
+    skipped: tuple[tuple[str, str], ...]  # (req_id, reason: budget, no_blocks, max_num_seqs, batch_running)
+    waiting: tuple[str, ...]  # queue order: the head is admitted first
+    running: tuple[str, ...]  # admission order: the last is preempted first
+    block_tables: tuple[tuple[str, tuple[int, ...]], ...]  # paged caches of the requests that ran
+    pool_used_blocks: int | None  # of the shared pool(s); None when no request uses one
+    pool_num_blocks: int | None
+    padding_tokens: int  # static batching: slots of finished requests in a running batch
+    duration_s: float
+    arrived: tuple[str, ...] = ()  # added while step_id == this step (before it ran)
+
+    @property
+    def decode_tokens(self) -> int:
+        return len(self.decode)
+
+    @property
+    def prefill_tokens(self) -> int:
+        return sum(length for _, _, length in self.prefill)
+
+    @property
+    def tokens_used(self) -> int:
+        return self.decode_tokens + self.prefill_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StepTrace:
+        """Inverse of :meth:`to_dict`, also after a JSON round trip (lists back to tuples)."""
+        return cls(
+            step_id=data["step_id"], budget=data["budget"], decode=tuple(data["decode"]),
+            prefill=tuple((r, s, n) for r, s, n in data["prefill"]), admitted=tuple(data["admitted"]),
+            preempted=tuple(data["preempted"]), finished=tuple(data["finished"]),
+            skipped=tuple((r, why) for r, why in data["skipped"]), waiting=tuple(data["waiting"]),
+            running=tuple(data["running"]),
+            block_tables=tuple((r, tuple(table)) for r, table in data["block_tables"]),
+            pool_used_blocks=data["pool_used_blocks"], pool_num_blocks=data["pool_num_blocks"],
+            padding_tokens=data["padding_tokens"], duration_s=data["duration_s"], arrived=tuple(data["arrived"]),
+        )
+
+
+def request_timeline(steps: Sequence[StepTrace]) -> dict[str, list[str]]:
+    """One character per step for every request in the trace (first arrival first)."""
+    order: dict[str, None] = {}
+    for s in steps:
+        order.update(dict.fromkeys((*s.arrived, *s.waiting, *s.running, *s.preempted, *s.finished)))
+    rows: dict[str, list[str]] = {req_id: [] for req_id in order}
+    for s in steps:
+        marks = {req_id: "." for req_id in (*s.waiting, *s.finished)}  # a zero-token request finishes waiting
+        marks.update(dict.fromkeys(s.running, "-"))
+        marks.update(dict.fromkeys(s.decode, "D"))
+        marks.update({req_id: "P" for req_id, _, _ in s.prefill})
+        marks.update(dict.fromkeys(s.preempted, "x"))
+        for req_id, row in rows.items():
+            row.append(marks.get(req_id, " "))
+    return rows
+
+
+def load_trace(path: str | Path) -> list[StepTrace]:
+    """Read a file written by :meth:`TracePlugin.to_json`."""
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict) or data.get("format") != _FORMAT:
+        raise ValidationError(f"{path} is not a cb-lab trace (format {_FORMAT!r}); write one with TracePlugin.to_json")
+    return [StepTrace.from_dict(step) for step in data["steps"]]
+
+
+class TracePlugin(SchedulerPlugin):
+    """Records a :class:`StepTrace` per step in ``self.steps``.
+
+    The waiting and running queues are rebuilt from the events (added, admitted,
+    preempted, finished) exactly as the scheduler's commit changes them. ``budget`` is
+    used when the step stats carry no ``max_tokens_per_step``.
+    """
+
+    def __init__(self, budget: int | None = None) -> None:
+        self.budget = budget
+        self.steps: list[StepTrace] = []
+        self._waiting: list[str] = []
+        self._running: list[str] = []
+        self._arrived: list[str] = []
+        self._pools: dict[int, BlockPool] = {}  # shared pools of the requests seen, by id
+        self._plan: StepPlan | None = None
+        self._finished: list[str] = []
+
+    def _watch_pool(self, request: Request) -> None:
+        cache = request.kv_cache
+        if isinstance(cache, PagedKVCache) and cache.shares_pool and cache.pool is not None:
+            self._pools.setdefault(id(cache.pool), cache.pool)
+
+    def on_request_added(self, request: Request, step_id: int) -> None:
+        self._waiting.append(request.req_id)
+        self._arrived.append(request.req_id)
+        self._watch_pool(request)
+
+    def before_step(self, plan: StepPlan) -> None:
+        self._plan, self._finished = plan, []  # a step that failed in compute is simply planned again
+
+    def on_request_completion(self, request: Request) -> None:
+        self._finished.append(request.req_id)
+
+    def after_step(self, stats: dict[str, Any]) -> None:
+        plan = self._plan
+        assert plan is not None and plan.step_id == stats["step_id"], "after_step without its before_step"
+        for req in plan.preempted:  # the same order as Scheduler.commit
+            self._running.remove(req.req_id)
+            self._waiting.insert(0, req.req_id)
+        for req in plan.admitted:
+            self._waiting.remove(req.req_id)
+            self._running.append(req.req_id)
+        done = set(self._finished)
+        self._waiting = [r for r in self._waiting if r not in done]
+        self._running = [r for r in self._running if r not in done]
+        ran = [*plan.decode, *(chunk.request for chunk in plan.prefill)]
+        for req in ran:
+            self._watch_pool(req)
+        pools = list(self._pools.values())
+        self.steps.append(StepTrace(
+            step_id=plan.step_id,
+            budget=stats.get("max_tokens_per_step", self.budget),
+            decode=tuple(r.req_id for r in plan.decode),
+            prefill=tuple((c.request.req_id, c.start, c.length) for c in plan.prefill),
+            admitted=tuple(r.req_id for r in plan.admitted),
+            preempted=tuple(r.req_id for r in plan.preempted),
+            finished=tuple(self._finished),
+            skipped=plan.skipped,
+            waiting=tuple(self._waiting),
+            running=tuple(self._running),
+            block_tables=tuple(
+                (r.req_id, tuple(r.kv_cache.block_table)) for r in ran if isinstance(r.kv_cache, PagedKVCache)
+            ),
+            pool_used_blocks=sum(p.num_used_blocks for p in pools) if pools else None,
+            pool_num_blocks=sum(p.num_blocks for p in pools) if pools else None,
+            padding_tokens=stats.get("padding_tokens", 0),
+            duration_s=stats["step_duration"],
+            arrived=tuple(self._arrived),
+        ))
+        self._plan, self._finished, self._arrived = None, [], []
+
+    def request_timeline(self) -> dict[str, list[str]]:
+        """Per request, one character per recorded step (see the module docstring)."""
+        return request_timeline(self.steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": _FORMAT, "steps": [s.to_dict() for s in self.steps]}
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """The trace as JSON text; also written to ``path`` when given."""
+        text = json.dumps(self.to_dict())
+        if path is not None:
+            Path(path).write_text(text)
+            logger.info("wrote a %d-step trace to %s", len(self.steps), path)
+        return text
+
+    @staticmethod
+    def load_json(path: str | Path) -> list[StepTrace]:
+        """The steps of a trace file; equal to the ``steps`` that wrote it."""
+        return load_trace(path)

@@ -1,0 +1,179 @@
+"""Pictures of a run, drawn from its trace (``TracePlugin().steps``): ASCII strings and PNGs.
+
+Three views of the same steps, each one idea of continuous batching:
+
+- :func:`timeline`: one row per request, one column per step. Requests wait (``.``),
+  prefill (``P``) and decode (``D``) side by side; preemption (``x``) sends one back.
+- :func:`batch_composition`: one row per step, one character per token of the budget:
+  ``D`` decode, ``P`` prefill, ``#`` padding (static batching), ``.`` unused budget.
+- :func:`pool_occupancy`: one row per step, a bar of the shared KV pool's used blocks.
+
+The functions return strings and print nothing; :func:`save_pngs` draws the same three
+with matplotlib when it is installed (``pip install cb-lab[viz]``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cb_lab.monitoring.trace import TIMELINE_CHARS, StepTrace, request_timeline
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["batch_composition", "pool_occupancy", "save_pngs", "timeline"]
+
+_NO_STEPS = "(no steps recorded)"
+
+
+def _ruler(step_ids: Sequence[int]) -> tuple[str, str]:
+    """The tens digit where a decade starts, and every step's units digit."""
+    tens = "".join(str(s // 10 % 10) if s % 10 == 0 else " " for s in step_ids)
+    return tens, "".join(str(s % 10) for s in step_ids)
+
+
+def timeline(trace_steps: Sequence[StepTrace]) -> str:
+    """One row per request, one character per step (``request_timeline``), under a step ruler."""
+    if not trace_steps:
+        return _NO_STEPS
+    rows = request_timeline(trace_steps)
+    width = max([len("step"), *map(len, rows)])
+    legend = "  ".join(f"{c!r} {meaning}" for c, meaning in TIMELINE_CHARS.items())
+    tens, units = _ruler([s.step_id for s in trace_steps])
+    lines = [f"timeline: {legend}", f"{'step':<{width}}  {tens}".rstrip(), f"{'':<{width}}  {units}"]
+    lines += [f"{req_id:<{width}} |{''.join(chars)}|" for req_id, chars in rows.items()]
+    return "\n".join(lines)
+
+
+def batch_composition(trace_steps: Sequence[StepTrace]) -> str:
+    """Per step, the budget's tokens: ``D`` decode, ``P`` prefill, ``#`` padding, ``.`` unused.
+
+    Without a known budget (``StepTrace.budget`` is None) no ``.`` is drawn.
+    """
+    if not trace_steps:
+        return _NO_STEPS
+    width = len(str(trace_steps[-1].step_id))
+    lines = ["batch composition: D decode  P prefill  # padding (static batching)  . unused budget"]
+    for s in trace_steps:
+        used = s.tokens_used + s.padding_tokens
+        unused = max(s.budget - used, 0) if s.budget is not None else 0
+        bar = "D" * s.decode_tokens + "P" * s.prefill_tokens + "#" * s.padding_tokens + "." * unused
+        budget = "?" if s.budget is None else str(s.budget)
+        pad = f" +{s.padding_tokens} padding" if s.padding_tokens else ""
+        lines.append(f"step {s.step_id:>{width}} |{bar}| {s.tokens_used}/{budget}{pad}")
+    return "\n".join(lines)
+
+
+def pool_occupancy(trace_steps: Sequence[StepTrace], width: int = 40) -> str:
+    """Per step, a bar of used (``#``) and free (``.``) blocks of the shared KV pool.
+
+    One character per block when the pool has at most ``width`` blocks, else scaled to ``width``.
+    """
+    if not trace_steps:
+        return _NO_STEPS
+    if all(s.pool_num_blocks is None for s in trace_steps):
+        return "KV pool occupancy: no shared block pool in this run (dense or private paged caches)"
+    digits = len(str(trace_steps[-1].step_id))
+    lines = ["KV pool occupancy: # used blocks  . free blocks (after each step)"]
+    for s in trace_steps:
+        used, total = s.pool_used_blocks or 0, s.pool_num_blocks or 0
+        cells = min(total, width)
+        filled = round(used * cells / total) if total else 0
+        lines.append(f"step {s.step_id:>{digits}} |{'#' * filled}{'.' * (cells - filled)}| {used}/{total} blocks")
+    return "\n".join(lines)
+
+
+def save_pngs(trace_steps: Sequence[StepTrace], out_dir: str | Path) -> list[Path]:
+    """Write ``timeline.png``, ``batch_composition.png`` and ``pool_occupancy.png`` to ``out_dir``.
+
+    Returns the paths written; ``[]`` (and a log message) when matplotlib is not installed.
+    """
+    if importlib.util.find_spec("matplotlib") is None:
+        logger.warning("matplotlib is not installed: no PNGs written (pip install cb-lab[viz])")
+        return []
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [_timeline_png(trace_steps, out / "timeline.png"),
+             _composition_png(trace_steps, out / "batch_composition.png"),
+             _pool_png(trace_steps, out / "pool_occupancy.png")]
+    logger.info("wrote %s", ", ".join(map(str, paths)))
+    return paths
+
+
+# --- matplotlib: Figure + Agg canvas, never pyplot (no global state, no backend switch) ------------
+
+_COLORS = {" ": "white", ".": "#d9d9d9", "-": "#9e9e9e", "P": "#1f77b4", "D": "#2ca02c", "x": "#d62728"}
+
+
+def _figure(width: float, height: float) -> tuple[Figure, Axes]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots()
+
+
+def _timeline_png(trace_steps: Sequence[StepTrace], path: Path) -> Path:
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    rows = request_timeline(trace_steps)
+    codes = list(_COLORS)
+    grid = [[codes.index(c) for c in chars] for chars in rows.values()] or [[0]]
+    fig, ax = _figure(min(4 + 0.15 * len(trace_steps), 20), min(1.5 + 0.3 * len(rows), 12))
+    ax.imshow(grid, aspect="auto", interpolation="nearest", cmap=ListedColormap(list(_COLORS.values())),
+              vmin=0, vmax=len(codes) - 1)
+    ax.set_yticks(range(len(rows)), list(rows))
+    ax.set_xlabel("step")
+    ax.set_title("request timeline")
+    handles = [Patch(color=_COLORS[c], label=TIMELINE_CHARS[c]) for c in codes if c != " "]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
+    fig.savefig(path)
+    return path
+
+
+def _composition_png(trace_steps: Sequence[StepTrace], path: Path) -> Path:
+    steps = [s.step_id for s in trace_steps]
+    decode = [s.decode_tokens for s in trace_steps]
+    prefill = [s.prefill_tokens for s in trace_steps]
+    padding = [s.padding_tokens for s in trace_steps]
+    fig, ax = _figure(8, 4)
+    ax.bar(steps, decode, width=1.0, color=_COLORS["D"], label="decode")
+    ax.bar(steps, prefill, width=1.0, bottom=decode, color=_COLORS["P"], label="prefill")
+    ax.bar(steps, padding, width=1.0, bottom=[d + p for d, p in zip(decode, prefill)], color="#ff7f0e",
+           label="padding")
+    if any(s.budget is not None for s in trace_steps):
+        ax.step(steps, [s.budget or 0 for s in trace_steps], where="mid", color="black", label="budget")
+    ax.set_xlabel("step")
+    ax.set_ylabel("tokens")
+    ax.set_title("batch composition per step")
+    ax.legend(fontsize="small")
+    fig.savefig(path)
+    return path
+
+
+def _pool_png(trace_steps: Sequence[StepTrace], path: Path) -> Path:
+    fig, ax = _figure(8, 3)
+    steps = [s.step_id for s in trace_steps]
+    if any(s.pool_num_blocks is not None for s in trace_steps):
+        ax.fill_between(steps, [s.pool_used_blocks or 0 for s in trace_steps], step="mid", color=_COLORS["P"],
+                        label="used blocks")
+        ax.step(steps, [s.pool_num_blocks or 0 for s in trace_steps], where="mid", color="black",
+                label="pool size")
+        ax.legend(fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "no shared KV block pool in this run", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("step")
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel("KV blocks")
+    ax.set_title("KV pool occupancy")
+    fig.savefig(path)
+    return path
