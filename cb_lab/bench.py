@@ -137,15 +137,23 @@ def timed_steps(args: argparse.Namespace, dim: int) -> int:
     return int(args.steps or (20 if dim <= 256 else 10 if dim <= 1024 else 3))
 
 
+def _now(device: torch.device) -> float:
+    """``perf_counter`` once the device has finished its queued work (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def timed_step(sched: Scheduler) -> StepTiming:
-    t0 = time.perf_counter()
+    device = sched.model.device
+    t0 = _now(device)
     plan = sched.schedule()
     check_blocks(plan)
-    t1 = time.perf_counter()
+    t1 = _now(device)
     result = sched.executor.run(plan)
-    t2 = time.perf_counter()
+    t2 = _now(device)
     sched.commit(plan, result)
-    t3 = time.perf_counter()
+    t3 = _now(device)
     return StepTiming(t1 - t0, t2 - t1, t3 - t2, plan.num_decode_tokens, plan.num_prefill_tokens)
 
 
@@ -158,11 +166,12 @@ def decoding_schedulers(model: TinyLLM, contexts: list[int], args: argparse.Name
     ``num_model_calls`` counts the timed steps only.
     """
     budget, extra = len(contexts) + 4096, timed_steps(args, model.dim) + 64  # extra: decodes a request may run
-    pool = BlockPool(sum(-(-(n + extra) // args.block_size) for n in contexts), args.block_size, model.dim)
+    pool = BlockPool(sum(-(-(n + extra) // args.block_size) for n in contexts), args.block_size, model.dim,
+                     device=model.device)
     gen = torch.Generator().manual_seed(args.seed)
     sched = Scheduler(model, budget, max(contexts))
     for i, n in enumerate(contexts):
-        prompt = torch.randn(n, model.dim, generator=gen)
+        prompt = torch.randn(n, model.dim, generator=gen).to(model.device)
         sched.add_request(Request(f"r{i:03d}", prompt, extra, PagedKVCache(args.block_size, pool=pool)))
     while any(r.in_prefill for r in sched.active):
         sched.step()
@@ -189,12 +198,12 @@ def floor_s(model: TinyLLM, requests: Sequence[Request]) -> tuple[float, float]:
     pool = caches[0].pool
     assert pool is not None and len(caches) == len(requests)
     x = torch.stack([r.last_token for r in requests])  # [B, D]
-    ids = torch.tensor([b for c in caches for b in c.block_table])
+    ids = torch.tensor([b for c in caches for b in c.block_table], device=model.device)
     weights = [p.weight for p in (model.q_proj, model.k_proj, model.v_proj, model.o_proj)]
-    out_k, out_v = (torch.empty((len(ids), *pool.key_cache.shape[1:])).fill_(0) for _ in range(2))
+    out_k, out_v = (torch.zeros((len(ids), *pool.key_cache.shape[1:]), device=model.device) for _ in range(2))
 
     def once(fresh: bool) -> float:
-        start = time.perf_counter()
+        start = _now(model.device)
         for w in weights:
             x @ w.T
         if fresh:
@@ -202,7 +211,7 @@ def floor_s(model: TinyLLM, requests: Sequence[Request]) -> tuple[float, float]:
         else:
             torch.index_select(pool.key_cache, 0, ids, out=out_k)
             torch.index_select(pool.value_cache, 0, ids, out=out_v)
-        return time.perf_counter() - start
+        return _now(model.device) - start
 
     return statistics.median(once(False) for _ in range(3)), statistics.median(once(True) for _ in range(3))
 
@@ -231,7 +240,7 @@ class FusedRow:
 
 def run_fused_config(args: argparse.Namespace, dim: int, running: int) -> dict[str, FusedRow]:
     torch.manual_seed(args.seed)
-    model = TinyLLM(dim)
+    model = TinyLLM(dim).to(args.device)
     gen = torch.Generator().manual_seed(args.seed + running)
     contexts = torch.randint(args.contexts[0], args.contexts[1] + 1, (running,), generator=gen).tolist()
     scheds = decoding_schedulers(model, contexts, args)
@@ -298,11 +307,16 @@ def print_fused(rows: list[dict[str, FusedRow]]) -> None:
               f"{_ratio(r.bookkeeping_s, r.forward_s):14.2f}x")
 
 
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+
+
 def fused_main(args: argparse.Namespace) -> int:
     print(f"cb-lab bench fused: decode-only steps, {args.running} running requests, contexts "
           f"{args.contexts[0]}..{args.contexts[1]} rows (seed {args.seed}), dims {args.dims}, block size "
           f"{args.block_size}; timed steps per dim: {', '.join(f'{d}: {timed_steps(args, d)}' for d in args.dims)} "
-          f"(after 1 warm-up, medians); torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+          f"(after 1 warm-up, medians); torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"device {_device_name(args.device)}\n")
     rows = []
     start = time.perf_counter()
     for dim in args.dims:
@@ -417,8 +431,20 @@ def _add_fused(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="prompt rows per request, drawn uniformly (default 64 512)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per config (default 20/10/3 by dim)")
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--device", type=_device, default=torch.device("cpu"),
+                   help="cpu (default) or cuda: model, pool and prompts live there; timings synchronize")
     p.add_argument("--quick", action="store_true", help="dims 16 and 64, 4 and 8 running, contexts 8..32")
     p.set_defaults(main=fused_main)
+
+
+def _device(text: str) -> torch.device:
+    try:
+        device = torch.device(text)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device: {e}") from None
+    if device.type not in ("cpu", "cuda") or device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"device {text!r} is not available here; use cpu or an available cuda")
+    return device
 
 
 def _add_memory(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -88,6 +88,7 @@ class ServingConfig:
     num_blocks: int | None = None  # one shared KV BlockPool of this many blocks; None: dense caches
     block_size: int = 16  # rows per KV block (with num_blocks)
     executor: str = "fused"  # one forward per step ("fused") or one per decode token ("split")
+    preempt_every: int | None = None  # force a preemption every N steps (a rare event, made common)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -99,7 +100,7 @@ class ServingConfig:
             raise ConfigurationError(f"enable_chunked_prefill must be a bool, got {self.enable_chunked_prefill!r}")
         for name in ("max_tokens_per_step", "prefill_chunk_size", "block_size"):
             _positive(name, getattr(self, name))
-        for name in ("max_num_seqs", "num_blocks"):
+        for name in ("max_num_seqs", "num_blocks", "preempt_every"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
 
@@ -117,7 +118,9 @@ DEFAULT_COMPARE = tuple(POLICY_PRESETS)
 HEADLINE_WORKLOAD = WorkloadConfig(1024, LengthDist.uniform(8, 64), LengthDist.lognormal(4, 2.0, maximum=256))
 QUICK_WORKLOAD = replace(HEADLINE_WORKLOAD, num_requests=128, output_lens=LengthDist.lognormal(4, 2.0, maximum=64))
 # What a preset fixes (the policy); everything else is an engine knob every policy shares.
-_ENGINE_KNOBS = ("max_tokens_per_step", "prefill_chunk_size", "max_num_seqs", "num_blocks", "block_size", "executor")
+_ENGINE_KNOBS = (
+    "max_tokens_per_step", "prefill_chunk_size", "max_num_seqs", "num_blocks", "block_size", "executor", "preempt_every",
+)
 
 
 def make_config(name: str, **engine: Any) -> ServingConfig:
@@ -252,6 +255,7 @@ def simulate(
     scheduler = Scheduler(
         model, config.max_tokens_per_step, config.prefill_chunk_size, plugins=plugins, executor=config.executor,
         max_num_seqs=config.max_num_seqs, policy=config.policy, enable_chunked_prefill=config.enable_chunked_prefill,
+        preempt_every=config.preempt_every,
     )
     start = time.perf_counter()
     run_workload(scheduler, arrivals)

@@ -8,6 +8,8 @@ Three views of the same steps, each one idea of continuous batching:
   ``D`` decode, ``P`` prefill, ``#`` padding (static batching), ``.`` unused budget.
 - :func:`pool_occupancy`: one row per step, a bar of the shared KV pool's used blocks.
 
+:func:`overview` puts the three together, cut to a terminal (``python -m cb_lab simulate``).
+
 The functions return strings and print nothing; :func:`save_pngs` draws the same three
 with matplotlib when it is installed (``pip install cb-lab[viz]``).
 """
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,7 +32,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["batch_composition", "pool_occupancy", "save_pngs", "timeline"]
+__all__ = ["batch_composition", "overview", "pool_occupancy", "save_pngs", "timeline"]
 
 _NO_STEPS = "(no steps recorded)"
 
@@ -88,6 +92,52 @@ def pool_occupancy(trace_steps: Sequence[StepTrace], width: int = 40) -> str:
         filled = round(used * cells / total) if total else 0
         lines.append(f"step {s.step_id:>{digits}} |{'#' * filled}{'.' * (cells - filled)}| {used}/{total} blocks")
     return "\n".join(lines)
+
+
+def _squeeze(line: str, width: int) -> str:
+    """Scale the ``|...|`` bar of a batch-composition line to ``width`` characters, run by run.
+
+    Every run keeps at least one character (a single padding token stays visible).
+    """
+    m = re.match(r"^(.*?\|)([^|]*)(\|.*)$", line)
+    if m is None or len(m[2]) <= width:
+        return line
+    bar = m[2]
+    runs = [(run[0][0], len(run[0])) for run in re.finditer(r"(.)\1*", bar)]  # e.g. DDDPPPP.. -> D3 P4 .2
+    exact = [n * width / len(bar) for _, n in runs]
+    cells = [max(1, math.floor(x)) for x in exact]
+    while sum(cells) < width:  # the rounding's spare cells go to the largest remainders
+        cells[max(range(len(runs)), key=lambda i: exact[i] - cells[i])] += 1
+    while sum(cells) > width:  # the minimum of one cell came from the widest run
+        cells[max(range(len(runs)), key=lambda i: cells[i])] -= 1
+    return m[1] + "".join(c * k for (c, _), k in zip(runs, cells)) + m[3]
+
+
+def _sample(steps: Sequence[StepTrace], rows: int) -> list[StepTrace]:
+    if len(steps) <= rows:
+        return list(steps)
+    return [steps[round(i * (len(steps) - 1) / (rows - 1))] for i in range(rows)]
+
+
+def overview(trace_steps: Sequence[StepTrace], *, max_steps: int = 80, max_requests: int = 16, rows: int = 20,
+             width: int = 64) -> str:
+    """The three pictures cut to a terminal: the timeline of the first steps and requests, then
+    batch composition and pool occupancy for ``rows`` evenly spaced steps, bars at most ``width``."""
+    if not trace_steps:
+        return _NO_STEPS
+    lines = timeline(trace_steps[:max_steps]).splitlines()
+    shown = lines[: 3 + max_requests]
+    if len(lines) > len(shown):
+        shown.append(f"... and {len(lines) - len(shown)} more requests")
+    parts = [f"the first {min(max_steps, len(trace_steps))} of {len(trace_steps):,} steps", "\n".join(shown)]
+    sample = _sample(trace_steps, rows)
+    note = "" if len(sample) == len(trace_steps) else f" ({len(sample)} of {len(trace_steps):,} steps, evenly spaced)"
+    composition = batch_composition(sample).splitlines()
+    parts.append(composition[0] + note + "\n" + "\n".join(_squeeze(line, width) for line in composition[1:]))
+    if any(s.pool_num_blocks is not None for s in trace_steps):
+        occupancy = pool_occupancy(sample).splitlines()
+        parts.append(occupancy[0] + note + "\n" + "\n".join(occupancy[1:]))
+    return "\n\n".join(parts)
 
 
 def save_pngs(trace_steps: Sequence[StepTrace], out_dir: str | Path) -> list[Path]:

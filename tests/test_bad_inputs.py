@@ -201,6 +201,8 @@ ADD_REQUEST_CASES: list[Case] = [
     ("add/shared-cache", add_shared_cache, SchedulerError, "'b'"),
     ("add/cache-on-meta", lambda: scheduler().add_request(req(cache=DenseKVCache("meta"))), SchedulerError,
      "meta"),
+    ("add/prompt-float64", lambda: scheduler().add_request(req(p=prompt().double())), SchedulerError,
+     "torch.float64 prompt"),
 ]
 
 MODEL_CASES: list[Case] = [
@@ -347,6 +349,7 @@ def bad_adds(reqs: list[Request]) -> dict[str, Callable[[], object]]:
                                       generated_tokens=[torch.zeros(RUN_DIM)]),
         "shares-running-cache": lambda: Request("new", torch.randn(3, RUN_DIM), 1, r1_cache),
         "cache-on-meta": lambda: Request("new", torch.randn(3, RUN_DIM), 1, DenseKVCache("meta")),
+        "prompt-float64": lambda: Request("new", torch.randn(3, RUN_DIM, dtype=torch.float64), 1, DenseKVCache()),
     }
 
 

@@ -47,8 +47,8 @@ def test_workload_prints_one_row_per_configuration(argv: list[str], capsys: pyte
 
 
 def test_fused_compares_both_executors_per_configuration(capsys: pytest.CaptureFixture[str]) -> None:
-    out = run(["fused", "--quick"], capsys)
-    assert "timed steps per dim: 16: 2, 64: 2" in out
+    out = run(["fused", "--quick", "--device", "cpu"], capsys)
+    assert "timed steps per dim: 16: 2, 64: 2" in out and "device cpu" in out
     rows = [m.groups() for line in out.splitlines() if (m := FUSED_ROW.match(line))]
     configs = [(int(r[0]), int(r[1])) for r in rows]
     assert configs == [(d, b) for d in (16, 64) for b in (4, 8) for _ in range(2)], out
@@ -123,3 +123,11 @@ def test_bad_arguments_exit_with_usage(capsys: pytest.CaptureFixture[str]) -> No
     with pytest.raises(SystemExit) as exc:
         bench.main(["fused", "--running", "many"])
     assert exc.value.code == 2 and "many" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device, needle", [("tpu9", "'tpu9' is not a torch device"), ("meta", "'meta' is not available")]
+                         + ([] if torch.cuda.is_available() else [("cuda", "'cuda' is not available")]))
+def test_fused_refuses_a_device_it_cannot_use(device: str, needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["fused", "--quick", "--device", device])
+    assert exc.value.code == 2 and needle in capsys.readouterr().err

@@ -409,13 +409,17 @@ def test_a_cache_on_a_shared_pool_of_another_dim_is_refused() -> None:
 # ---------------------------------------------------------------- CUDA
 
 
-def run_on(device: torch.device, executor: str) -> tuple[list[Request], BlockPool]:
+def run_on(device: torch.device, executor: str, cache: str = "shared") -> tuple[list[Request], BlockPool]:
     model = make_model(D).to(device)
     pool = BlockPool(32, 3, D, device=device)
+
+    def new_cache() -> BaseKVCache:
+        if cache == "dense":
+            return DenseKVCache(device)
+        return PagedKVCache(3, device, pool=pool if cache == "shared" else None)
+
     cpu_reqs = [make_request(f"r{i}", L, n, D, seed=i) for i, (L, n) in enumerate(SHAPES)]
-    reqs = [
-        Request(r.req_id, r.prompt.to(device), r.max_new_tokens, PagedKVCache(3, pool=pool)) for r in cpu_reqs
-    ]
+    reqs = [Request(r.req_id, r.prompt.to(device), r.max_new_tokens, new_cache()) for r in cpu_reqs]
     sched = Scheduler(model, 5, 3, executor=executor)
     for r in reqs:
         sched.add_request(r)
@@ -424,11 +428,13 @@ def run_on(device: torch.device, executor: str) -> tuple[list[Request], BlockPoo
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cache", ["dense", "paged", "shared"])
 @pytest.mark.parametrize("executor", ["fused", "split"])
-def test_a_shared_pool_run_on_cuda_matches_the_cpu_run(executor: str) -> None:
-    cuda_reqs, cuda_pool = run_on(torch.device("cuda"), executor)
-    cpu_reqs, _ = run_on(torch.device("cpu"), executor)
+def test_a_run_on_cuda_matches_the_cpu_run(executor: str, cache: str) -> None:
+    cuda_reqs, cuda_pool = run_on(torch.device("cuda"), executor, cache)
+    cpu_reqs, _ = run_on(torch.device("cpu"), executor, cache)
     assert cuda_pool.key_cache.is_cuda and cuda_pool.num_used_blocks == 0
+    assert all(r.kv_cache.device.type == "cuda" for r in cuda_reqs)
     for g, c in zip(cuda_reqs, cpu_reqs):
         assert g.finished and len(g.generated_tokens) == len(c.generated_tokens) == c.max_new_tokens
         if c.max_new_tokens:

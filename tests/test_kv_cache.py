@@ -6,8 +6,11 @@ import math
 
 import pytest
 import torch
+from helpers import assert_oracle, make_model
 
 from cb_lab.core.kv_cache import BaseKVCache, DenseKVCache, PagedKVCache
+from cb_lab.core.request import Request
+from cb_lab.core.scheduler import Scheduler
 from cb_lab.exceptions import ConfigurationError, KVCacheError, ValidationError
 
 D = 4
@@ -346,3 +349,39 @@ def test_device_with_index_is_the_same_device(kind: str) -> None:
     cache.append(k, v)
     torch.testing.assert_close(cache.get_kv()[0], k, rtol=0, atol=0)
     torch.testing.assert_close(cache.get_kv()[1], v, rtol=0, atol=0)
+
+
+def test_a_cache_written_to_the_spec_shape_works_in_the_scheduler() -> None:
+    """The spec's three methods plus ``release`` (preemption and abort need it) and ``_store``:
+    ``append`` itself stays in the base class, so validation and cache plugins run for every kind."""
+    class ListKVCache(BaseKVCache):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def _store(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+            self.rows.append((k_new.clone(), v_new.clone()))
+            self.dim = k_new.shape[1]
+
+        def get_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+            if not self.rows:
+                return torch.empty(0, self.dim or 0), torch.empty(0, self.dim or 0)
+            return torch.cat([k for k, _ in self.rows]), torch.cat([v for _, v in self.rows])
+
+        def __len__(self) -> int:
+            return sum(k.shape[0] for k, _ in self.rows)
+
+        def release(self) -> None:
+            self.rows.clear()
+
+    model = make_model(8)
+    sched = Scheduler(model, 5, 3)
+    reqs = [Request(f"r{i}", torch.randn(L, 8), n, ListKVCache()) for i, (L, n) in enumerate([(7, 4), (3, 6)])]
+    for r in reqs:
+        sched.add_request(r)
+    sched.run_until_complete()
+    for r in reqs:
+        assert_oracle(model, r)
+        assert r.kv_cache.nbytes == 2 * len(r.kv_cache) * 8 * 4  # the default nbytes, from get_kv
+    with pytest.raises(ValidationError):
+        reqs[0].kv_cache.append(torch.ones(1, 8), torch.ones(2, 8))  # the base class still validates

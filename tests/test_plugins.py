@@ -33,6 +33,10 @@ class CountScheduler(SchedulerPlugin):
         self.plans: list[StepPlan] = []
         self.stats: list[dict[str, Any]] = []
         self.completed: list[str] = []
+        self.added: list[tuple[str, int]] = []
+
+    def on_request_added(self, request: Request, step_id: int) -> None:
+        self.added.append((request.req_id, step_id))
 
     def before_step(self, plan: StepPlan) -> None:
         self.plans.append(plan)
@@ -90,6 +94,7 @@ def test_every_hook_is_called_the_expected_number_of_times(cache: str, executor:
 
     assert len(sched_p.plans) == len(sched_p.stats) == len(history)
     assert sched_p.stats == history
+    assert sched_p.added == [(r.req_id, 0) for r in reqs]  # each once, in order, before step 0
     assert sorted(sched_p.completed) == sorted(r.req_id for r in reqs)  # each exactly once, zero-token one too
     prefill_steps = sum(1 for p in sched_p.plans if p.prefill)
     decodes = sum(p.num_decode_tokens for p in sched_p.plans)
@@ -135,6 +140,26 @@ def test_a_hook_fault_before_compute_changes_nothing() -> None:
     with pytest.raises(RuntimeError, match="boom"):
         sched.step()
     assert (req.prefill_pos, len(req.kv_cache), sched.step_id) == (0, 0, 0)
+
+
+def test_a_hook_that_refuses_a_request_leaves_it_out_and_the_others_running() -> None:
+    class Refuse(SchedulerPlugin):
+        def on_request_added(self, request: Request, step_id: int) -> None:
+            if request.req_id == "bad":
+                raise ValueError(f"refused {request.req_id} at step {step_id}")
+
+    manager = PluginManager()
+    manager.register_scheduler_plugin(Refuse())
+    model = make_model(8)
+    sched = Scheduler(model, 6, 3, plugins=manager)
+    good = make_request("good", 4, 3, 8)
+    sched.add_request(good)
+    sched.step()
+    with pytest.raises(ValueError, match="refused bad at step 1"):
+        sched.add_request(make_request("bad", 2, 2, 8))
+    assert [r.req_id for r in sched.active] == ["good"]
+    sched.run_until_complete()
+    assert_oracle(model, good)
 
 
 def test_metrics_plugin_needs_no_manual_calls() -> None:

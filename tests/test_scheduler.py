@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from cb_lab.core.block_pool import BlockPool
 from cb_lab.core.kv_cache import PagedKVCache
 from cb_lab.core.request import Request
 from cb_lab.core.scheduler import Scheduler
+from cb_lab.exceptions import ValidationError
 from cb_lab.monitoring.metrics import MetricsCollector
 
 STAT_KEYS = {
@@ -195,7 +197,7 @@ class FlakyModel:
 
     def __init__(self, model: Any, fail_calls: set[int]) -> None:
         self.model, self.fail_calls, self.calls = model, fail_calls, 0
-        self.dim, self.device = model.dim, model.device
+        self.dim, self.device, self.dtype = model.dim, model.device, model.dtype
 
     def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
         self.calls += 1
@@ -280,8 +282,32 @@ def test_a_failing_sampler_changes_nothing() -> None:
 def test_sampler_returning_a_wrong_shape_is_rejected() -> None:
     sched = Scheduler(make_model(8), 8, 4, sampler=lambda row: row[:2])
     sched.add_request(make_request("a", 2, 2, 8))
-    with pytest.raises(Exception, match=r"sampler must map a \(8,\) row"):
+    with pytest.raises(ValidationError, match=r"sampler must map a \(8,\) row"):
         sched.step()
+
+
+@pytest.mark.parametrize("sampler, needle", [
+    (lambda row: row.to(torch.float64), "torch.float32 on cpu like its input row, got torch.float64"),
+    (lambda row: (row > 0).float().long(), "got torch.int64"),
+    (lambda row: row / 0.0, "NaN or inf"),
+])
+@pytest.mark.parametrize("executor", ["fused", "split"])
+def test_a_sampler_returning_a_bad_token_is_refused_in_compute_and_changes_nothing(
+    sampler: Callable[[torch.Tensor], torch.Tensor], needle: str, executor: str
+) -> None:
+    model = make_model(8)
+    sched = Scheduler(model, 8, 4, sampler=sampler, executor=executor)
+    good, other = make_request("a", 3, 3, 8), make_request("b", 2, 2, 8, "paged", block_size=2)
+    for r in (good, other):
+        sched.add_request(r)
+    with pytest.raises(ValidationError, match=needle):
+        sched.step()
+    assert (good.prefill_pos, len(good.kv_cache), good.generated_tokens) == (0, 0, [])
+    assert (other.prefill_pos, len(other.kv_cache), other.generated_tokens) == (0, 0, [])
+    sched.executor.sampler = torch.tanh  # a good sampler: the same requests now run to the end, exact
+    sched.run_until_complete()
+    for r in (good, other):
+        assert_oracle(model, r, sampler=torch.tanh)
 
 
 def test_repr_shows_the_state() -> None:

@@ -174,3 +174,36 @@ def test_configs_are_checked_at_the_boundary(caplog: pytest.LogCaptureFixture) -
     with caplog.at_level(logging.WARNING, logger="cb_lab"):
         simulate([RequestSpec("b", 0, 4, 2)], make_config("static", max_num_seqs=4, max_tokens_per_step=8))
     assert "fewer than max_num_seqs=4" in caplog.text
+
+
+def test_the_rare_event_switches_each_happen_and_stay_oracle_exact() -> None:
+    specs = generate_workload(WorkloadConfig(24, LengthDist.uniform(3, 20), LengthDist.uniform(1, 6), seed=2))
+    config = make_config("continuous", max_num_seqs=6, prefill_chunk_size=8, num_blocks=40, block_size=4,
+                         preempt_every=3)
+    run = simulate(specs, config)
+    steps = run.steps
+    chunks = [(s, req_id, start, length) for s in steps for req_id, start, length in s.prefill]
+    # forced preemption: only every third step preempts (the pool is big enough otherwise), and the
+    # victim prefills again from row 0 later on
+    assert all((s.step_id + 1) % 3 == 0 for s in steps if s.preempted)
+    assert run.summary["preemptions"] == sum(len(s.preempted) for s in steps) > 0
+    for s in steps:
+        for victim in s.preempted:
+            assert any(r == victim and st == 0 and c.step_id > s.step_id for c, r, st, _ in chunks)
+    # a chunk ending on a block boundary: the same request's next chunk starts a fresh block
+    boundary = [(s, r, st + n) for s, r, st, n in chunks if (st + n) % 4 == 0]
+    followed = [(r, end) for _, r, end in boundary if any(r2 == r and st2 == end for _, r2, st2, _ in chunks)]
+    assert followed, "some request went on prefilling right after a chunk that filled its last block"
+    # max_new_tokens reached by the prefill's own token: finished in the step its prefill ended, no decode
+    done_by_prefill = [r for r in run.requests if r.max_new_tokens == 1]
+    assert done_by_prefill
+    for req in done_by_prefill:
+        last = max(s.step_id for s, r, _, _ in chunks if r == req.req_id)
+        assert req.req_id in steps[last].finished and not any(req.req_id in s.decode for s in steps)
+    assert run.oracle_error() < 1e-5 and run.pool is not None and run.pool.num_used_blocks == 0
+
+
+def test_preempt_every_is_an_engine_knob_checked_at_the_boundary() -> None:
+    assert make_config("sjf", preempt_every=2).preempt_every == 2
+    with pytest.raises(ConfigurationError, match="preempt_every must be an int >= 1, got 0"):
+        make_config("sjf", preempt_every=0)

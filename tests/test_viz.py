@@ -107,3 +107,21 @@ def test_save_pngs_without_matplotlib_returns_nothing_and_logs(
     with caplog.at_level(logging.WARNING, logger="cb_lab.viz"):
         assert viz.save_pngs(trace_of(), tmp_path) == []
     assert "matplotlib is not installed" in caplog.text and not any(tmp_path.iterdir())
+
+
+def test_overview_cuts_the_pictures_to_a_terminal() -> None:
+    steps = trace_of(shared_pool=True)
+    text = viz.overview(steps, max_steps=4, max_requests=2, rows=3, width=4)
+    assert text.startswith(f"the first 4 of {len(steps)} steps\n")
+    timeline_rows = [line for line in text.splitlines() if line.startswith("q")]
+    assert [row.split()[0] for row in timeline_rows] == ["q0", "q1"] and all(len(bars(r)[0]) == 4 for r in timeline_rows)
+    assert "... and 3 more requests" in text
+    sampled = [steps[0], steps[round((len(steps) - 1) / 2)], steps[-1]]  # 3 rows, evenly spaced, the last included
+    composition = [line for line in text.splitlines() if line.startswith("step ") and "/6" in line]
+    assert [int(line.split()[1]) for line in composition] == [s.step_id for s in sampled]
+    for line, s in zip(composition, sampled):
+        bar = bars(line)[0]
+        assert len(bar) <= 4 and ("D" in bar) == (s.decode_tokens > 0) and ("P" in bar) == (s.prefill_tokens > 0)
+    assert f"(3 of {len(steps)} steps, evenly spaced)" in text and "KV pool occupancy" in text
+    assert "KV pool occupancy" not in viz.overview(trace_of())  # dense caches: no pool to draw
+    assert viz.overview([]) == "(no steps recorded)"

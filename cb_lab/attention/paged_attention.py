@@ -39,7 +39,8 @@ class GatherWorkspace:
         """``cache[block_tables]`` as ``[B, max_blocks * block_size, D]``, written into the buffer ``name``."""
         n = block_tables.numel()
         buf = self.buffers.get(name)
-        if buf is None or buf.shape[0] < n or buf.shape[1:] != cache.shape[1:] or buf.dtype != cache.dtype:
+        if (buf is None or buf.shape[0] < n or buf.shape[1:] != cache.shape[1:] or buf.dtype != cache.dtype
+                or buf.device != cache.device):
             grown = max(n, 2 * buf.shape[0]) if buf is not None else n
             buf = self.buffers[name] = cache.new_empty((grown, *cache.shape[1:]))
         out = buf[:n]

@@ -45,6 +45,9 @@ class StepModel(Protocol):
     @property
     def device(self) -> torch.device: ...
 
+    @property
+    def dtype(self) -> torch.dtype: ...
+
     def forward_prefill_ragged(
         self,
         tokens: torch.Tensor,
@@ -93,9 +96,17 @@ class Executor(ABC):
         if self.sampler is None:
             return row
         token = self.sampler(row)
+        # Checked here, in compute: a bad token found at commit would come after K/V were stored.
         if not isinstance(token, torch.Tensor) or token.shape != row.shape:
             got = tuple(token.shape) if isinstance(token, torch.Tensor) else type(token).__name__
             raise ValidationError(f"the sampler must map a {tuple(row.shape)} row to the same shape, got {got}")
+        if token.dtype != row.dtype or token.device != row.device:
+            raise ValidationError(
+                f"the sampler must return {row.dtype} on {row.device} like its input row, got {token.dtype} on "
+                f"{token.device}"
+            )
+        if not bool(torch.isfinite(token).all()):
+            raise ValidationError("the sampler returned NaN or inf; it must map a row to finite values")
         return token
 
     def _prefill_inputs(self, chunks: Sequence[PrefillChunk]) -> tuple[torch.Tensor, torch.Tensor, KV | None]:

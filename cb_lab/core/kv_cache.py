@@ -78,7 +78,9 @@ class BaseKVCache(ABC):
     """Append-only storage of one request's keys and values, ``[len, dim]`` each.
 
     ``append`` validates, runs the cache hooks, then stores; subclasses implement
-    only ``_store``, ``get_kv`` and ``__len__``. ``dim`` and ``dtype`` are fixed by the
+    ``_store``, ``get_kv``, ``__len__`` and ``release`` (``nbytes`` has a default from
+    ``get_kv``). ``append`` is concrete, unlike the spec's sketch, so that every kind validates
+    and runs cache plugins the same way. ``dim`` and ``dtype`` are fixed by the
     first append (after hooks, so a compression hook chooses the storage dtype).
     """
 
@@ -126,9 +128,10 @@ class BaseKVCache(ABC):
         """Number of token positions stored."""
 
     @property
-    @abstractmethod
     def nbytes(self) -> int:
         """Bytes of the stored rows (not of spare capacity)."""
+        k, v = self.get_kv()
+        return k.numel() * k.element_size() + v.numel() * v.element_size()
 
     @abstractmethod
     def release(self) -> None:

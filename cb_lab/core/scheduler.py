@@ -156,11 +156,16 @@ class Scheduler:
                 f"request {req.req_id!r} (prompt on {req.prompt.device}, cache on {req.kv_cache.device}) "
                 f"must be on the model's device {self.model.device}"
             )
+        if req.prompt.dtype != self.model.dtype:
+            raise SchedulerError(
+                f"request {req.req_id!r} has a {req.prompt.dtype} prompt but the model computes in "
+                f"{self.model.dtype}; pass prompt.to({self.model.dtype})"
+            )
         self._check_it_can_finish(req)
+        self.plugins.on_request_added(req, self.step_id)  # first: a hook that raises leaves the request out
         req.kv_cache.hooks = self.plugins.cache_plugins  # live: plugins registered later run too
         self.waiting.append(req)
         logger.debug("added %r", req)
-        self.plugins.on_request_added(req, self.step_id)
 
     def _check_it_can_finish(self, req: Request) -> None:
         rows = req.prompt_len + max(req.max_new_tokens - 1, 0)  # its longest prefill (after a preemption)

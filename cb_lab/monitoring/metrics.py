@@ -5,7 +5,9 @@ Continuous batching is judged by two kinds of numbers:
 - **Throughput** (per step): how many tokens each ``Scheduler.step()`` processed,
   split into *prefill* tokens (prompt tokens, computed in bulk) and *decode* tokens
   (one new token per running request). ``tokens_per_second`` is total tokens over
-  total step time, so idle steps lower it, as they should.
+  total step time, so idle steps (recorded with status ``no_active_requests``) lower
+  it, as they should. ``Scheduler.step()`` with nothing active calls no hook, so
+  ``MetricsPlugin`` records only steps that ran; record idle ones by hand if you poll.
 - **Latency** (per request): *time to first token* (TTFT, dominated by waiting and
   prefill) and *end-to-end latency*. Averages hide the slow tail, so the summary
   also reports p50 and p99, computed with ``statistics.quantiles(n=100,
