@@ -223,7 +223,7 @@ class FusedRow:
     dim: int
     running: int
     context: float  # mean cached rows per request at the first timed step
-    gathered: float  # K/V rows attention gathers per cached row (padding, block tails)
+    gathered: float  # K/V rows attention gathers per cached row (whole blocks: the last one's empty tail)
     executor: str
     steps: int
     decode_tokens: float  # per step
@@ -256,20 +256,19 @@ def run_fused_config(args: argparse.Namespace, dim: int, running: int) -> dict[s
         for name, sched in scheds.items():
             timings[name].append(timed_step(sched))
     floor = (statistics.median(f for f, _ in floors), statistics.median(f for _, f in floors))
-    return {name: _fused_row(dim, running, (context, gathered[name]), name, timings[name],
+    return {name: _fused_row(dim, running, (context, gathered), name, timings[name],
                              scheds[name].executor.num_model_calls, floor) for name in scheds}
 
 
-def gathered_per_cached_row(requests: Sequence[Request]) -> dict[str, float]:
-    """K/V rows each executor's attention gathers per cached row.
+def gathered_per_cached_row(requests: Sequence[Request]) -> float:
+    """K/V rows attention gathers per cached row: whole blocks, so the tail of each last block too.
 
-    Both gather whole blocks; split gathers each request's own table, fused one ``[B, max_blocks]``
-    table padded to the longest request.
+    Both executors gather only the blocks in use (the fused one never pads a block table to the
+    longest request), so this is one number for both.
     """
     caches = [r.kv_cache for r in requests if isinstance(r.kv_cache, PagedKVCache)]
-    widths, rows = [len(c.block_table) for c in caches], sum(len(c) for c in caches)
-    block_rows = caches[0].block_size / rows
-    return {"split": sum(widths) * block_rows, "fused": len(widths) * max(widths) * block_rows}
+    blocks, rows = sum(len(c.block_table) for c in caches), sum(len(c) for c in caches)
+    return blocks * caches[0].block_size / rows
 
 
 def _fused_row(dim: int, running: int, context: tuple[float, float], name: str, ts: list[StepTiming],

@@ -175,20 +175,25 @@ def load_specs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tup
 
 
 class ProgressBar:
-    """``label [#####.....] 312/1024 requests, 2,345 steps`` on stderr, once a run has taken ``delay`` seconds."""
+    """``label [#####.....] 312/1024 requests, 2,345 steps`` on stderr, once a run has taken ``delay`` seconds.
+
+    Drawn only on a terminal (``enabled=None``: when the stream is a tty), so a log file gets no
+    carriage-return lines.
+    """
 
     WIDTH = 30
 
     def __init__(self, label: str, total: int, stream: TextIO | None = None, *, delay: float = 1.0,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter, enabled: bool | None = None) -> None:
         self.label, self.total, self.stream = label, total, stream if stream is not None else sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
         self.delay, self.clock = delay, clock
         self.start = self.last = clock()
         self.width = 0  # of the line drawn last (0: nothing drawn yet)
 
     def __call__(self, steps: int, finished: int) -> None:
         now = self.clock()
-        if now - self.start < self.delay or (now - self.last < 0.1 and finished < self.total):
+        if not self.enabled or now - self.start < self.delay or (now - self.last < 0.1 and finished < self.total):
             return
         self.last = now
         filled = self.WIDTH * finished // max(self.total, 1)

@@ -123,7 +123,7 @@ def test_serving_commands_reject_bad_values(argv: list[str], named: str, capsys:
 def test_the_progress_bar_waits_a_second_then_draws_on_stderr() -> None:
     now = [0.0]
     stream = io.StringIO()
-    bar = cli.ProgressBar("sjf", 40, stream, clock=lambda: now[0])
+    bar = cli.ProgressBar("sjf", 40, stream, clock=lambda: now[0], enabled=True)
     bar(10, 4)
     assert stream.getvalue() == "", "nothing for runs shorter than a second"
     now[0] = 1.5
@@ -138,8 +138,15 @@ def test_the_progress_bar_waits_a_second_then_draws_on_stderr() -> None:
     last = "sjf [##############################] 40/40 requests, 302 steps"
     assert stream.getvalue().endswith("\r" + " " * len(last) + "\r")
     quiet = io.StringIO()
-    cli.ProgressBar("x", 1, quiet, clock=lambda: 0.0).close()
+    cli.ProgressBar("x", 1, quiet, clock=lambda: 0.0, enabled=True).close()
     assert quiet.getvalue() == ""
+    not_a_terminal = io.StringIO()  # the default: draw only on a tty
+    later = [0.0]
+    log_bar = cli.ProgressBar("x", 4, not_a_terminal, clock=lambda: later[0])
+    later[0] = 5.0
+    log_bar(100, 2)
+    log_bar.close()
+    assert not log_bar.enabled and not_a_terminal.getvalue() == ""
 
 
 def test_parse_dist_reads_what_format_dist_writes() -> None:

@@ -447,12 +447,31 @@ def test_paged_attention_with_a_workspace_matches_and_reuses_its_buffers() -> No
     gen = torch.Generator().manual_seed(5)
     key_cache, value_cache = torch.randn(10, 3, D, generator=gen), torch.randn(10, 3, D, generator=gen)
     workspace = GatherWorkspace()
-    for tables, lens in [([[4, 1], [7, 0]], [5, 6]), ([[2, 9]], [4]), ([[3, 8, 5], [1, 0, 0]], [9, 2])]:
+    for tables, lens in [([[4, 1], [7, 0]], [5, 6]), ([[2, 9]], [4]), ([[3, 8, 5], [1, 6, 0]], [9, 5])]:
         t, n = torch.tensor(tables), torch.tensor(lens)
         q, k_new, v_new = (torch.randn(len(lens), D, generator=gen) for _ in range(3))
         expected = paged_attention(q, key_cache, value_cache, t, n, k_new, v_new)
         got = paged_attention(q, key_cache, value_cache, t, n, k_new, v_new, workspace)
         torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)
         torch.testing.assert_close(got[1], expected[1], rtol=0, atol=0)
-    # 4 blocks, then 2 (fits), then 6 (grows to max(6, 2 * 4) = 8): one buffer per name, grown once
+    # blocks in use (padding is never gathered): 2 + 2, then 2 (fits), then 3 + 2 (grows to max(5, 2 * 4) = 8)
     assert {name: buf.shape[0] for name, buf in workspace.buffers.items()} == {"keys": 8, "values": 8}
+
+
+def test_paged_attention_gathers_only_the_blocks_in_use() -> None:
+    """A batch of a 9-row and a 2-row context: 3 + 1 blocks gathered, not 2 x 3 for a padded table."""
+    gen = torch.Generator().manual_seed(6)
+    key_cache, value_cache = torch.randn(10, 3, D, generator=gen), torch.randn(10, 3, D, generator=gen)
+    tables, lens = torch.tensor([[3, 8, 5], [1, 0, 0]]), torch.tensor([9, 2])
+    workspace = GatherWorkspace()
+    q = torch.randn(2, D, generator=gen)
+    out, probs = paged_attention(q, key_cache, value_cache, tables, lens, workspace=workspace)
+    assert workspace.buffers["keys"].shape[0] == 4
+    assert torch.equal(workspace.buffers["keys"], key_cache[torch.tensor([3, 8, 5, 1])])
+    for b in range(2):  # each row equals dense attention over its own rows
+        k = key_cache[tables[b]].reshape(-1, D)[: lens[b]]
+        v = value_cache[tables[b]].reshape(-1, D)[: lens[b]]
+        p = torch.softmax(k @ q[b] * D**-0.5, dim=0)
+        torch.testing.assert_close(out[b], p @ v, **TOL)
+        torch.testing.assert_close(probs[b, : lens[b]], p, **TOL)
+        assert bool((probs[b, lens[b]:] == 0).all())

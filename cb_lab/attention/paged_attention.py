@@ -2,17 +2,21 @@
 
 A paged cache stores a request's K/V in fixed-size blocks ``[num_blocks, block_size, D]``
 scattered anywhere in a pool; the request's *block table* lists its blocks in order.
-Instead of first copying them into one contiguous tensor, attention gathers them by
-block table, for a whole batch of requests at once::
+Attention gathers the blocks a batch of requests holds, all in one flat list, and never
+pads one request to another's length::
 
-    block_tables [B, max_blocks] --gather--> keys [B, max_blocks * block_size, D]
-    slot s of row b is valid iff s < context_lens[b]       (the tail of the last block is empty)
+    block_tables [B, max_blocks]  ->  the n blocks in use, owner[n] = which query row
+    keys   = key_cache[blocks]                      [n, block_size, D]   (the one gather)
+    scores = keys @ query[owner]                    [n, block_size]      (one batched matmul)
+    scores laid out per row, slot s of row b valid iff s < context_lens[b]   ->  softmax
+    out[b] = sum over b's blocks of  probs @ values                      (one matmul, index_add)
 
 A decode token also attends to itself. Its K/V are not in the blocks yet (the step only
 writes after compute succeeds), so they come in as ``new_keys / new_values`` and join
 as one extra, always-valid column. The math is dense attention's (masked scores are
-``-inf`` before the softmax); the layout is the point: the gathered keys are read once
-by one batched matmul, never copied again.
+``-inf`` before the softmax); the layout is the point: every cached row is gathered once
+and read once, padding rows never (block tables of 64..512 positions padded to the
+longest would gather 1.8x the rows).
 """
 
 from __future__ import annotations
@@ -35,17 +39,17 @@ class GatherWorkspace:
     def __init__(self) -> None:
         self.buffers: dict[str, torch.Tensor] = {}
 
-    def gather(self, name: str, cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-        """``cache[block_tables]`` as ``[B, max_blocks * block_size, D]``, written into the buffer ``name``."""
-        n = block_tables.numel()
+    def gather(self, name: str, cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+        """``cache[block_ids]`` (``[n, block_size, D]``), written into the buffer ``name``."""
+        n = block_ids.shape[0]
         buf = self.buffers.get(name)
         if (buf is None or buf.shape[0] < n or buf.shape[1:] != cache.shape[1:] or buf.dtype != cache.dtype
                 or buf.device != cache.device):
             grown = max(n, 2 * buf.shape[0]) if buf is not None else n
             buf = self.buffers[name] = cache.new_empty((grown, *cache.shape[1:]))
         out = buf[:n]
-        torch.index_select(cache, 0, block_tables.reshape(-1), out=out)
-        return out.view(block_tables.shape[0], -1, cache.shape[-1])
+        torch.index_select(cache, 0, block_ids, out=out)
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,23 +90,43 @@ def paged_attention(
     gather buffers between calls (the fused executor passes one).
     """
     B, D = query.shape
-    scale = D**-0.5
-    if workspace is None:
-        keys = key_cache[block_tables].reshape(B, -1, D)  # [B, S, D]: the one gather
-        values = value_cache[block_tables].reshape(B, -1, D)
+    max_blocks, block_size = block_tables.shape[1], key_cache.shape[1]
+    S, scale = max_blocks * block_size, D**-0.5
+    # Which table entries hold cached rows: [B, max_blocks]; the rest is padding.
+    num_blocks = (context_lens + block_size - 1) // block_size  # [B]
+    in_use = torch.arange(max_blocks, device=query.device)[None, :] < num_blocks[:, None]
+    if bool(in_use.all()):  # no padding (one request, or equal block counts): the table is the list
+        block_ids, owner = block_tables.reshape(-1), None
+    else:  # gather only the n blocks in use; owner[i]: the query row of block i
+        block_ids, owner = block_tables[in_use], torch.arange(B, device=query.device).repeat_interleave(num_blocks)
+    keys = _gather(workspace, "keys", key_cache, block_ids).to(query.dtype)  # [n, block_size, D]
+    values = _gather(workspace, "values", value_cache, block_ids).to(query.dtype)
+    if owner is not None:
+        block_scores = torch.bmm(keys, query[owner][:, :, None])[:, :, 0] * scale  # [n, block_size]
+        # Laid out per row, [B, S]: small (no D axis); the padding blocks score -inf.
+        scores = block_scores.new_full((B * max_blocks, block_size), float("-inf"))
+        scores[in_use.reshape(-1)] = block_scores
+        scores = scores.reshape(B, S)
     else:
-        keys = workspace.gather("keys", key_cache, block_tables)
-        values = workspace.gather("values", value_cache, block_tables)
-    keys, values = keys.to(query.dtype), values.to(query.dtype)
-    valid = torch.arange(keys.shape[1], device=query.device)[None, :] < context_lens[:, None]  # [B, S]
-    scores = torch.bmm(keys, query[:, :, None])[:, :, 0] * scale  # [B, S]
+        scores = torch.bmm(keys.reshape(B, S, D), query[:, :, None])[:, :, 0] * scale  # [B, S]
+    valid = torch.arange(S, device=query.device)[None, :] < context_lens[:, None]  # [B, S]
     scores = scores.masked_fill(~valid, float("-inf"))
     if new_keys is not None:
-        # The token's own key joins as one more column, without copying the gathered keys.
+        # The token's own key joins as one more column.
         scores = torch.cat([scores, (query * new_keys).sum(-1, keepdim=True) * scale], dim=1)  # [B, S+1]
     assert bool(torch.isfinite(scores).any(dim=1).all()), "every decode row needs at least one visible key"
     probs = torch.softmax(scores, dim=-1)
-    out = torch.bmm(probs[:, None, : keys.shape[1]], values)[:, 0, :]  # [B, D]
+    if owner is not None:
+        block_probs = probs[:, :S].reshape(B * max_blocks, block_size)[in_use.reshape(-1)]  # [n, block_size]
+        per_block = torch.bmm(block_probs[:, None, :], values)[:, 0, :]  # [n, D]
+        out = per_block.new_zeros((B, D)).index_add_(0, owner, per_block)  # [B, D]: sum over a row's blocks
+    else:
+        out = torch.bmm(probs[:, None, :S], values.reshape(B, S, D))[:, 0, :]  # [B, D]
     if new_values is not None:
         out = out + probs[:, -1:] * new_values
     return out, probs
+
+
+def _gather(workspace: GatherWorkspace | None, name: str, cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """``cache[block_ids]`` ``[n, block_size, D]``, into the workspace's buffer when there is one."""
+    return cache[block_ids] if workspace is None else workspace.gather(name, cache, block_ids)
