@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 from typing import Any
@@ -240,6 +241,23 @@ def test_attention_visualization_writes_what_it_recorded(tmp_path: Path) -> None
         assert path.name.endswith(f"_{phase}.npy")
         np.testing.assert_array_equal(np.load(path), weights)
         np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
+
+
+def test_attention_visualization_without_matplotlib_writes_arrays_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    manager = PluginManager()
+    viz = AttentionVisualizationPlugin(str(tmp_path / "viz"), max_records=3)
+    manager.register_attention_plugin(viz)
+    run(manager)
+    paths = viz.save()
+    assert [p.suffix for p in paths] == [".npy"] * 3 and sorted(p.name for p in (tmp_path / "viz").iterdir()) == sorted(
+        p.name for p in paths)
+    for path, (_, weights) in zip(sorted(paths), viz.records):
+        np.testing.assert_array_equal(np.load(path), weights)
 
 
 def test_plugin_manager_registry_and_configs() -> None:
