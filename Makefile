@@ -1,5 +1,6 @@
 # cb-lab: `make demo` runs the main job, `make test` runs everything CI checks.
 # Both create (or refresh, when requirements.txt changes) the virtualenv in .venv first.
+# The tests check the exercises' reference solutions (tests/exercises/solutions), not a learner's answers.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -24,7 +25,7 @@ demos: venv
 	$(PY) -m cb_lab.bench --quick
 
 cov: venv
-	$(PY) -m pytest --cov=cb_lab --cov-report=term-missing --cov-fail-under=90 tests
+	CB_LAB_EXERCISES=solutions $(PY) -m pytest --cov=cb_lab --cov-report=term-missing --cov-fail-under=90 tests
 
 typecheck: venv
 	$(PY) -m mypy --strict cb_lab

@@ -37,6 +37,8 @@ from cb_lab.model.tiny_llm import TinyLLM
 from cb_lab.monitoring.memory_profiler import DetailedMemoryProfiler, process_peak_rss_mb
 from cb_lab.workload import random_requests, run_workload
 
+__all__ = ["COMMANDS", "main", "parse_args"]
+
 COMMANDS = ("workload", "fused", "memory")
 
 

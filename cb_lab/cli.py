@@ -32,7 +32,7 @@ from cb_lab.core.scheduler import EXECUTORS
 from cb_lab.exceptions import CBLabException
 from cb_lab.serving import (
     DEFAULT_COMPARE, HEADLINE_WORKLOAD, POLICY_PRESETS, QUICK_WORKLOAD, RATIO_KEYS, RunResult, ServingConfig,
-    batch_stats, check_fits, make_config, ratios, simulate,
+    batch_stats, check_fits, make_config, ratios, simulate, warm_up,
 )
 from cb_lab.workload import ARRIVALS, LengthDist, WorkloadConfig, generate_workload
 from cb_lab.workload_io import RequestSpec, load_workload, save_workload
@@ -276,6 +276,7 @@ def serve(argv: Sequence[str]) -> int:
             check_fits(specs, config)
     except CBLabException as e:
         parser.error(str(e))
+    warm_up(specs, next(iter(configs.values())), dim=args.dim, seed=args.seed)
     results = []
     for name, config in configs.items():
         bar = ProgressBar(name, len(specs))

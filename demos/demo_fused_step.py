@@ -80,8 +80,10 @@ def main(argv: list[str] | None = None) -> int:
           f"fused {scheds['fused'].executor.num_model_calls}")
     print(f"compute wall time (this run, side by side, best of 3 per step): split {seconds['split'] * 1e3:.1f} ms, "
           f"fused {seconds['fused'] * 1e3:.1f} ms; fused runs {seconds['split'] / seconds['fused']:.2f}x as fast")
-    if args.quick or args.dim < 256:
+    if args.dim < 256:
         print("  (tiny and noisy: at this size Python overhead, not reading weights, sets the time; try --dim 1024)")
+    elif args.quick:
+        print("  (--quick: few, short requests; drop it for steps with more decodes)")
     print("\n" + "\n".join(shown))
     return 0
 

@@ -8,7 +8,8 @@ step (the budget ran out), blank before arrival and after finish. Under it, one 
 step shows how the budget was spent (``D`` decode, ``P`` prefill, ``.`` unused).
 
 Try: ``--budget 4`` (fewer tokens per step: longer waits, fuller steps) or ``--chunk 16``
-(whole prompts at once: earlier first tokens for some, longer waits for others).
+(bigger chunks, still capped by what is left of the budget: earlier first tokens for some
+requests, more skipped ``.`` steps for others).
 """
 
 from __future__ import annotations
