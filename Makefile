@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 DEMOS := $(sort $(basename $(notdir $(wildcard demos/demo_*.py))))
 
-.PHONY: venv demo demos test cov typecheck bench clean
+.PHONY: venv demo demos test cov typecheck lint bench clean
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,10 +30,13 @@ cov: venv
 typecheck: venv
 	$(PY) -m mypy --strict cb_lab
 
-test: cov typecheck demos
+lint: venv
+	$(PY) -m ruff check cb_lab tests demos
+
+test: cov typecheck lint demos
 
 bench: venv
 	$(PY) -m cb_lab.bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .hypothesis .coverage htmlcov attention_viz
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .coverage htmlcov attention_viz

@@ -63,7 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def run(args: argparse.Namespace, plugins: PluginManager) -> tuple[TinyLLM, list[Request], Scheduler, list[dict[str, Any]]]:
+def run(
+    args: argparse.Namespace, plugins: PluginManager
+) -> tuple[TinyLLM, list[Request], Scheduler, list[dict[str, Any]]]:
     """Build the model and workload from ``args`` and run it to completion."""
     torch.manual_seed(args.seed)
     model = TinyLLM(args.dim)

@@ -31,8 +31,19 @@ from cb_lab import viz
 from cb_lab.core.scheduler import EXECUTORS
 from cb_lab.exceptions import CBLabException
 from cb_lab.serving import (
-    DEFAULT_COMPARE, HEADLINE_WORKLOAD, POLICY_PRESETS, QUICK_WORKLOAD, RATIO_KEYS, RunResult, ServingConfig,
-    batch_stats, check_fits, make_config, ratios, simulate, warm_up,
+    DEFAULT_COMPARE,
+    HEADLINE_WORKLOAD,
+    POLICY_PRESETS,
+    QUICK_WORKLOAD,
+    RATIO_KEYS,
+    RunResult,
+    ServingConfig,
+    batch_stats,
+    check_fits,
+    make_config,
+    ratios,
+    simulate,
+    warm_up,
 )
 from cb_lab.workload import ARRIVALS, LengthDist, WorkloadConfig, generate_workload
 from cb_lab.workload_io import RequestSpec, load_workload, save_workload
@@ -283,7 +294,9 @@ def serve(argv: Sequence[str]) -> int:
         results.append(simulate(specs, config, name=name, dim=args.dim, seed=args.seed, progress=bar))
         bar.close()
     errors = {r.name: r.oracle_error() for r in results}
-    plots = {r.name: [str(p) for p in viz.save_pngs(r.steps, Path(args.plot) / r.name)] for r in results} if args.plot else {}
+    plots: dict[str, list[str]] = {}
+    if args.plot:
+        plots = {r.name: [str(p) for p in viz.save_pngs(r.steps, Path(args.plot) / r.name)] for r in results}
     baseline = next((r for r in results if r.name == "static"), results[0])
     if args.json:
         print(json.dumps(report(args, about, results, baseline, errors, plots), indent=1))

@@ -119,7 +119,8 @@ HEADLINE_WORKLOAD = WorkloadConfig(1024, LengthDist.uniform(8, 64), LengthDist.l
 QUICK_WORKLOAD = replace(HEADLINE_WORKLOAD, num_requests=128, output_lens=LengthDist.lognormal(4, 2.0, maximum=64))
 # What a preset fixes (the policy); everything else is an engine knob every policy shares.
 _ENGINE_KNOBS = (
-    "max_tokens_per_step", "prefill_chunk_size", "max_num_seqs", "num_blocks", "block_size", "executor", "preempt_every",
+    "max_tokens_per_step", "prefill_chunk_size", "max_num_seqs", "num_blocks", "block_size", "executor",
+    "preempt_every",
 )
 
 

@@ -187,5 +187,6 @@ def test_paged_attention_with_empty_context_attends_only_to_itself() -> None:
     )
     torch.testing.assert_close(out[0], new_v[0], **TOL)  # one visible key: probability 1
     assert probs[0].tolist() == [0.0, 0.0, 1.0]
-    ref = F.scaled_dot_product_attention(query[1:], torch.cat([key_cache[1], new_k[1:]]), torch.cat([value_cache[1], new_v[1:]]))
+    keys, values = torch.cat([key_cache[1], new_k[1:]]), torch.cat([value_cache[1], new_v[1:]])
+    ref = F.scaled_dot_product_attention(query[1:], keys, values)
     torch.testing.assert_close(out[1:], ref, **TOL)

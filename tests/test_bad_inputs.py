@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import assert_oracle, make_model, make_request
 
 from cb_lab.core.batch_builder import build_ragged_batch
 from cb_lab.core.kv_cache import DenseKVCache, PagedKVCache
@@ -28,7 +29,6 @@ from cb_lab.exceptions import (
 )
 from cb_lab.model.tiny_llm import TinyLLM
 from cb_lab.plugins.base import AttentionPlugin, CachePlugin, PluginManager, SchedulerPlugin
-from helpers import assert_oracle, make_model, make_request
 
 DIM = 4
 

@@ -55,7 +55,7 @@ def test_fused_compares_both_executors_per_configuration(capsys: pytest.CaptureF
     assert [r[4] for r in rows] == ["split", "fused"] * 4
     for split, fused in zip(rows[::2], rows[1::2]):  # whole blocks in use, never a padded table
         assert 1 <= num(split[3]) == num(fused[3]) < 2
-    for dim, running, ctx, _, executor, steps, decode, prefill, calls, *_, speed, floor, _, fresh in rows:
+    for _dim, running, ctx, _, executor, steps, decode, prefill, calls, *_, speed, floor, _, fresh in rows:
         assert int(steps) == 2 and num(decode) == int(running) and num(floor) >= 0 and num(fresh) >= 0
         assert 8 <= int(ctx) <= 32 + 2 + 2  # prompts 8..32, plus the decodes of prefill and warm-up
         if executor == "split":  # one forward per decode token (+1 for the ragged prefill, if any)
@@ -125,8 +125,11 @@ def test_bad_arguments_exit_with_usage(capsys: pytest.CaptureFixture[str]) -> No
     assert exc.value.code == 2 and "many" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("device, needle", [("tpu9", "'tpu9' is not a torch device"), ("meta", "'meta' is not available")]
-                         + ([] if torch.cuda.is_available() else [("cuda", "'cuda' is not available")]))
+BAD_DEVICES = [("tpu9", "'tpu9' is not a torch device"), ("meta", "'meta' is not available")]
+
+
+@pytest.mark.parametrize("device, needle", BAD_DEVICES + ([] if torch.cuda.is_available() else [
+    ("cuda", "'cuda' is not available")]))
 def test_fused_refuses_a_device_it_cannot_use(device: str, needle: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         bench.main(["fused", "--quick", "--device", device])

@@ -170,7 +170,9 @@ def test_stats_add_up() -> None:
         ((2, 2, None), {}, "dim"),
     ],
 )
-def test_bad_constructor_args_are_configuration_errors(args: tuple[Any, ...], kwargs: dict[str, Any], needle: str) -> None:
+def test_bad_constructor_args_are_configuration_errors(
+    args: tuple[Any, ...], kwargs: dict[str, Any], needle: str
+) -> None:
     with pytest.raises(ConfigurationError, match=needle):
         BlockPool(*args, **kwargs)
 
@@ -281,7 +283,8 @@ BAD_ITEMS: list[tuple[str, Callable[[], tuple[object, object]], type[Exception]]
     ("zero rows", lambda: rows(0, 0), ValidationError),
     ("not a tensor", lambda: ([[0.0] * D], [[0.0] * D]), ValidationError),
     ("k/v shapes differ", lambda: (rows(2, 0)[0], rows(3, 0)[1]), ValidationError),
-    ("integer rows", lambda: (torch.ones(2, D, dtype=torch.int64), torch.ones(2, D, dtype=torch.int64)), ValidationError),
+    ("integer rows", lambda: (torch.ones(2, D, dtype=torch.int64), torch.ones(2, D, dtype=torch.int64)),
+     ValidationError),
 ]
 
 
@@ -296,7 +299,9 @@ def test_a_bad_item_in_append_batch_stores_nothing_anywhere(
     for i, c in enumerate(caches):
         c.append(*rows(i + 1, seed=i))
     before_pool = pool_state(pool)
-    before = [(len(c), list(getattr(c, "block_table", [])), c.get_kv()[0].clone(), c.get_kv()[1].clone()) for c in caches]
+    before = [
+        (len(c), list(getattr(c, "block_table", [])), c.get_kv()[0].clone(), c.get_kv()[1].clone()) for c in caches
+    ]
     bad_k, bad_v = make_bad()
     batch: list[tuple[Any, Any, Any]] = [(c, *rows(3, seed=50 + i)) for i, c in enumerate(caches)]
     batch.append((shared[1], bad_k, bad_v))  # last: after good items of every kind

@@ -342,7 +342,7 @@ def test_static_vs_continuous(slots: int, capsys: pytest.CaptureFixture[str]) ->
     batches = [outputs[i : i + slots] for i in range(0, len(outputs), slots)]
     shown = re.findall(r"batch (\d+): (\d+) requests, outputs mean\s+([\d.]+), longest\s+(\d+): slots busy (\d+)%", out)
     assert len(shown) == 4
-    for (i, n, mean, longest, busy), b in zip(shown, batches):
+    for (_i, n, mean, longest, busy), b in zip(shown, batches):
         assert (int(n), float(mean), int(longest)) == (len(b), round(sum(b) / len(b), 1), max(b))
         assert int(busy) == round(100 * sum(b) / (len(b) * max(b)))
     mean_longest = sum(map(max, batches)) / len(batches)

@@ -98,7 +98,9 @@ def filled_caches(model: TinyLLM, lens: list[int], kind: str, bs: int = 3) -> li
         caches = [PagedKVCache(bs) for _ in lens]
     else:
         caches = [DenseKVCache(initial_capacity=2) for _ in lens]
-    kv = [model.forward_prefill_dense(torch.randn(n, model.dim, generator=gen(100 + i)))[1:] for i, n in enumerate(lens)]
+    kv = [
+        model.forward_prefill_dense(torch.randn(n, model.dim, generator=gen(100 + i)))[1:] for i, n in enumerate(lens)
+    ]
     for pos in range(0, max(lens), 2):  # round robin, two rows at a time
         for cache, (k, v), n in zip(caches, kv, lens):
             if pos < n:
@@ -117,7 +119,8 @@ FUSED_CASES = {
 
 @pytest.mark.parametrize(
     ("case", "kind"),
-    [(case, kind) for case, (decode, _) in FUSED_CASES.items() for kind in (["shared", "paged", "dense"] if decode else ["-"])],
+    [(case, kind) for case, (decode, _) in FUSED_CASES.items()
+     for kind in (["shared", "paged", "dense"] if decode else ["-"])],
 )
 def test_forward_fused_equals_decode_and_ragged_prefill_run_separately(case: str, kind: str) -> None:
     model = make_model(D, seed=3)
@@ -147,7 +150,7 @@ def test_forward_fused_equals_decode_and_ragged_prefill_run_separately(case: str
         torch.testing.assert_close(got, torch.cat(want), **TOL)
     # And the prefill rows are what one-shot dense prefill of each whole sequence gives.
     B = len(decode_lens)
-    for seq, (s, n), rows in zip(seqs, chunks, torch.split(out[B:], [n for _, n in chunks])):
+    for seq, (s, _n), rows in zip(seqs, chunks, torch.split(out[B:], [n for _, n in chunks])):
         torch.testing.assert_close(rows, model.forward_prefill_dense(seq)[0][s:], **TOL)
 
 
@@ -188,7 +191,8 @@ def test_decode_inputs_reads_a_shared_pool_in_place() -> None:
 
 @pytest.mark.parametrize(
     "kinds",
-    [("dense", "dense", "dense"), ("paged", "paged", "paged"), ("shared", "dense", "shared"), ("dense", "shared", "paged")],
+    [("dense", "dense", "dense"), ("paged", "paged", "paged"), ("shared", "dense", "shared"),
+     ("dense", "shared", "paged")],
 )
 def test_decode_inputs_copies_other_caches_into_one_padded_tensor(kinds: tuple[str, ...]) -> None:
     model = make_model(D)

@@ -12,12 +12,12 @@ import torch
 
 from cb_lab.exceptions import CBLabException, ConfigurationError
 from cb_lab.exceptions import MemoryError as CBLabMemoryError
-from cb_lab.monitoring import memory_profiler
 from cb_lab.monitoring import (
     DetailedMemoryProfiler,
     MemoryLeakDetector,
     MemoryProfiler,
     MemorySnapshot,
+    memory_profiler,
 )
 
 MB = 1024 * 1024

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import TOL, make_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -12,7 +13,6 @@ from cb_lab.core.batch_builder import build_ragged_batch, ragged_causal_mask, ra
 from cb_lab.core.kv_cache import DenseKVCache, PagedKVCache
 from cb_lab.exceptions import ConfigurationError, ModelError
 from cb_lab.model.tiny_llm import TinyLLM
-from helpers import TOL, make_model
 
 
 def randn(*shape: int, seed: int) -> torch.Tensor:

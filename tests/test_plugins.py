@@ -125,7 +125,7 @@ def test_prefill_attention_weights_are_zero_across_requests() -> None:
     assert phase == "prefill" and all(ch.start == 0 for ch in plan.prefill)
     owner = torch.repeat_interleave(torch.arange(len(plan.prefill)), torch.tensor([c.length for c in plan.prefill]))
     other = owner[:, None] != owner[None, :]
-    assert bool((weights[other] == 0).all()) and bool((weights[~other].sum() > 0))
+    assert bool((weights[other] == 0).all()) and bool(weights[~other].sum() > 0)
 
 
 def test_a_hook_fault_before_compute_changes_nothing() -> None:

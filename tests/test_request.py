@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import TOL, assert_oracle, make_model, make_request
 
 from cb_lab.core.kv_cache import DenseKVCache, PagedKVCache
 from cb_lab.core.request import Request
 from cb_lab.exceptions import RequestError, ValidationError
-from helpers import TOL, assert_oracle, make_model, make_request
 
 
 def test_defaults() -> None:

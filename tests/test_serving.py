@@ -15,8 +15,17 @@ import torch
 from cb_lab.exceptions import ConfigurationError
 from cb_lab.model.oracle import oracle_error
 from cb_lab.serving import (
-    POLICY_PRESETS, RATIO_KEYS, SUMMARY_KEYS, RunResult, ServingConfig, batch_stats, check_fits, compare, make_config,
-    ratios, simulate,
+    POLICY_PRESETS,
+    RATIO_KEYS,
+    SUMMARY_KEYS,
+    RunResult,
+    ServingConfig,
+    batch_stats,
+    check_fits,
+    compare,
+    make_config,
+    ratios,
+    simulate,
 )
 from cb_lab.workload import LengthDist, WorkloadConfig, generate_workload
 from cb_lab.workload_io import RequestSpec

@@ -114,7 +114,8 @@ def test_overview_cuts_the_pictures_to_a_terminal() -> None:
     text = viz.overview(steps, max_steps=4, max_requests=2, rows=3, width=4)
     assert text.startswith(f"the first 4 of {len(steps)} steps\n")
     timeline_rows = [line for line in text.splitlines() if line.startswith("q")]
-    assert [row.split()[0] for row in timeline_rows] == ["q0", "q1"] and all(len(bars(r)[0]) == 4 for r in timeline_rows)
+    assert [row.split()[0] for row in timeline_rows] == ["q0", "q1"]
+    assert all(len(bars(r)[0]) == 4 for r in timeline_rows)
     assert "... and 3 more requests" in text
     sampled = [steps[0], steps[round((len(steps) - 1) / 2)], steps[-1]]  # 3 rows, evenly spaced, the last included
     composition = [line for line in text.splitlines() if line.startswith("step ") and "/6" in line]

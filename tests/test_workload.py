@@ -16,8 +16,15 @@ from cb_lab.core.scheduler import Scheduler
 from cb_lab.exceptions import ConfigurationError, ValidationError
 from cb_lab.model.oracle import oracle_error
 from cb_lab.workload import (
-    LengthDist, RequestSpec, WorkloadConfig, build_requests, generate_workload, load_workload, random_requests,
-    run_workload, save_workload,
+    LengthDist,
+    RequestSpec,
+    WorkloadConfig,
+    build_requests,
+    generate_workload,
+    load_workload,
+    random_requests,
+    run_workload,
+    save_workload,
 )
 
 N = 4000  # draws per distribution check: a few ms each

@@ -128,7 +128,9 @@ class BlockPool:
     def _grow(self, extra: int) -> None:
         old = self.num_blocks
         self.key_cache = torch.cat([self.key_cache, self.key_cache.new_zeros((extra, *self.key_cache.shape[1:]))])
-        self.value_cache = torch.cat([self.value_cache, self.value_cache.new_zeros((extra, *self.value_cache.shape[1:]))])
+        self.value_cache = torch.cat(
+            [self.value_cache, self.value_cache.new_zeros((extra, *self.value_cache.shape[1:]))]
+        )
         self.ref_counts.extend([0] * extra)
         self.free_block_ids = list(range(old + extra - 1, old - 1, -1)) + self.free_block_ids
         logger.debug("block pool grew from %d to %d blocks", old, old + extra)

@@ -312,8 +312,9 @@ def append_batch(items: Sequence[tuple[BaseKVCache, torch.Tensor, torch.Tensor]]
     """Append rows to several caches at once, as a step's commit does.
 
     Every item is validated (and its ``before_append`` hooks run) and every shared pool is
-    checked for room before anything is stored, so a bad item stores nothing. Rows of caches that share one ``BlockPool`` are
-    scattered with one indexed write per pool (vLLM's ``slot_mapping``).
+    checked for room before anything is stored, so a bad item stores nothing. Rows of caches
+    that share one ``BlockPool`` are scattered with one indexed write per pool (vLLM's
+    ``slot_mapping``).
     """
     prepared = [(cache, *cache._prepare(k, v)) for cache, k, v in items]
     check_pool_capacity([(cache, k.shape[0]) for cache, k, _ in prepared])
@@ -350,7 +351,9 @@ def check_pool_capacity(
         pool, n = needed.get(id(cache.pool), (cache.pool, 0))
         needed[id(pool)] = (pool, n + cache.blocks_needed(num_rows))
     for cache in released:
-        if isinstance(cache, PagedKVCache) and cache.shares_pool and cache.pool is not None and id(cache.pool) in needed:
+        if not (isinstance(cache, PagedKVCache) and cache.shares_pool and cache.pool is not None):
+            continue
+        if id(cache.pool) in needed:
             pool, n = needed[id(cache.pool)]
             needed[id(pool)] = (pool, n - len(cache.block_table))
     for pool, n in needed.values():

@@ -156,7 +156,8 @@ class Request:
         self.finished = len(self.generated_tokens) >= self.max_new_tokens
 
     def __repr__(self) -> str:
-        phase = "aborted" if self.aborted else "finished" if self.finished else "prefill" if self.in_prefill else "decode"
+        phase = "prefill" if self.in_prefill else "decode"
+        phase = "aborted" if self.aborted else "finished" if self.finished else phase
         return (
             f"Request({self.req_id!r}, {phase}, prefill={self.prefill_pos}/{self.prefill_len}, "
             f"generated={len(self.generated_tokens)}/{self.max_new_tokens}, cache_len={len(self.kv_cache)})"

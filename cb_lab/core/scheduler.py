@@ -151,7 +151,8 @@ class Scheduler:
             raise SchedulerError(f"request {req.req_id!r} has already run ({req!r}); add a new Request")
         if any(r.kv_cache is req.kv_cache for r in self.active):
             raise SchedulerError(f"request {req.req_id!r} shares its kv_cache with an active request; give it its own")
-        if not (same_device(req.prompt.device, self.model.device) and same_device(req.kv_cache.device, self.model.device)):
+        device = self.model.device
+        if not (same_device(req.prompt.device, device) and same_device(req.kv_cache.device, device)):
             raise SchedulerError(
                 f"request {req.req_id!r} (prompt on {req.prompt.device}, cache on {req.kv_cache.device}) "
                 f"must be on the model's device {self.model.device}"
