@@ -1,10 +1,23 @@
-"""Puts ``tests/`` on ``sys.path`` so test modules can ``from helpers import make_request, assert_oracle``
-(also under ``--import-mode=importlib``, which adds nothing to ``sys.path``)."""
+"""Test setup: ``tests/`` on ``sys.path`` (so ``from helpers import make_request, assert_oracle``
+works, also under ``--import-mode=importlib``), the scheduler's debug mode on, hypothesis profiles.
+
+- ``CB_LAB_CHECK_INVARIANTS=1``: every ``Scheduler`` checks ``cb_lab/core/invariants.py`` after
+  every step (set ``CB_LAB_CHECK_INVARIANTS=0`` to run the suite without it).
+- ``HYPOTHESIS_PROFILE=long``: ten times the examples, for an occasional deep run.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+
+from hypothesis import settings
+
+os.environ.setdefault("CB_LAB_CHECK_INVARIANTS", "1")
+settings.register_profile("default", deadline=None)
+settings.register_profile("long", deadline=None, max_examples=1000, stateful_step_count=100)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 _TESTS_DIR = str(Path(__file__).resolve().parent)
 if _TESTS_DIR not in sys.path:

@@ -21,6 +21,7 @@ from typing import Literal
 
 import torch
 
+from cb_lab.core.invariants import expected_cache_len
 from cb_lab.core.kv_cache import BaseKVCache, DenseKVCache, PagedKVCache
 from cb_lab.core.request import Request
 from cb_lab.model.tiny_llm import TinyLLM
@@ -118,8 +119,7 @@ def assert_cache_oracle(model: TinyLLM, req: Request) -> None:
     by the prefill after a preemption (``r = prefill_len - L``; ``L + n - 1`` once finished, 0 for
     a zero-token request); contents: the dense ``k, v`` of those positions.
     """
-    recomputed = req.prefill_len - req.prompt_len
-    expected_len = req.prefill_pos + max(len(req.generated_tokens) - recomputed - 1, 0)
+    expected_len = expected_cache_len(req)
     assert len(req.kv_cache) == expected_len, (
         f"{req!r}: cache holds {len(req.kv_cache)} rows, expected {expected_len}"
     )

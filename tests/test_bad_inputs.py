@@ -1,19 +1,26 @@
 """Every public boundary refuses bad input with the spec's exception and a message naming the value.
 
-One table: ``(id, call, exception class, text the message must contain)``. Each ``call``
-builds what it needs and then makes exactly one bad call. Below the table: a running
-scheduler hit by every bad ``add_request`` still finishes its requests oracle-exact.
+One table: ``(id, call, exception class, text the message must contain)``, over every public
+entry point: requests, caches, the batch builder, scheduler config, ``add_request``, the model,
+plugins, metrics, workload files and the serving config; then command-line arguments (usage
+errors, exit status 2). Each ``call`` builds what it needs and then makes exactly one bad call,
+beside a scheduler with requests in flight, which then finishes them all oracle-exact. Below
+the table: a running scheduler hit by every bad ``add_request`` is not disturbed at all.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from helpers import assert_oracle, make_model, make_request
 
+from cb_lab import __main__ as main_job
+from cb_lab import bench
 from cb_lab.core.batch_builder import build_ragged_batch
 from cb_lab.core.kv_cache import DenseKVCache, PagedKVCache
 from cb_lab.core.request import Request
@@ -28,7 +35,11 @@ from cb_lab.exceptions import (
     ValidationError,
 )
 from cb_lab.model.tiny_llm import TinyLLM
+from cb_lab.monitoring.metrics import MetricsCollector
 from cb_lab.plugins.base import AttentionPlugin, CachePlugin, PluginManager, SchedulerPlugin
+from cb_lab.serving import ServingConfig, make_config, simulate
+from cb_lab.workload import LengthDist, WorkloadConfig
+from cb_lab.workload_io import RequestSpec, load_workload, save_workload
 
 DIM = 4
 
@@ -246,23 +257,115 @@ PLUGIN_CASES: list[Case] = [
      ConfigurationError, "'x'"),
 ]
 
+def collector() -> MetricsCollector:
+    return MetricsCollector(enable_memory_profiling=False)
+
+
+def tracked(req_id: str = "a") -> MetricsCollector:
+    c = collector()
+    c.start_request_tracking(req_id, 4, step=3)
+    return c
+
+
+def step_stats(**changes: Any) -> dict[str, Any]:
+    stats: dict[str, Any] = {"step_id": 0, "decode_tokens": 1, "prefill_tokens": 2, "total_tokens": 3,
+                             "active_requests": 1, "finished_requests": 0, "step_duration": 0.01,
+                             "status": "completed"}
+    return stats | changes
+
+
+METRICS_CASES: list[Case] = [
+    ("metrics/negative-tokens", lambda: collector().record_step(**step_stats(decode_tokens=-1)), ValidationError,
+     "-1"),
+    ("metrics/total-mismatch", lambda: collector().record_step(**step_stats(total_tokens=4)), ValidationError, "4"),
+    ("metrics/nan-duration", lambda: collector().record_step(**step_stats(step_duration=float("nan"))),
+     ValidationError, "nan"),
+    ("metrics/bad-status", lambda: collector().record_step(**step_stats(status="done")), ValidationError, "'done'"),
+    ("metrics/track-twice", lambda: tracked("a").start_request_tracking("a", 4), ValidationError, "'a'"),
+    ("metrics/unknown-request", lambda: collector().update_request_progress("ghost", decode_tokens=1),
+     ValidationError, "'ghost'"),
+    ("metrics/step-before-arrival", lambda: tracked("a").record_request_scheduled("a", 2), ValidationError,
+     "step 2"),
+    ("metrics/run-summary-no-blocks", lambda: collector().get_run_summary(num_blocks=0), ValidationError,
+     "num_blocks"),
+]
+
+
+def write(name: str, text: str) -> Path:
+    path = Path(tempfile.mkdtemp()) / name
+    path.write_text(text)
+    return path
+
+
+CSV_HEADER = "req_id,arrival_step,prompt_len,max_new_tokens"
+WORKLOAD_CASES: list[Case] = [
+    ("workload/missing-file", lambda: load_workload(Path(tempfile.mkdtemp()) / "none.json"), ConfigurationError,
+     "none.json"),
+    ("workload/bad-suffix", lambda: load_workload(write("w.txt", "")), ConfigurationError, "'.txt'"),
+    ("workload/not-json", lambda: load_workload(write("w.json", "{not json")), ValidationError, "w.json"),
+    ("workload/negative-arrival", lambda: load_workload(write("w.csv", f"{CSV_HEADER}\na,-1,4,2\n")),
+     ValidationError, "-1"),
+    ("workload/missing-column", lambda: load_workload(write("w.csv", "req_id,arrival_step,prompt_len\na,0,4\n")),
+     ValidationError, "max_new_tokens"),
+    ("workload/duplicate-id", lambda: save_workload([RequestSpec("a", 0, 3, 1), RequestSpec("a", 1, 3, 1)],
+                                                    Path(tempfile.mkdtemp()) / "w.json"), ConfigurationError,
+     "'a'"),
+    ("workload/length-dist", lambda: LengthDist.uniform(9, 3), ConfigurationError, "9"),
+    ("workload/config-rate", lambda: WorkloadConfig(4, LengthDist.fixed(3), LengthDist.fixed(2), "poisson", -1.0),
+     ConfigurationError, "-1.0"),
+]
+
+SERVING_CASES: list[Case] = [
+    ("serving/unknown-preset", lambda: make_config("fifo"), ConfigurationError, "'fifo'"),
+    ("serving/unknown-knob", lambda: make_config("static", colour=1), ConfigurationError, "colour"),
+    ("serving/zero-blocks", lambda: ServingConfig(num_blocks=0), ConfigurationError, "num_blocks"),
+    ("serving/pool-too-small", lambda: simulate([RequestSpec("big", 0, 40, 2)], make_config("continuous",
+                                                num_blocks=2, block_size=4)), ConfigurationError, "'big'"),
+]
+
 ALL_CASES = (
     REQUEST_CASES + CACHE_CASES + BATCH_CASES + SCHEDULER_CONFIG_CASES + ADD_REQUEST_CASES + MODEL_CASES
-    + PLUGIN_CASES
+    + PLUGIN_CASES + METRICS_CASES + WORKLOAD_CASES + SERVING_CASES
 )
+# Command-line arguments: a usage error (exit status 2) whose message names the value.
+CLI_CASES: list[tuple[str, list[str], str]] = [
+    ("cli/main-budget", ["--budget", "0", "--quick"], "--budget must be >= 1, got 0"),
+    ("cli/main-cache", ["--cache", "tape"], "'tape'"),
+    ("cli/simulate-policy", ["simulate", "--policy", "lifo"], "'lifo'"),
+    ("cli/simulate-dist", ["simulate", "--output-dist", "normal:3:1"], "'normal:3:1'"),
+    ("cli/compare-policies", ["compare", "--policies", "static,fifo"], "'fifo'"),
+    ("cli/bench-running", ["fused", "--running", "many"], "'many'"),
+]
 
 
 def test_table_is_big_enough_and_ids_are_unique() -> None:
-    ids = [case[0] for case in ALL_CASES]
+    ids = [case[0] for case in ALL_CASES] + [case[0] for case in CLI_CASES]
     assert len(ids) >= 30 and len(set(ids)) == len(ids)
+    groups = {case_id.split("/")[0] for case_id in ids}
+    assert groups >= {"request", "cache", "batch", "scheduler", "add", "plugins", "metrics", "workload", "cli"}
 
 
 @pytest.mark.parametrize(("case_id", "call", "exc", "needle"), ALL_CASES, ids=[c[0] for c in ALL_CASES])
 def test_bad_input(case_id: str, call: Callable[[], object], exc: type[Exception], needle: str) -> None:
+    """Each refusal happens beside a scheduler with requests in flight, which then finishes them all, exact."""
+    sched, model, reqs = running_scheduler()
     with pytest.raises(exc) as info:
         call()
     assert isinstance(info.value, CBLabException)
     assert needle in str(info.value), f"{case_id}: {needle!r} not in message {str(info.value)!r}"
+    sched.run_until_complete(max_steps=100)
+    assert not sched.active
+    for r in reqs:
+        assert_oracle(model, r)
+
+
+@pytest.mark.parametrize(("case_id", "argv", "needle"), CLI_CASES, ids=[c[0] for c in CLI_CASES])
+def test_bad_command_line(case_id: str, argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    main = bench.main if case_id.startswith("cli/bench") else main_job.main
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert needle in capsys.readouterr().err, case_id
 
 
 # ---------------------------------------------------------------- state after a refusal

@@ -209,7 +209,7 @@ class RecordingHook:
         self.log.append((self.name, "before", cache, len(cache), k_new.clone(), v_new.clone()))
         return self.fn(k_new), self.fn(v_new)
 
-    def after_append(self, cache, num_rows):
+    def after_append(self, cache, num_rows, nbytes):
         self.log.append((self.name, "after", cache, len(cache), num_rows))
 
 
@@ -246,7 +246,7 @@ def test_hook_that_raises_before_append_stores_nothing(kind: str, bs: int | None
         def before_append(self, cache, k_new, v_new):
             raise RuntimeError("boom")
 
-        def after_append(self, cache, num_rows):  # pragma: no cover - never reached
+        def after_append(self, cache, num_rows, nbytes):  # pragma: no cover - never reached
             raise AssertionError("after_append ran after a failed before_append")
 
     cache.hooks = [Boom()]

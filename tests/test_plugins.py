@@ -61,6 +61,7 @@ class CountCache(CachePlugin):
     def __init__(self) -> None:
         self.before: list[int] = []
         self.after: list[int] = []
+        self.nbytes: list[int] = []
 
     def before_append(
         self, cache: BaseKVCache, k_new: torch.Tensor, v_new: torch.Tensor
@@ -68,8 +69,9 @@ class CountCache(CachePlugin):
         self.before.append(k_new.shape[0])
         return k_new, v_new
 
-    def after_append(self, cache: BaseKVCache, num_rows: int) -> None:
+    def after_append(self, cache: BaseKVCache, num_rows: int, nbytes: int) -> None:
         self.after.append(num_rows)
+        self.nbytes.append(nbytes)
 
 
 def run(
@@ -110,6 +112,7 @@ def test_every_hook_is_called_the_expected_number_of_times(cache: str, executor:
     assert cache_p.before == cache_p.after
     assert sorted(cache_p.before) == sorted(chunks + [1] * decodes)
     assert sum(cache_p.after) == sum(len(r.kv_cache) for r in reqs)
+    assert cache_p.nbytes == [2 * n * 8 * 4 for n in cache_p.after]  # K and V rows of dim 8, float32
     for r in reqs:
         assert_oracle(model, r)
 

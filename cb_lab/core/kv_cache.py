@@ -13,8 +13,10 @@ Two layouts, one interface (:class:`BaseKVCache`):
   (vLLM's PagedAttention layout). Memory grows one block at a time and nothing needs to
   be contiguous.
 
-``append_batch`` appends to many caches at once (a step's commit): rows for caches that
-share a pool go into it with one scatter.
+``append_batch`` appends to many caches at once: rows for caches that share a pool go into
+it with one scatter. It is three phases, which a step's commit runs apart:
+``prepare_appends`` (validate, run ``before_append`` hooks; stores nothing), ``store_appends``
+(write, no hook) and ``notify_appended`` (the ``after_append`` hooks, observers).
 
 Appends are validated here, once, at the boundary: malformed tensors raise
 ``ValidationError``; well-formed rows that do not fit this cache (dim, device) raise
@@ -38,7 +40,8 @@ from cb_lab.exceptions import MemoryError as CBLabMemoryError
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "BaseKVCache", "CacheHook", "DenseKVCache", "PagedKVCache", "append_batch", "check_pool_capacity", "same_device",
+    "Append", "BaseKVCache", "CacheHook", "DenseKVCache", "PagedKVCache", "append_batch", "check_pool_capacity",
+    "notify_appended", "prepare_appends", "same_device", "store_appends",
 ]
 
 
@@ -49,7 +52,7 @@ class CacheHook(Protocol):
         self, cache: BaseKVCache, k_new: torch.Tensor, v_new: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
-    def after_append(self, cache: BaseKVCache, num_rows: int) -> None: ...
+    def after_append(self, cache: BaseKVCache, num_rows: int, nbytes: int) -> None: ...
 
 
 def same_device(a: torch.device, b: torch.device) -> bool:
@@ -111,9 +114,9 @@ class BaseKVCache(ABC):
             k_new, v_new = hook.before_append(self, k_new, v_new)
         return k_new, v_new
 
-    def _after_append(self, num_rows: int) -> None:
+    def _after_append(self, num_rows: int, nbytes: int) -> None:
         for hook in self.hooks:
-            hook.after_append(self, num_rows)
+            hook.after_append(self, num_rows, nbytes)
 
     @abstractmethod
     def _store(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
@@ -308,30 +311,55 @@ class PagedKVCache(BaseKVCache):
         )
 
 
-def append_batch(items: Sequence[tuple[BaseKVCache, torch.Tensor, torch.Tensor]]) -> None:
-    """Append rows to several caches at once, as a step's commit does.
+Append = tuple[BaseKVCache, torch.Tensor, torch.Tensor]  # (cache, k_new [n, D], v_new [n, D])
+
+
+def append_batch(items: Sequence[Append]) -> None:
+    """Append rows to several caches at once: ``prepare_appends``, a room check, ``store_appends``,
+    ``notify_appended``.
 
     Every item is validated (and its ``before_append`` hooks run) and every shared pool is
-    checked for room before anything is stored, so a bad item stores nothing. Rows of caches
-    that share one ``BlockPool`` are scattered with one indexed write per pool (vLLM's
-    ``slot_mapping``).
+    checked for room before anything is stored, so a bad item stores nothing.
     """
-    prepared = [(cache, *cache._prepare(k, v)) for cache, k, v in items]
+    prepared = prepare_appends(items)
     check_pool_capacity([(cache, k.shape[0]) for cache, k, _ in prepared])
+    notify_appended(prepared, store_appends(prepared))
+
+
+def prepare_appends(items: Sequence[Append]) -> list[Append]:
+    """Validate every item and run its ``before_append`` hooks (which may replace the rows); stores nothing."""
+    return [(cache, *cache._prepare(k, v)) for cache, k, v in items]
+
+
+def store_appends(prepared: Sequence[Append]) -> list[int]:
+    """Store prepared rows, with no hook; returns the bytes each item takes in its cache.
+
+    Rows of caches that share one ``BlockPool`` are scattered with one indexed write per pool
+    (vLLM's ``slot_mapping``). The caller has checked the pools have room.
+    """
+    stored: list[int] = []
     by_pool: dict[int, list[tuple[PagedKVCache, torch.Tensor, torch.Tensor]]] = {}
     for cache, k, v in prepared:
-        if isinstance(cache, PagedKVCache) and cache.shares_pool:
+        if isinstance(cache, PagedKVCache) and cache.shares_pool and cache.pool is not None:
             by_pool.setdefault(id(cache.pool), []).append((cache, k, v))
+            stored.append(2 * k.numel() * cache.pool.key_cache.element_size())  # the pool's dtype, whatever k's
         else:
+            before = cache.nbytes
             cache._store(k, v)
+            stored.append(cache.nbytes - before)
     for group in by_pool.values():
         pool = group[0][0].pool
         assert pool is not None
         slots = [slot for cache, k, _ in group for slot in cache._claim_slots(k.shape[0])]
         pool.write(torch.tensor(slots, device=pool.device), torch.cat([k for _, k, _ in group]),
                    torch.cat([v for _, _, v in group]))
-    for cache, k, _ in prepared:
-        cache._after_append(k.shape[0])
+    return stored
+
+
+def notify_appended(prepared: Sequence[Append], stored: Sequence[int]) -> None:
+    """Run the ``after_append`` hooks: observers, called once the rows are in."""
+    for (cache, k, _), nbytes in zip(prepared, stored, strict=True):
+        cache._after_append(k.shape[0], nbytes)
 
 
 def check_pool_capacity(

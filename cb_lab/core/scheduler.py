@@ -27,13 +27,24 @@ two executors (``core/executor.py``): ``"fused"`` (one forward per step, the def
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from typing import Any
 
+from cb_lab.core import invariants
 from cb_lab.core.executor import Executor, FusedExecutor, Sampler, SplitExecutor, StepModel
-from cb_lab.core.kv_cache import BaseKVCache, PagedKVCache, append_batch, check_pool_capacity, same_device
-from cb_lab.core.plan import StepPlan, StepResult
+from cb_lab.core.kv_cache import (
+    Append,
+    BaseKVCache,
+    PagedKVCache,
+    check_pool_capacity,
+    notify_appended,
+    prepare_appends,
+    same_device,
+    store_appends,
+)
+from cb_lab.core.plan import SeqOutput, StepPlan, StepResult
 from cb_lab.core.planner import POLICIES, PlannerConfig, plan_step
 from cb_lab.core.request import Request
 from cb_lab.exceptions import ConfigurationError, SchedulerError
@@ -73,6 +84,8 @@ class Scheduler:
     Serving knobs: ``max_num_seqs`` caps running requests; ``policy`` is one of
     ``POLICIES``; ``enable_chunked_prefill=False`` runs each prefill in one piece;
     ``preempt_every=N`` forces a preemption every N steps (to test and show it).
+    ``check_invariants=True`` checks ``core/invariants.py`` after every step (a debug mode; the
+    default is on when ``CB_LAB_CHECK_INVARIANTS=1``, as in the test suite).
     Both budgets may be changed between steps.
     """
 
@@ -89,6 +102,7 @@ class Scheduler:
         policy: str = "decode_first",
         enable_chunked_prefill: bool = True,
         preempt_every: int | None = None,
+        check_invariants: bool | None = None,
     ) -> None:
         if executor not in EXECUTORS:
             raise ConfigurationError(f"executor must be one of {sorted(EXECUTORS)}, got {executor!r}")
@@ -98,6 +112,9 @@ class Scheduler:
             raise ConfigurationError(f"enable_chunked_prefill must be a bool, got {enable_chunked_prefill!r}")
         self.max_num_seqs = None if max_num_seqs is None else _positive_int("max_num_seqs", max_num_seqs)
         self.preempt_every = None if preempt_every is None else _positive_int("preempt_every", preempt_every)
+        if check_invariants is None:
+            check_invariants = os.environ.get("CB_LAB_CHECK_INVARIANTS") == "1"
+        self.check_invariants = check_invariants
         self.policy = policy
         self.enable_chunked_prefill = enable_chunked_prefill
         self.model = model
@@ -208,6 +225,8 @@ class Scheduler:
         self.plugins.before_step(plan)
         result = self.executor.run(plan)
         finished = self.commit(plan, result)
+        if self.check_invariants:
+            invariants.check_invariants(self, plan, finished)
         stats = self._stats(
             plan.step_id, plan.num_decode_tokens, plan.num_prefill_tokens, len(finished),
             time.perf_counter() - start, "completed", len(plan.preempted), self._padding(plan),
@@ -230,8 +249,27 @@ class Scheduler:
         return self._batch_size - len(plan.decode)
 
     def commit(self, plan: StepPlan, result: StepResult) -> list[Request]:
-        """Write a computed step into the requests; returns the requests it finished."""
-        check_blocks(plan)  # before any write: a plan the pool cannot hold changes nothing
+        """Write a computed step into the requests; returns the requests it finished.
+
+        Three phases, so that a fault changes nothing or lets the step finish: first every check
+        and every hook that may refuse or rewrite rows (``before_append``), which write nothing;
+        then the writes, which cannot fail; then the observers (``after_append``,
+        ``on_request_completion``), which see the step committed.
+        """
+        check_blocks(plan)  # a plan the pool cannot hold changes nothing
+        requests = [chunk.request for chunk in plan.prefill] + list(plan.decode)
+        outputs = result.prefill + result.decode
+        prepared = prepare_appends([(req.kv_cache, out.k, out.v) for req, out in zip(requests, outputs, strict=True)])
+        stored, finished = self._write(plan, requests, outputs, prepared)
+        notify_appended(prepared, stored)
+        for req in finished:
+            self.plugins.on_request_completion(req)
+        return finished
+
+    def _write(
+        self, plan: StepPlan, requests: list[Request], outputs: tuple[SeqOutput, ...], prepared: list[Append]
+    ) -> tuple[list[int], list[Request]]:
+        """Every write of a commit, in order; its inputs were all checked before."""
         for req in plan.preempted:  # first: the step's appends may need the blocks they free
             self.running.remove(req)
             req.preempt()
@@ -243,9 +281,7 @@ class Scheduler:
         for req in plan.admitted:
             self.waiting.remove(req)
             self.running.append(req)
-        requests = [chunk.request for chunk in plan.prefill] + list(plan.decode)
-        outputs = result.prefill + result.decode
-        append_batch([(req.kv_cache, out.k, out.v) for req, out in zip(requests, outputs, strict=True)])
+        stored = store_appends(prepared)
         for chunk in plan.prefill:
             chunk.request.prefill_pos = chunk.end
         for req, out in zip(requests, outputs):
@@ -264,8 +300,7 @@ class Scheduler:
             if isinstance(req.kv_cache, PagedKVCache) and req.kv_cache.shares_pool:
                 req.kv_cache.release()  # a shared pool's blocks go back at once; private caches stay readable
             logger.debug("step %d finished %r", plan.step_id, req)
-            self.plugins.on_request_completion(req)
-        return finished
+        return stored, finished
 
     def _stats(
         self, step_id: int, decode: int, prefill: int, finished: int, duration: float, status: str,

@@ -6,12 +6,17 @@ Three kinds, each called from one place:
   ``before_step(plan)``, ``after_step(stats)`` and ``on_request_completion(request)``
   (from ``Scheduler.step`` and its commit);
 - ``AttentionPlugin``: ``on_attention(phase, weights)`` (from TinyLLM's attention);
-- ``CachePlugin``: ``before_append(cache, k, v) -> (k, v)`` and ``after_append(cache, num_rows)``
-  (from ``BaseKVCache.append`` / ``append_batch``).
+- ``CachePlugin``: ``before_append(cache, k, v) -> (k, v)`` and
+  ``after_append(cache, num_rows, nbytes)`` (from ``BaseKVCache.append`` / ``append_batch`` and a
+  step's commit).
 
 Give the manager to ``Scheduler(model, plugins=manager)``; it wires all three kinds.
 Hooks run in registration order, and an exception from a hook propagates (nothing
-swallows it). ``before_step`` runs before compute, so a fault there changes no state.
+swallows it). Where a hook runs decides what a fault in it leaves behind:
+``on_request_added``, ``before_step``, attention hooks and ``before_append`` run before
+anything of theirs is written (the request is not queued; the step changes nothing and can
+be retried); ``after_append``, ``on_request_completion`` and ``after_step`` are observers that
+run once the step has committed (it stays committed).
 
 This module imports no scheduler at run time: the hook signatures name the scheduler's
 types for the type checker only.
@@ -88,8 +93,12 @@ class CachePlugin(Plugin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return k_new, v_new
 
-    def after_append(self, cache: BaseKVCache, num_rows: int) -> None:
-        """Called after ``num_rows`` rows were stored."""
+    def after_append(self, cache: BaseKVCache, num_rows: int, nbytes: int) -> None:
+        """Called once ``num_rows`` rows are stored; ``nbytes``: the bytes they take in the cache.
+
+        In a step it runs after the commit, when a finished request's shared-pool cache may
+        already be empty again: use ``nbytes``, not the cache's contents.
+        """
 
 
 class PluginManager:

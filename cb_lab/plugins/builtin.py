@@ -188,9 +188,9 @@ class CacheCompressionPlugin(CachePlugin):
         self.max_kv_error = max(self.max_kv_error, float(error))
         return k_small, v_small
 
-    def after_append(self, cache: BaseKVCache, num_rows: int) -> None:
+    def after_append(self, cache: BaseKVCache, num_rows: int, nbytes: int) -> None:
         # Count what the cache really holds: a shared pool keeps its own dtype whatever we hand it.
-        self.bytes_stored += num_rows * cache.nbytes // len(cache)
+        self.bytes_stored += nbytes
 
     @property
     def bytes_saved(self) -> int:
