@@ -1,4 +1,4 @@
-"""Issue 3: one forward per step: the same requests through the split and the fused executor.
+"""Phase 9: one forward per step: the same requests through the split and the fused executor.
 
 Split runs a step as one ragged prefill forward plus one ``forward_decode`` per decode token;
 fused runs all the step's tokens (decode rows, then prefill rows) through ONE

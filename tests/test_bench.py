@@ -12,6 +12,9 @@ import torch
 from helpers import make_model
 
 from cb_lab import bench
+from cb_lab.bench import fused as fused_bench
+from cb_lab.bench import memory as memory_bench
+from cb_lab.bench import soak as soak_bench
 from cb_lab.core.block_pool import BlockPool
 from cb_lab.core.kv_cache import PagedKVCache
 from cb_lab.core.request import Request
@@ -75,22 +78,22 @@ def test_timed_step_counts_a_prefill_forward_plus_one_per_decode() -> None:
     sched = Scheduler(model, 16, 4, executor="split")
     for i, n in enumerate((3, 6)):
         sched.add_request(Request(f"r{i}", torch.randn(n, 8), 4, PagedKVCache(4, pool=pool)))
-    bench.timed_step(sched)  # r0 prefills whole, r1 its first chunk of 4
-    t = bench.timed_step(sched)  # r0 decodes, r1 prefills its last 2 rows
+    fused_bench.timed_step(sched)  # r0 prefills whole, r1 its first chunk of 4
+    t = fused_bench.timed_step(sched)  # r0 decodes, r1 prefills its last 2 rows
     assert (t.decode_tokens, t.prefill_tokens, sched.executor.num_model_calls) == (1, 2, 1 + 2)
     assert t.step_s == pytest.approx(t.schedule_s + t.forward_s + t.commit_s)
 
 
 def test_both_executors_start_from_identical_but_separate_states() -> None:
     args = bench.parse_args(["fused", "--quick"])
-    scheds = bench.decoding_schedulers(make_model(8), [5, 17, 9], args)
+    scheds = fused_bench.decoding_schedulers(make_model(8), [5, 17, 9], args)
     split, fused = (scheds[name].active for name in ("split", "fused"))
     assert [len(r.kv_cache) for r in split] == [len(r.kv_cache) for r in fused] == [5, 17, 9]
     assert all(r.in_decode for r in split + fused)
     pools = [r.kv_cache.pool for r in (split[0], fused[0]) if isinstance(r.kv_cache, PagedKVCache)]
     assert len(pools) == 2 and pools[0] is not pools[1] and pools[0] is not None and pools[1] is not None
     torch.testing.assert_close(pools[0].key_cache, pools[1].key_cache, rtol=0, atol=0)
-    bench.timed_step(scheds["fused"])
+    fused_bench.timed_step(scheds["fused"])
     assert [len(r.kv_cache) for r in split] == [5, 17, 9], "stepping one set leaves the other alone"
     assert type(scheds["split"].executor).__name__ == "SplitExecutor"
 
@@ -112,7 +115,7 @@ def test_memory_compares_the_pool_with_dense_preallocation(capsys: pytest.Captur
 
 def test_skewed_requests_are_seeded_and_share_one_pool() -> None:
     args = bench.parse_args(["memory", "--quick"])
-    a, b = bench.skewed_requests(args, 4), bench.skewed_requests(args, 4)
+    a, b = memory_bench.skewed_requests(args, 4), memory_bench.skewed_requests(args, 4)
     assert [(r.prompt_len, r.max_new_tokens) for r in a] == [(r.prompt_len, r.max_new_tokens) for r in b]
     assert all(16 <= r.prompt_len <= 128 and 1 <= r.max_new_tokens <= 128 for r in a)
     pools = {id(r.kv_cache.pool) for r in a if isinstance(r.kv_cache, PagedKVCache)}
@@ -134,3 +137,20 @@ def test_fused_refuses_a_device_it_cannot_use(device: str, needle: str, capsys: 
     with pytest.raises(SystemExit) as exc:
         bench.main(["fused", "--quick", "--device", device])
     assert exc.value.code == 2 and needle in capsys.readouterr().err
+
+
+SOAK_TENTH = re.compile(r"^\s+(\d+)\s+([\d,]+)\s+([\d.]+)\s+([\d,]+)\s+([\d.]+)$")
+
+
+def test_soak_runs_continuous_arrivals_and_ends_with_a_free_pool(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["soak", "--quick", "--steps", "400"]
+    out = run(argv, capsys)
+    tenths = [m.groups() for line in out.splitlines() if (m := SOAK_TENTH.match(line))]
+    assert [int(t[0]) for t in tenths] == list(range(1, 11)), out
+    for _, tokens, seconds, per_s, _ in tenths:
+        assert num(per_s) == pytest.approx(num(tokens) / float(seconds), rel=0.05, abs=1000)
+    arrived = sum(len(specs) for specs in soak_bench.arrivals_by_step(bench.parse_args(argv)).values())
+    finished = re.search(r"^([\d,]+) requests finished", out, flags=re.M)
+    assert finished and num(finished[1]) == arrived > 300, "every request that arrived finished"
+    assert "'used_blocks': 0" in out and re.search(r"leak detector '(ok|leak_detected)'", out)
+    assert re.search(r"oracle: [1-9]\d* requests checked as they finished, max \|batched - naive\| = \S+", out)

@@ -317,3 +317,15 @@ def test_repr_shows_the_state() -> None:
     assert repr(sched) == "Scheduler(step=0, active=1, waiting=1, finished=0, budget=8, chunk=4)"
     sched.step()
     assert repr(sched) == "Scheduler(step=1, active=0, finished=1, budget=8, chunk=4)"
+
+
+@pytest.mark.parametrize("executor", ["fused", "split"])
+def test_a_recorded_token_owns_its_storage(executor: str) -> None:
+    """Not a view of the step's [N, D] output: that would keep every step's output alive per token."""
+    sched = Scheduler(make_model(8), 16, 8, executor=executor)
+    reqs = [make_request(f"r{i}", 5, 3, 8) for i in range(3)]
+    for r in reqs:
+        sched.add_request(r)
+    sched.run_until_complete()
+    for r in reqs:
+        assert all(t.untyped_storage().nbytes() == 8 * 4 for t in r.generated_tokens)

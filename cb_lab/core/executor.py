@@ -94,7 +94,7 @@ class Executor(ABC):
     def sample(self, row: torch.Tensor) -> torch.Tensor:
         """Output row ``[D]`` -> the token that is recorded and fed back (identity without a sampler)."""
         if self.sampler is None:
-            return row
+            return row.clone()  # a view would keep the step's whole [N, D] output alive as long as the token
         token = self.sampler(row)
         # Checked here, in compute: a bad token found at commit would come after K/V were stored.
         if not isinstance(token, torch.Tensor) or token.shape != row.shape:
