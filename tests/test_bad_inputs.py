@@ -34,9 +34,13 @@ from cb_lab.exceptions import (
     SchedulerError,
     ValidationError,
 )
+from cb_lab.model.llama import LlamaModel
+from cb_lab.model.llama_config import LlamaConfig
+from cb_lab.model.llama_step import LlamaStepModel
 from cb_lab.model.tiny_llm import TinyLLM
 from cb_lab.monitoring.metrics import MetricsCollector
 from cb_lab.plugins.base import AttentionPlugin, CachePlugin, PluginManager, SchedulerPlugin
+from cb_lab.sampling import SamplingParams
 from cb_lab.serving import ServingConfig, make_config, simulate
 from cb_lab.workload import LengthDist, WorkloadConfig
 from cb_lab.workload_io import RequestSpec, load_workload, save_workload
@@ -323,9 +327,35 @@ SERVING_CASES: list[Case] = [
                                                 num_blocks=2, block_size=4)), ConfigurationError, "'big'"),
 ]
 
+def llama_step() -> LlamaStepModel:
+    return LlamaStepModel(LlamaModel(LlamaConfig(dim=16, n_heads=2, n_kv_heads=1, ffn_dim=24)))
+
+
+TOKEN_CASES: list[Case] = [
+    ("sampling/max_tokens", lambda: SamplingParams(max_tokens=-1), ConfigurationError, "-1"),
+    ("sampling/temperature", lambda: SamplingParams(temperature=-0.5), ConfigurationError, "-0.5"),
+    ("sampling/top_k", lambda: SamplingParams(top_k=2.5), ConfigurationError, "2.5"),  # type: ignore[arg-type]
+    ("sampling/top_p", lambda: SamplingParams(top_p=0.0), ConfigurationError, "top_p"),
+    ("sampling/seed", lambda: SamplingParams(seed="x"), ConfigurationError, "'x'"),  # type: ignore[arg-type]
+    ("request/negative-token-id", lambda: Request("t", torch.tensor([3, -1]), 2, DenseKVCache()), ValidationError,
+     "-1"),
+    ("request/sampling-not-params", lambda: Request("t", torch.tensor([3]), 2, DenseKVCache(), sampling=0.5),
+     ValidationError, "0.5"),  # type: ignore[arg-type]
+    ("request/id-token-as-vector", lambda: Request("t", torch.tensor([3]), 2, DenseKVCache()).append_token(
+        torch.zeros(4)), ValidationError, "(4,)"),
+    ("add/token-ids-to-a-vector-model", lambda: scheduler().add_request(Request("t", torch.tensor([3]), 2,
+                                                                        DenseKVCache())), SchedulerError,
+     "token ids"),
+    ("add/vectors-to-a-token-model", lambda: Scheduler(llama_step()).add_request(req()), SchedulerError,
+     "has dim 4"),
+    ("model/llama-attention-plugin", lambda: llama_step().forward_prefill_ragged(
+        torch.tensor([1, 2]), torch.ones(2, 2, dtype=torch.bool).tril(), attention_hooks=[object()]), ModelError,
+     "attention plugins"),
+]
+
 ALL_CASES = (
     REQUEST_CASES + CACHE_CASES + BATCH_CASES + SCHEDULER_CONFIG_CASES + ADD_REQUEST_CASES + MODEL_CASES
-    + PLUGIN_CASES + METRICS_CASES + WORKLOAD_CASES + SERVING_CASES
+    + PLUGIN_CASES + METRICS_CASES + WORKLOAD_CASES + SERVING_CASES + TOKEN_CASES
 )
 # Command-line arguments: a usage error (exit status 2) whose message names the value.
 CLI_CASES: list[tuple[str, list[str], str]] = [

@@ -198,6 +198,7 @@ class FlakyModel:
     def __init__(self, model: Any, fail_calls: set[int]) -> None:
         self.model, self.fail_calls, self.calls = model, fail_calls, 0
         self.dim, self.device, self.dtype = model.dim, model.device, model.dtype
+        self.token_shape, self.kv_dim = model.token_shape, model.kv_dim
 
     def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
         self.calls += 1

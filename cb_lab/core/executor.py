@@ -40,7 +40,14 @@ class StepModel(Protocol):
     """The model interface a step needs (TinyLLM implements it)."""
 
     @property
-    def dim(self) -> int: ...
+    def token_shape(self) -> tuple[int, ...]:
+        """One input token: ``(dim,)`` for vector tokens, ``()`` for token ids."""
+        ...
+
+    @property
+    def kv_dim(self) -> int:
+        """The width of one token's cached K (and V) row."""
+        ...
 
     @property
     def device(self) -> torch.device: ...
@@ -91,8 +98,14 @@ class Executor(ABC):
     def run(self, plan: StepPlan) -> StepResult:
         """Compute a step: new K/V rows and sampled tokens, in plan order. Writes nothing."""
 
-    def sample(self, row: torch.Tensor) -> torch.Tensor:
-        """Output row ``[D]`` -> the token that is recorded and fed back (identity without a sampler)."""
+    def sample(self, row: torch.Tensor, req: Request) -> torch.Tensor:
+        """Output row -> the token that is recorded and fed back.
+
+        A request with ``sampling`` (token ids) draws from its logits row by its own params;
+        a vector token is ``sampler(row)``, or the row itself without a sampler.
+        """
+        if req.sampling is not None:
+            return req.sampling.sample(row, req.req_id, len(req.generated_tokens))
         if self.sampler is None:
             return row.clone()  # a view would keep the step's whole [N, D] output alive as long as the token
         token = self.sampler(row)
@@ -127,7 +140,7 @@ class Executor(ABC):
         """Split a prefill batch's rows back per chunk; sample where a chunk completes its prompt."""
         sizes = [c.length for c in chunks]
         return tuple(
-            SeqOutput(k_c, v_c, self.sample(out_c[-1]) if chunk.completes_prompt else None)
+            SeqOutput(k_c, v_c, self.sample(out_c[-1], chunk.request) if chunk.completes_prompt else None)
             for chunk, out_c, k_c, v_c in zip(
                 chunks, torch.split(out, sizes), torch.split(k, sizes), torch.split(v, sizes)
             )
@@ -150,7 +163,7 @@ class SplitExecutor(Executor):
     def _run_decode(self, req: Request) -> SeqOutput:
         out, k, v = self.model.forward_decode(req.last_token, req.kv_cache, attention_hooks=self.attention_hooks)
         self.num_model_calls += 1
-        return SeqOutput(k, v, self.sample(out[0]))
+        return SeqOutput(k, v, self.sample(out[0], req))
 
 
 class FusedExecutor(Executor):
@@ -177,7 +190,7 @@ class FusedExecutor(Executor):
         )
         self.num_model_calls += 1
         B = len(plan.decode)
-        decode = tuple(SeqOutput(k[i : i + 1], v[i : i + 1], self.sample(out[i])) for i in range(B))
+        decode = tuple(SeqOutput(k[i : i + 1], v[i : i + 1], self.sample(out[i], r)) for i, r in enumerate(plan.decode))
         prefill = self._outputs(plan.prefill, out[B:], k[B:], v[B:]) if plan.prefill else ()
         return StepResult(prefill, decode)
 

@@ -24,6 +24,7 @@ import torch
 
 from cb_lab.core.kv_cache import BaseKVCache
 from cb_lab.exceptions import RequestError, ValidationError
+from cb_lab.sampling import SamplingParams
 
 __all__ = ["Request"]
 
@@ -31,9 +32,14 @@ __all__ = ["Request"]
 def _check_prompt(req_id: str, prompt: object) -> None:
     if not isinstance(prompt, torch.Tensor):
         raise ValidationError(f"request {req_id!r}: prompt must be a torch.Tensor, got {type(prompt).__name__}")
+    if prompt.dim() == 1 and prompt.dtype == torch.long and prompt.shape[0] > 0:
+        if int(prompt.min()) < 0:
+            raise ValidationError(f"request {req_id!r}: token ids must be >= 0, got {int(prompt.min())}")
+        return  # token ids (a token model)
     if prompt.dim() != 2 or prompt.shape[0] == 0 or prompt.shape[1] == 0:
         raise ValidationError(
-            f"request {req_id!r}: prompt must be a non-empty [seq_len, dim] tensor, got shape {tuple(prompt.shape)}"
+            f"request {req_id!r}: prompt must be a non-empty [seq_len, dim] float tensor (vector tokens) or "
+            f"[seq_len] int64 token ids, got shape {tuple(prompt.shape)} {prompt.dtype}"
         )
     if not prompt.is_floating_point():
         raise ValidationError(f"request {req_id!r}: prompt must be floating point, got {prompt.dtype}")
@@ -55,6 +61,9 @@ class Request:
     decode_seed: torch.Tensor | None = None
     num_preemptions: int = 0
     aborted: bool = False
+    sampling: SamplingParams | None = None  # token ids: how to pick each token from the logits
+    eos_token_id: int | None = None  # token ids: the id that ends the request (see SamplingParams.stops)
+    finish_reason: str | None = None  # "length", "stop" or "abort" once finished
     # What prefill runs over: the prompt, or after a preemption prompt + the tokens generated so far.
     _prefill_rows: torch.Tensor = field(init=False, repr=False)
 
@@ -75,8 +84,13 @@ class Request:
             raise ValidationError(
                 f"request {self.req_id!r}: prefill_pos must be an int in [0, {self.prompt_len}], got {p!r}"
             )
+        if self.sampling is not None and not isinstance(self.sampling, SamplingParams):
+            raise ValidationError(f"request {self.req_id!r}: sampling must be SamplingParams, got {self.sampling!r}")
+        if self.sampling is None and self.prompt.dim() == 1:  # token ids: greedy unless told otherwise
+            self.sampling = SamplingParams(max_tokens=n, temperature=0.0)
         if len(self.generated_tokens) >= n:
             self.finished = True
+            self.finish_reason = "length"
         self._prefill_rows = self.prompt
 
     @property
@@ -85,7 +99,13 @@ class Request:
 
     @property
     def dim(self) -> int:
-        return self.prompt.shape[1]
+        """The width of a vector token; 0 for token ids."""
+        return self.prompt.shape[1] if self.prompt.dim() == 2 else 0
+
+    @property
+    def token_shape(self) -> tuple[int, ...]:
+        """One token's shape: ``(dim,)`` for vector tokens, ``()`` for a token id."""
+        return tuple(self.prompt.shape[1:])
 
     @property
     def prefill_rows(self) -> torch.Tensor:
@@ -137,23 +157,30 @@ class Request:
         self.kv_cache.append(k_new, v_new)
 
     def append_token(self, tok: torch.Tensor) -> None:
-        """Record a generated token (``[dim]`` or ``[1, dim]``); finishes the request at ``max_new_tokens``."""
+        """Record a generated token (``[dim]`` or ``[1, dim]``, or a 0-d token id).
+
+        The request finishes at ``max_new_tokens`` (``finish_reason`` "length") or, with
+        ``sampling``, at a stop id or its EOS ("stop").
+        """
         if self.finished:
-            raise RequestError(
-                f"request {self.req_id!r} already holds its {self.max_new_tokens} tokens; it takes no more"
-            )
-        if not isinstance(tok, torch.Tensor) or tuple(tok.shape) not in ((self.dim,), (1, self.dim)):
-            shape = tuple(tok.shape) if isinstance(tok, torch.Tensor) else type(tok).__name__
-            raise ValidationError(
-                f"request {self.req_id!r}: a token must be [{self.dim}] or [1, {self.dim}], got {shape}"
-            )
-        if not tok.is_floating_point():
-            raise ValidationError(f"request {self.req_id!r}: a token must be floating point, got {tok.dtype}")
-        token = tok.reshape(self.dim)
+            held = f"{len(self.generated_tokens)} of {self.max_new_tokens} tokens"
+            raise RequestError(f"request {self.req_id!r} is finished ({self.finish_reason}, {held}); it takes no more")
+        shape, ok = self.token_shape, ((self.dim,), (1, self.dim)) if self.dim else ((),)
+        if not isinstance(tok, torch.Tensor) or tuple(tok.shape) not in ok:
+            got = tuple(tok.shape) if isinstance(tok, torch.Tensor) else type(tok).__name__
+            raise ValidationError(f"request {self.req_id!r}: a token must have shape {' or '.join(map(str, ok))}, "
+                                  f"got {got}")
+        if tok.is_floating_point() != bool(self.dim):
+            want = "floating point" if self.dim else "an int64 token id"
+            raise ValidationError(f"request {self.req_id!r}: a token must be {want}, got {tok.dtype}")
+        token = tok.reshape(shape)
         if self.decode_seed is None:
             self.decode_seed = token
         self.generated_tokens.append(token)
-        self.finished = len(self.generated_tokens) >= self.max_new_tokens
+        if self.sampling is not None and self.sampling.stops(int(token), self.eos_token_id):
+            self.finished, self.finish_reason = True, "stop"
+        elif len(self.generated_tokens) >= self.max_new_tokens:
+            self.finished, self.finish_reason = True, "length"
 
     def __repr__(self) -> str:
         phase = "prefill" if self.in_prefill else "decode"

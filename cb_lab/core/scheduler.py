@@ -63,6 +63,10 @@ def _positive_int(name: str, value: object) -> int:
     return value
 
 
+def _tokens(shape: tuple[int, ...]) -> str:
+    return f"dim {shape[0]}" if shape else "token ids"
+
+
 def check_blocks(plan: StepPlan) -> None:
     """Raise MemoryError if a shared block pool cannot hold the step's new rows.
 
@@ -159,10 +163,11 @@ class Scheduler:
             raise SchedulerError(f"add_request takes a Request, got {type(req).__name__}")
         if any(r.req_id == req.req_id for r in self.active):
             raise SchedulerError(f"request id {req.req_id!r} is already active; use a unique req_id")
-        if req.dim != self.model.dim or req.kv_cache.dim not in (None, self.model.dim):
+        model = self.model
+        if req.token_shape != model.token_shape or req.kv_cache.dim not in (None, model.kv_dim):
             raise SchedulerError(
-                f"request {req.req_id!r} has dim {req.dim} (cache dim {req.kv_cache.dim}) but the model has "
-                f"dim {self.model.dim}"
+                f"request {req.req_id!r} has {_tokens(req.token_shape)} (cache dim {req.kv_cache.dim}) but the model "
+                f"has {_tokens(model.token_shape)} (cache dim {model.kv_dim})"
             )
         if req.prefill_pos != 0 or req.generated_tokens or len(req.kv_cache) != 0:
             raise SchedulerError(f"request {req.req_id!r} has already run ({req!r}); add a new Request")
@@ -174,7 +179,7 @@ class Scheduler:
                 f"request {req.req_id!r} (prompt on {req.prompt.device}, cache on {req.kv_cache.device}) "
                 f"must be on the model's device {self.model.device}"
             )
-        if req.prompt.dtype != self.model.dtype:
+        if req.dim and req.prompt.dtype != self.model.dtype:
             raise SchedulerError(
                 f"request {req.req_id!r} has a {req.prompt.dtype} prompt but the model computes in "
                 f"{self.model.dtype}; pass prompt.to({self.model.dtype})"
@@ -212,6 +217,7 @@ class Scheduler:
             self.waiting.remove(req)
         req.kv_cache.release()
         req.aborted = req.finished = True
+        req.finish_reason = "abort"
         self._decode_turn.pop(req_id, None)
         logger.info("aborted %r", req)
         return req

@@ -69,7 +69,7 @@ class LlamaModel(nn.Module):
                 f"got shape {tuple(positions.shape)}"
             )
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def forward(
         self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, past: Sequence[LayerKV] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

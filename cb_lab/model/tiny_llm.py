@@ -76,6 +76,16 @@ class TinyLLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.q_proj.weight.dtype
 
+    @property
+    def token_shape(self) -> tuple[int, ...]:
+        """A token is a ``[dim]`` vector."""
+        return (self.dim,)
+
+    @property
+    def kv_dim(self) -> int:
+        """A cached K (or V) row is ``[dim]``: one layer, one head."""
+        return self.dim
+
     def _check_rows(self, x: object, name: str) -> None:
         if not isinstance(x, torch.Tensor):
             raise ModelError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
