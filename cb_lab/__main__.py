@@ -11,7 +11,9 @@ Two subcommands run the serving simulation instead (``cb_lab/cli.py``, ``cb_lab/
     python -m cb_lab compare                         # every policy on one workload, ratios to static
     python -m cb_lab compare --quick --json          # one JSON object; --plot DIR writes PNGs
 
-Their flags: ``python -m cb_lab simulate --help``. Without a subcommand, the flags below.
+Their flags: ``python -m cb_lab simulate --help``. ``python -m cb_lab generate "prompt" ...``
+runs a Llama-architecture model through ``LLMEngine`` (``cb_lab/cli_generate.py``). Without a
+subcommand, the flags below.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 
 from cb_lab.cli import serve
+from cb_lab.cli_generate import generate_main
 from cb_lab.core.request import Request
 from cb_lab.core.scheduler import Scheduler
 from cb_lab.model.oracle import oracle_error
@@ -36,8 +39,8 @@ from cb_lab.workload import random_requests, run_workload
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m cb_lab", description=__doc__.splitlines()[0],
-        epilog="subcommands: simulate (one serving policy), compare (several, with ratios to static batching); "
-               "see python -m cb_lab simulate --help",
+        epilog="subcommands: simulate (one serving policy), compare (several, with ratios to static batching), "
+               "generate (text through LLMEngine); see python -m cb_lab simulate --help",
     )
     p.add_argument("--requests", type=int, default=12, help="number of requests (default 12)")
     p.add_argument("--dim", type=int, default=16, help="model / token dim (default 16)")
@@ -90,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] in (["simulate"], ["compare"]):
         return serve(argv)
+    if argv[:1] == ["generate"]:
+        return generate_main(argv[1:])
     args = parse_args(argv)
     plugins = PluginManager()
     metrics = MetricsPlugin()

@@ -18,18 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import torch
 
 from cb_lab import viz
 from cb_lab.core.scheduler import EXECUTORS
 from cb_lab.exceptions import CBLabException
+from cb_lab.progress import ProgressBar
 from cb_lab.serving import (
     DEFAULT_COMPARE,
     HEADLINE_WORKLOAD,
@@ -48,7 +47,7 @@ from cb_lab.serving import (
 from cb_lab.workload import ARRIVALS, LengthDist, WorkloadConfig, generate_workload
 from cb_lab.workload_io import RequestSpec, load_workload, save_workload
 
-__all__ = ["ProgressBar", "format_dist", "parse_dist", "serve", "serving_parser"]
+__all__ = ["format_dist", "parse_dist", "serve", "serving_parser"]
 
 _DIST_ARGS = {"fixed": 1, "uniform": 2, "lognormal": 2, "pareto": 2}
 
@@ -183,42 +182,6 @@ def load_specs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tup
     except CBLabException as e:  # a bad file or value: a usage error that names it
         parser.error(str(e))
     return specs, about
-
-
-class ProgressBar:
-    """``label [#####.....] 312/1024 requests, 2,345 steps`` on stderr, once a run has taken ``delay`` seconds.
-
-    Drawn only on a terminal (``enabled=None``: when the stream is a tty), so a log file gets no
-    carriage-return lines.
-    """
-
-    WIDTH = 30
-
-    def __init__(self, label: str, total: int, stream: TextIO | None = None, *, delay: float = 1.0,
-                 clock: Callable[[], float] = time.perf_counter, enabled: bool | None = None) -> None:
-        self.label, self.total, self.stream = label, total, stream if stream is not None else sys.stderr
-        self.enabled = self.stream.isatty() if enabled is None else enabled
-        self.delay, self.clock = delay, clock
-        self.start = self.last = clock()
-        self.width = 0  # of the line drawn last (0: nothing drawn yet)
-
-    def __call__(self, steps: int, finished: int) -> None:
-        now = self.clock()
-        if not self.enabled or now - self.start < self.delay or (now - self.last < 0.1 and finished < self.total):
-            return
-        self.last = now
-        filled = self.WIDTH * finished // max(self.total, 1)
-        line = (f"{self.label} [{'#' * filled}{'.' * (self.WIDTH - filled)}] {finished}/{self.total} requests, "
-                f"{steps:,} steps")
-        self.stream.write("\r" + line.ljust(self.width))
-        self.stream.flush()
-        self.width = len(line)
-
-    def close(self) -> None:
-        """Clear the bar (if one was drawn), so the results start on a clean line."""
-        if self.width:
-            self.stream.write("\r" + " " * self.width + "\r")
-            self.stream.flush()
 
 
 _COLUMNS = (  # (header, summary key, format)

@@ -11,6 +11,7 @@ import pytest
 
 from cb_lab import __main__ as main_job
 from cb_lab import cli
+from cb_lab.progress import ProgressBar
 from cb_lab.serving import SUMMARY_KEYS, make_config, simulate
 from cb_lab.workload import LengthDist, WorkloadConfig, generate_workload, load_workload
 
@@ -123,7 +124,7 @@ def test_serving_commands_reject_bad_values(argv: list[str], named: str, capsys:
 def test_the_progress_bar_waits_a_second_then_draws_on_stderr() -> None:
     now = [0.0]
     stream = io.StringIO()
-    bar = cli.ProgressBar("sjf", 40, stream, clock=lambda: now[0], enabled=True)
+    bar = ProgressBar("sjf", 40, stream, clock=lambda: now[0], enabled=True)
     bar(10, 4)
     assert stream.getvalue() == "", "nothing for runs shorter than a second"
     now[0] = 1.5
@@ -138,11 +139,11 @@ def test_the_progress_bar_waits_a_second_then_draws_on_stderr() -> None:
     last = "sjf [##############################] 40/40 requests, 302 steps"
     assert stream.getvalue().endswith("\r" + " " * len(last) + "\r")
     quiet = io.StringIO()
-    cli.ProgressBar("x", 1, quiet, clock=lambda: 0.0, enabled=True).close()
+    ProgressBar("x", 1, quiet, clock=lambda: 0.0, enabled=True).close()
     assert quiet.getvalue() == ""
     not_a_terminal = io.StringIO()  # the default: draw only on a tty
     later = [0.0]
-    log_bar = cli.ProgressBar("x", 4, not_a_terminal, clock=lambda: later[0])
+    log_bar = ProgressBar("x", 4, not_a_terminal, clock=lambda: later[0])
     later[0] = 5.0
     log_bar(100, 2)
     log_bar.close()
