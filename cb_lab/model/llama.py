@@ -69,14 +69,14 @@ class LlamaModel(nn.Module):
                 f"got shape {tuple(positions.shape)}"
             )
 
-    @torch.no_grad()
     def forward(
         self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, past: Sequence[LayerKV] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits ``[N, vocab]`` and the rows' new ``keys, values [n_layers, N, G, d]``.
 
         ``mask [N, C + N]`` (True = may attend) covers ``C`` cached rows (``past[l]``, one
-        ``(k, v)`` of ``[C, G, d]`` per layer) and then the batch's own rows.
+        ``(k, v)`` of ``[C, G, d]`` per layer) and then the batch's own rows. Gradients flow
+        (a training loop calls it); ``forward_dense`` and ``LlamaStepModel`` run it under no_grad.
         """
         self._check(ids, positions)
         cos, sin = rope_cos_sin(positions, self.config.head_size, self.config.rope_theta)
@@ -90,6 +90,7 @@ class LlamaModel(nn.Module):
             new_values.append(v)
         return self.lm_head(self.norm(x)), torch.stack(new_keys), torch.stack(new_values)
 
+    @torch.no_grad()
     def forward_dense(self, ids: torch.Tensor) -> torch.Tensor:
         """Logits ``[T, vocab]`` of one sequence with a causal mask: the oracle every schedule must match."""
         T = ids.shape[0] if isinstance(ids, torch.Tensor) else 0

@@ -75,6 +75,7 @@ class LlamaStepModel:
         if hooks:
             raise ModelError("LlamaStepModel reports no attention weights; use attention plugins with TinyLLM")
 
+    @torch.no_grad()
     def forward_prefill_ragged(
         self, tokens: torch.Tensor, ragged_mask: torch.Tensor, past_kv: KV | None = None, *,
         attention_hooks: Sequence[Any] = (),
@@ -85,6 +86,7 @@ class LlamaStepModel:
         logits, k, v = self.model(tokens, positions, ragged_mask, self._past(past_kv))
         return logits, self._rows(k), self._rows(v)
 
+    @torch.no_grad()
     def forward_decode(
         self, new_token: torch.Tensor, kv_cache: BaseKVCache, *, attention_hooks: Sequence[Any] = ()
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
