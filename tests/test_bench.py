@@ -154,3 +154,18 @@ def test_soak_runs_continuous_arrivals_and_ends_with_a_free_pool(capsys: pytest.
     assert finished and num(finished[1]) == arrived > 300, "every request that arrived finished"
     assert "'used_blocks': 0" in out and re.search(r"leak detector '(ok|leak_detected)'", out)
     assert re.search(r"oracle: [1-9]\d* requests checked as they finished, max \|batched - naive\| = \S+", out)
+
+
+LLAMA_ROW = re.compile(r"^(cb-lab|hf [a-z_ ]+?)\s+([\d.]+)\s+([\d,]+)\s+([\d.]+)x\s+(\d+)/(\d+)$")
+
+
+def test_llama_compares_four_ways_on_identical_tokens(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("transformers")
+    out = run(["llama", "--quick"], capsys)
+    rows = {m[1]: m.groups()[1:] for line in out.splitlines() if (m := LLAMA_ROW.match(line))}
+    assert list(rows) == ["cb-lab", "hf generate_batch", "hf padded generate", "hf one at a time"], out
+    for seconds, per_s, _speed, same, total in rows.values():
+        assert same == total == "8", "greedy tokens agree with cb-lab's for every prompt"
+        assert num(per_s) > 0 and float(seconds) >= 0  # the quick run is too short for rounded seconds to check
+    assert rows["cb-lab"][2] == "1.00"
+    assert re.search(r"cb-lab takes [\d.]+x the floor", out) and "weight matmuls about" in out

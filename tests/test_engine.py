@@ -190,3 +190,10 @@ def test_generate_cli_refuses_a_bad_prompts_file(tmp_path: Path, capsys: pytest.
     with pytest.raises(SystemExit):
         main_job.main(["generate", "--prompts", str(bad)])
     assert "JSON list of strings" in capsys.readouterr().err
+
+
+def test_a_bfloat16_engine_keeps_its_pool_in_bfloat16() -> None:
+    engine = LLMEngine(model(), config=EngineConfig(dtype="bfloat16", num_blocks=32, block_size=4))
+    outs = engine.generate(PROMPTS[:2], GREEDY)
+    assert engine.pool.key_cache.dtype == torch.bfloat16 and engine.model.dtype == torch.bfloat16
+    assert all(len(o.token_ids) == 8 for o in outs) and engine.pool.num_used_blocks == 0

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["GatherWorkspace", "PagedKV", "paged_attention", "paged_attention_heads"]
+__all__ = ["GatherWorkspace", "PagedKV", "decode_attention_heads", "paged_attention", "paged_attention_heads"]
 
 
 class GatherWorkspace:
@@ -143,21 +143,35 @@ def paged_attention_heads(
 ) -> torch.Tensor:
     """Decode attention with heads: ``query [B, H, d]`` over each row's blocks and its own new K/V.
 
-    ``key_blocks/value_blocks [num_blocks, block_size, G, d]`` (one layer's view of a pool),
-    ``block_tables [B, max_blocks]``, ``context_lens [B]``, ``new_keys/new_values [B, G, d]``.
-    Query head ``h`` reads key/value head ``h // (H / G)`` (grouped-query attention). Returns
-    ``[B, H, d]``. Each row's table is gathered whole, padding included: the simple layout,
-    ``paged_attention`` above shows how to gather only the blocks in use.
+    ``key_blocks/value_blocks [num_blocks, block_size, G, d]`` (one layer), ``block_tables
+    [B, max_blocks]``, ``context_lens [B]``, ``new_keys/new_values [B, G, d]``. Each row's table
+    is gathered whole, padding included (masked out), then ``decode_attention_heads``.
     """
-    B, H, d = query.shape
-    G = key_blocks.shape[2]
-    keys = torch.cat([key_blocks[block_tables].flatten(1, 2), new_keys[:, None]], dim=1)  # [B, S + 1, G, d]
-    values = torch.cat([value_blocks[block_tables].flatten(1, 2), new_values[:, None]], dim=1)
-    S = keys.shape[1] - 1
+    keys = key_blocks[block_tables].flatten(1, 2)  # [B, S, G, d]
+    values = value_blocks[block_tables].flatten(1, 2)
+    return decode_attention_heads(query, keys, values, context_lens, new_keys, new_values)
+
+
+def decode_attention_heads(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    context_lens: torch.Tensor,
+    new_keys: torch.Tensor,
+    new_values: torch.Tensor,
+) -> torch.Tensor:
+    """``query [B, H, d]`` over gathered ``keys/values [B, S, G, d]`` (row ``b``'s first
+    ``context_lens[b]`` slots are its cache) plus its own ``new_keys/new_values [B, G, d]``.
+
+    Query head ``h`` reads key/value head ``h // (H / G)`` (grouped-query attention): torch's
+    ``scaled_dot_product_attention`` in its grouped-query mode. Returns ``[B, H, d]``.
+    """
+    S = keys.shape[1]
     valid = torch.arange(S + 1, device=query.device)[None, :] < context_lens[:, None]  # [B, S + 1]
     valid[:, S] = True  # the token's own key
-    q = query.view(B, G, H // G, d)  # the query heads of each key/value head together
-    scores = torch.einsum("bgrd,bsgd->bgrs", q, keys.to(query.dtype)) * d**-0.5  # [B, G, H/G, S + 1]
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
-    return torch.einsum("bgrs,bsgd->bgrd", probs, values.to(query.dtype)).reshape(B, H, d)
+    k = torch.cat([keys.transpose(1, 2), new_keys[:, :, None]], dim=2).to(query.dtype)  # [B, G, S + 1, d]
+    v = torch.cat([values.transpose(1, 2), new_values[:, :, None]], dim=2).to(query.dtype)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query[:, :, None, :], k, v, attn_mask=valid[:, None, None, :], enable_gqa=True
+    )  # [B, H, 1, d]
+    return out[:, :, 0, :]

@@ -1,4 +1,4 @@
-"""``python -m cb_lab.bench [workload|fused|memory|soak]``: benchmarks that print tables.
+"""``python -m cb_lab.bench [workload|fused|memory|soak|llama]``: benchmarks that print tables.
 
 - ``workload`` (what runs without a subcommand, ``workload.py``): a seeded workload to
   completion: steps, wall time, tokens/s, RSS growth.
@@ -6,6 +6,8 @@
 - ``memory`` (``memory.py``): KV slots allocated vs used, shared pool vs dense preallocation.
 - ``soak`` (``soak.py``): tens of thousands of steps of continuous arrivals: memory, the pool
   and throughput over time.
+- ``llama`` (``llama.py``): a Llama-architecture model, cb-lab's engine against HF transformers'
+  ``generate_batch``, padded ``generate`` and one-at-a-time ``generate``, and the compute floor.
 
 Every configuration runs in the same process, so compare them as ratios from one run.
 ``--quick`` shrinks each to a few seconds (tests run that). ``docs/benchmarks.md`` records them.
@@ -19,17 +21,17 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from cb_lab.bench import fused, memory, soak, workload
+from cb_lab.bench import fused, llama, memory, soak, workload
 
 __all__ = ["COMMANDS", "main", "parse_args"]
 
-COMMANDS = ("workload", "fused", "memory", "soak")
+COMMANDS = ("workload", "fused", "memory", "soak", "llama")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m cb_lab.bench", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
-    for command in (workload, fused, memory, soak):
+    for command in (workload, fused, memory, soak, llama):
         command.add_parser(sub)
     for parser in sub.choices.values():
         parser.add_argument("--seed", type=int, default=0)

@@ -53,15 +53,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``q [N, H, d]`` over ``k, v [S, G, d]`` with ``mask [N, S]`` (True = may attend) -> ``[N, H, d]``.
 
-    Query head ``h`` reads key/value head ``h // (H / G)``: the heads are repeated, not copied
-    per query (``repeat_interleave`` builds the ``[S, H, d]`` view HF's ``repeat_kv`` does).
+    Query head ``h`` reads key/value head ``h // (H / G)`` (HF's ``repeat_kv``); torch's
+    ``scaled_dot_product_attention`` does it without copying the heads (``enable_gqa``).
     """
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [S, H, d]
-    scores = torch.einsum("nhd,shd->hns", q, k) * q.shape[-1] ** -0.5  # [H, N, S]
-    scores = scores.masked_fill(~mask[None], float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    return torch.einsum("hns,shd->nhd", probs, v)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask[None, None],
+        enable_gqa=True,
+    )  # [1, H, N, d]
+    return out[0].transpose(0, 1)
 
 
 class SwiGLU(nn.Module):

@@ -116,16 +116,17 @@ class LlamaStepModel:
         m._check(tokens, positions)
         cos, sin = rope_cos_sin(positions, m.config.head_size, m.config.rope_theta)
         past = self._past(prefill_past)
+        if decode_kv is not None:  # the pool's blocks as [num_blocks, block_size, n_layers, G, d]: a layer is a view
+            key_blocks = decode_kv.key_cache.view(*decode_kv.key_cache.shape[:2], *self.layer_shape)
+            value_blocks = decode_kv.value_cache.view(*decode_kv.value_cache.shape[:2], *self.layer_shape)
         x = m.embed_tokens(tokens)  # [N, D]
         new_keys, new_values = [], []
         for i, layer in enumerate(cast(Sequence[DecoderLayer], m.layers)):
             q, k, v = layer.project_kv(x, cos, sin)  # every weight of the layer read once for the whole step
             parts = []
             if decode_kv is not None:
-                blocks = decode_kv.key_cache.view(*decode_kv.key_cache.shape[:2], *self.layer_shape)[:, :, i]
-                vblocks = decode_kv.value_cache.view(*decode_kv.value_cache.shape[:2], *self.layer_shape)[:, :, i]
-                parts.append(paged_attention_heads(q[:B], blocks, vblocks, decode_kv.block_tables,
-                                                   decode_kv.context_lens, k[:B], v[:B]))
+                parts.append(paged_attention_heads(q[:B], key_blocks[:, :, i], value_blocks[:, :, i],
+                                                   decode_kv.block_tables, decode_kv.context_lens, k[:B], v[:B]))
             if prefill_mask is not None:
                 keys, values = k[B:], v[B:]
                 if past is not None:
