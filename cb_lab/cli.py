@@ -123,6 +123,9 @@ def serving_parser() -> argparse.ArgumentParser:
     w.add_argument("--prompt-dist", type=parse_dist, metavar="DIST", help="prompt lengths, e.g. uniform:8:64 (default)")
     w.add_argument("--output-dist", type=parse_dist, metavar="DIST",
                    help="output lengths, e.g. lognormal:4:2.0:256 (default), fixed:16, pareto:8:1.2:512")
+    w.add_argument("--shared-prefixes", type=_int_at_least(1), metavar="N",
+                   help="each prompt starts with one of N shared prefixes (a system prompt; see --prefix-len)")
+    w.add_argument("--prefix-len", type=_int_at_least(1), default=32, help="rows of each shared prefix (default 32)")
     w.add_argument("--seed", type=_int_at_least(0), default=0, help="workload, prompts and model weights (default 0)")
     w.add_argument("--workload", metavar="FILE", help="load the requests from a .json or .csv file instead")
     w.add_argument("--save-workload", metavar="FILE", help="write the requests to a .json or .csv file")
@@ -138,6 +141,8 @@ def serving_parser() -> argparse.ArgumentParser:
     e.add_argument("--block-size", type=positive, default=d.block_size, help="KV block size (default %(default)s)")
     e.add_argument("--dim", type=positive, default=16, help="model / token dim (default %(default)s)")
     e.add_argument("--executor", choices=sorted(EXECUTORS), default=d.executor)
+    e.add_argument("--prefix-caching", action="store_true",
+                   help="reuse cached full blocks of shared prefixes (with --num-blocks; see --shared-prefixes)")
     e.add_argument("--preempt-every", type=positive, metavar="N",
                    help="force a preemption every N steps (a rare event, to watch recompute stay exact)")
     e.add_argument("--threads", type=positive, help="torch.set_num_threads (default: torch's)")
@@ -157,8 +162,8 @@ def serving_parser() -> argparse.ArgumentParser:
 
 def load_specs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[list[RequestSpec], str]:
     """The workload's specs and a line describing it."""
-    given = [f"--{n.replace('_', '-')}" for n in ("requests", "arrival", "rate", "prompt_dist", "output_dist")
-             if getattr(args, n) is not None]
+    given = [f"--{n.replace('_', '-')}" for n in ("requests", "arrival", "rate", "prompt_dist", "output_dist",
+                                                  "shared_prefixes") if getattr(args, n) is not None]
     try:
         if args.workload is not None:
             if given:
@@ -169,9 +174,15 @@ def load_specs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tup
             if args.rate is not None and args.arrival != "poisson":
                 parser.error(f"--rate {args.rate:g} needs --arrival poisson")
             h = QUICK_WORKLOAD if args.quick else HEADLINE_WORKLOAD
+            prompts = args.prompt_dist or h.prompt_lens
+            if args.shared_prefixes and prompts.kind == "uniform":  # the prefix comes on top of the unique part
+                prompts = LengthDist.uniform(int(prompts.a) + args.prefix_len, int(prompts.b) + args.prefix_len)
+            elif args.shared_prefixes and prompts.kind == "fixed":
+                prompts = LengthDist.fixed(int(prompts.a) + args.prefix_len)
             config = WorkloadConfig(
-                args.requests or h.num_requests, args.prompt_dist or h.prompt_lens,
-                args.output_dist or h.output_lens, args.arrival or h.arrival, args.rate or 1.0, seed=args.seed,
+                args.requests or h.num_requests, prompts, args.output_dist or h.output_lens,
+                args.arrival or h.arrival, args.rate or 1.0, num_prefixes=args.shared_prefixes or 0,
+                prefix_len=args.prefix_len if args.shared_prefixes else 0, seed=args.seed,
             )
             specs = generate_workload(config)
             arrival = config.arrival + (f" (rate {config.rate:g}/step)" if config.arrival == "poisson" else "")
@@ -243,7 +254,7 @@ def serve(argv: Sequence[str]) -> int:
     names = [args.policy] if args.command == "simulate" else args.policies
     knobs = {"max_tokens_per_step": args.budget, "prefill_chunk_size": args.chunk, "max_num_seqs": args.max_num_seqs,
              "num_blocks": args.num_blocks, "block_size": args.block_size, "executor": args.executor,
-             "preempt_every": args.preempt_every}
+             "preempt_every": args.preempt_every, "enable_prefix_caching": args.prefix_caching}
     try:
         configs = {name: make_config(name, **knobs) for name in names}
         for config in configs.values():
@@ -267,6 +278,8 @@ def serve(argv: Sequence[str]) -> int:
         engine = ", ".join(f"{k} {v}" for k, v in knobs.items() if v is not None)
         print(f"cb-lab {args.command}: {about}\nengine: {engine}, dim {args.dim}; latencies in steps\n")
         print(results_table(results, baseline if args.command == "compare" else None))
+        if args.prefix_caching:
+            print("\n" + prefix_cache_lines(results))
         static = next((r for r in results if r.name == "static"), None)
         if args.command == "compare" and static is not None and len(results) > 1:
             print("\n" + why_static_loses(static, results))
@@ -278,6 +291,18 @@ def serve(argv: Sequence[str]) -> int:
         for name, paths in plots.items():
             print(f"plots {name}: {', '.join(paths) or 'none (matplotlib is not installed)'}")
     return 0 if max(errors.values()) < 1e-4 else 1
+
+
+def prefix_cache_lines(results: Sequence[RunResult]) -> str:
+    """Per policy, what prefix caching saved (``prefill_tokens_saved``, the hit rates) and evicted."""
+    lines = []
+    for r in results:
+        s = r.summary
+        rate = "-" if s["prefix_hit_rate"] is None else f"{s['prefix_hit_rate']:.0%}"
+        blocks = "-" if s["prefix_block_hit_rate"] is None else f"{s['prefix_block_hit_rate']:.0%}"
+        lines.append(f"prefix cache {r.name}: {s['prefill_tokens_saved']:,} prefill tokens saved (hit rate {rate} of "
+                     f"the prompt tokens, {blocks} of their full blocks), {s['kv_evictions']} evictions")
+    return "\n".join(lines)
 
 
 def report(args: argparse.Namespace, about: str, results: Sequence[RunResult], baseline: RunResult,

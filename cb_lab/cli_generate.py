@@ -8,8 +8,9 @@
 
 Without ``--model`` it builds the default ``LlamaConfig`` with seeded random weights and the
 byte tokenizer: the text is noise, but every engine path runs. ``--json`` prints one object:
-``outputs`` (one per prompt, in order: ``prompt``, ``token_ids``, ``text``, ``finish_reason``,
-``ttft_s``) and ``tokens_per_s`` for the run.
+``outputs`` (one per sample, in prompt order: ``request_id``, ``prompt``, ``token_ids``, ``text``,
+``finish_reason``, ``ttft_s``), ``tokens_per_s`` for the run and the prefix cache's
+``prefill_tokens_saved`` and ``prefix_hit_rate`` (``LLMEngine.cache_stats``).
 """
 
 from __future__ import annotations
@@ -39,11 +40,13 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 (the default): greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0, help="prompt i samples with seed + i")
+    p.add_argument("--seed", type=int, default=0, help="sample j of prompt i draws with seed + i * n + j")
+    p.add_argument("--n", type=int, default=1, help="samples per prompt: forks that share its prefill (default 1)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the EOS token")
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-blocks", type=int, help="KV blocks of the pool (default: from a 64 MB budget)")
+    p.add_argument("--no-prefix-caching", action="store_true", help="compute every prompt's prefill in full")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quick", action="store_true", help="at most 8 tokens per prompt")
     return p
@@ -69,11 +72,12 @@ def generate_main(argv: Sequence[str]) -> int:
     prompts = load_prompts(args, parser)
     max_tokens = min(args.max_tokens, 8) if args.quick else args.max_tokens
     try:
-        config = EngineConfig(max_num_seqs=args.max_num_seqs, block_size=args.block_size, num_blocks=args.num_blocks)
+        config = EngineConfig(max_num_seqs=args.max_num_seqs, block_size=args.block_size, num_blocks=args.num_blocks,
+                              enable_prefix_caching=not args.no_prefix_caching)
         engine = (LLMEngine.from_pretrained(args.model, config) if args.model
                   else LLMEngine(LlamaModel(LlamaConfig(), seed=0), config=config))
         params = [SamplingParams(max_tokens=max_tokens, temperature=args.temperature, top_k=args.top_k,
-                                 top_p=args.top_p, seed=args.seed + i, ignore_eos=args.ignore_eos)
+                                 top_p=args.top_p, seed=args.seed + i * args.n, ignore_eos=args.ignore_eos, n=args.n)
                   for i in range(len(prompts))]
         start = time.perf_counter()
         outputs = engine.generate(prompts, params)
@@ -83,16 +87,20 @@ def generate_main(argv: Sequence[str]) -> int:
     tokens = sum(len(o.token_ids) for o in outputs)
     report: dict[str, Any] = {
         "model": args.model or "random LlamaConfig() (seed 0), byte tokenizer",
-        "outputs": [{"prompt": o.prompt, "token_ids": o.token_ids, "text": o.text, "finish_reason": o.finish_reason,
-                     "ttft_s": o.ttft_s} for o in outputs],
+        "outputs": [{"request_id": o.request_id, "prompt": o.prompt, "token_ids": o.token_ids, "text": o.text,
+                     "finish_reason": o.finish_reason, "ttft_s": o.ttft_s} for o in outputs],
         "steps": engine.scheduler.step_id, "wall_s": wall, "tokens_per_s": tokens / wall if wall > 0 else 0.0,
+        **engine.cache_stats(),
     }
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
-    for i, out in enumerate(report["outputs"]):
-        print(f"[{i}] {out['prompt']!r}\n    -> {out['text']!r} "
+    for out in report["outputs"]:
+        print(f"[{out['request_id']}] {out['prompt']!r}\n    -> {out['text']!r} "
               f"({len(out['token_ids'])} tokens, {out['finish_reason']})")
     print(f"\n{tokens} tokens in {report['steps']} steps, {wall:.2f} s: {report['tokens_per_s']:,.0f} tokens/s "
           f"({report['model']})")
+    if report["prefill_tokens_saved"]:
+        print(f"prefix cache: {report['prefill_tokens_saved']} prompt tokens not computed again "
+              f"({report['prefix_hit_rate']:.0%} of the prompt tokens)")
     return 0

@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["DTYPES", "EngineConfig", "LLMEngine", "RequestOutput"]
 
+_CACHE_COUNTS = ("prefix_hit_tokens", "admitted_prompt_tokens", "kv_evictions", "kv_copies")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Prompt = str | Sequence[int]
 
@@ -55,6 +56,7 @@ class EngineConfig:
     prefill_chunk_size: int = 64
     dtype: str = "float32"
     executor: str = "fused"
+    enable_prefix_caching: bool = True  # requests reuse cached full blocks of a prompt prefix they share
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "block_size", "max_tokens_per_step", "prefill_chunk_size"):
@@ -70,6 +72,9 @@ class EngineConfig:
             raise ConfigurationError(f"EngineConfig dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
         if self.executor not in EXECUTORS:
             raise ConfigurationError(f"EngineConfig executor must be one of {sorted(EXECUTORS)}, got {self.executor!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ConfigurationError(f"EngineConfig enable_prefix_caching must be a bool, got "
+                                     f"{self.enable_prefix_caching!r}")
 
 
 @dataclass(slots=True)
@@ -110,10 +115,11 @@ class LLMEngine:
         self.pool = BlockPool(num_blocks, c.block_size, self.model.kv_dim, dtype=self.model.dtype,
                               device=self.model.device)
         self.scheduler = Scheduler(self.model, c.max_tokens_per_step, c.prefill_chunk_size, executor=c.executor,
-                                   max_num_seqs=c.max_num_seqs)
+                                   max_num_seqs=c.max_num_seqs, enable_prefix_caching=c.enable_prefix_caching)
         self.outputs: dict[str, RequestOutput] = {}  # of the requests not finished yet
         self._requests: dict[str, Request] = {}
         self._next_id = 0
+        self._counts = dict.fromkeys(_CACHE_COUNTS, 0)  # prefix-cache counts summed over the steps
         logger.info("LLMEngine: %d KV blocks of %d tokens (%.1f MB)", num_blocks, c.block_size,
                     num_blocks * c.block_size * row_bytes / 2**20)
 
@@ -147,6 +153,15 @@ class LLMEngine:
                                                  arrival_time=time.perf_counter(), finished=req.finished)
         return request_id
 
+    def _track_forks(self) -> None:
+        """Give an output to each sample the scheduler has just forked (``SamplingParams.n``)."""
+        for req in self.scheduler.running:
+            parent = self.outputs.get(req.parent_id or "")
+            if parent is not None and req.req_id not in self._requests:
+                self._requests[req.req_id] = req
+                self.outputs[req.req_id] = RequestOutput(req.req_id, parent.prompt, parent.prompt_token_ids,
+                                                         arrival_time=parent.arrival_time)
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.scheduler.active)
 
@@ -155,7 +170,10 @@ class LLMEngine:
 
         A finished request is reported once, then the engine forgets it (the caller has its output).
         """
-        self.scheduler.step()
+        stats = self.scheduler.step()
+        for key in _CACHE_COUNTS:
+            self._counts[key] += stats[key]
+        self._track_forks()
         now, changed = time.perf_counter(), []
         for request_id, req in list(self._requests.items()):
             out = self.outputs[request_id]
@@ -171,6 +189,15 @@ class LLMEngine:
                 del self._requests[request_id], self.outputs[request_id]
         return changed
 
+    def cache_stats(self) -> dict[str, int | float | None]:
+        """Prefix caching and forks so far: ``prefill_tokens_saved``, ``prefix_hit_rate`` (of the admitted
+        prompt tokens; None before any), ``kv_evictions``, ``kv_copies``."""
+        c = self._counts
+        admitted = c["admitted_prompt_tokens"]
+        return {"prefill_tokens_saved": c["prefix_hit_tokens"],
+                "prefix_hit_rate": c["prefix_hit_tokens"] / admitted if admitted else None,
+                "kv_evictions": c["kv_evictions"], "kv_copies": c["kv_copies"]}
+
     def abort(self, request_id: str) -> RequestOutput:
         """Stop a request now (its blocks go back to the pool); returns its output so far."""
         if request_id not in self._requests:
@@ -183,12 +210,13 @@ class LLMEngine:
 
     def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams |
                  Sequence[SamplingParams] | None = None, *, progress: bool | None = None) -> list[RequestOutput]:
-        """Run every prompt to the end; outputs in prompt order. ``progress``: a bar (None: on a terminal)."""
+        """Run every prompt to the end; outputs in prompt order (``n`` samples: ``n`` outputs, ids
+        ``id``, ``id.1``, ...). ``progress``: a bar (None: on a terminal)."""
         batch = _as_batch(prompts)
         params = list(sampling_params) if isinstance(sampling_params, Sequence) else [sampling_params] * len(batch)
         if len(params) != len(batch):
             raise ValidationError(f"{len(params)} sampling params for {len(batch)} prompts; give one or one each")
-        ids = [self.add_request(p, sp) for p, sp in zip(batch, params)]
+        ids = [i for p, sp in zip(batch, params) for i in _sample_ids(self.add_request(p, sp), sp)]
         done: dict[str, RequestOutput] = {}
         bar = ProgressBar("generate", len(ids), enabled=progress)
         while len(done) < len(ids):
@@ -203,14 +231,23 @@ class LLMEngine:
 
         Text that ends inside a multi-byte character waits for the rest of it.
         """
-        ids = [self.add_request(p, sampling_params) for p in _as_batch(prompts)]
-        shown = dict.fromkeys(ids, "")
-        while any(i in self.outputs for i in ids):
+        ids = [i for p in _as_batch(prompts) for i in _sample_ids(self.add_request(p, sampling_params),
+                                                                   sampling_params)]
+        shown, finished = dict.fromkeys(ids, ""), set[str]()
+        while len(finished) < len(ids):
             for out in self.step():
+                if out.finished and out.request_id in shown:
+                    finished.add(out.request_id)
                 text = out.text if out.finished else out.text.rstrip("\ufffd")
                 if out.request_id in shown and len(text) > len(shown[out.request_id]):
                     yield out.request_id, text[len(shown[out.request_id]):]
                     shown[out.request_id] = text
+
+
+def _sample_ids(request_id: str, params: SamplingParams | None) -> list[str]:
+    """The ids of a request's samples: itself, then its forks ``id.1`` ... (``SamplingParams.n``)."""
+    n = 1 if params is None or params.max_tokens == 0 else params.n  # nothing drawn: nothing to fork
+    return [request_id] + [f"{request_id}.{i}" for i in range(1, n)]
 
 
 def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

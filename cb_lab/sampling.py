@@ -6,14 +6,16 @@ and to the smallest set whose probability reaches ``top_p``. Its random draws ne
 the schedule: token ``i`` of a request draws from a generator seeded by ``(seed, i)`` alone,
 so a request samples the same tokens alone or in a crowd, after a preemption, and when a step
 is retried after a fault. It stops at ``max_tokens``, at its EOS (unless ``ignore_eos``) or at
-any of ``stop_token_ids``.
+any of ``stop_token_ids``. ``n > 1`` asks for that many samples of one prompt: the prompt is
+prefilled once and each further sample is a fork (``Request.fork``) with its own random stream
+(``sample_params(i)``).
 """
 
 from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -33,6 +35,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    n: int = 1  # parallel samples of the prompt: n - 1 forks share its K/V after the prefill
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 0:
@@ -43,9 +46,15 @@ class SamplingParams:
             raise ConfigurationError(f"SamplingParams top_k must be an int >= 0 (0: off), got {self.top_k!r}")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise ConfigurationError(f"SamplingParams top_p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise ConfigurationError(f"SamplingParams n must be an int >= 1, got {self.n!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ConfigurationError(f"SamplingParams seed must be an int or None, got {self.seed!r}")
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
+    def sample_params(self, index: int) -> SamplingParams:
+        """The params of sample ``index`` of ``n``: one sample each, and a seed of its own (``seed + index``)."""
+        return replace(self, n=1, seed=None if self.seed is None else self.seed + index)
 
     def generator(self, req_id: str, index: int) -> torch.Generator:
         """The generator of token ``index``: seeded by ``(seed, index)`` only, never by the batch."""

@@ -62,6 +62,7 @@ SUMMARY_KEYS = (
     "policy", "requests", "steps", "wall_s", "gen_tokens", "tokens_per_s", "tokens_per_step",
     "ttft_p50_steps", "ttft_p99_steps", "tpot_p50_steps", "e2e_p99_steps", "queueing_p50_steps",
     "preemptions", "padding_tokens", "kv_utilization", "requests_per_s", "ttft_p99_s",
+    "prefix_hit_rate", "prefix_block_hit_rate", "prefill_tokens_saved", "kv_evictions", "kv_copies",
 )
 # The numbers ``compare`` divides by the baseline's (static batching's).
 RATIO_KEYS = (
@@ -89,6 +90,7 @@ class ServingConfig:
     block_size: int = 16  # rows per KV block (with num_blocks)
     executor: str = "fused"  # one forward per step ("fused") or one per decode token ("split")
     preempt_every: int | None = None  # force a preemption every N steps (a rare event, made common)
+    enable_prefix_caching: bool = False  # admissions reuse cached full blocks of a shared prefix (num_blocks)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -96,8 +98,9 @@ class ServingConfig:
         if self.executor not in EXECUTORS:
             raise ConfigurationError(
                 f"ServingConfig executor must be one of {sorted(EXECUTORS)}, got {self.executor!r}")
-        if not isinstance(self.enable_chunked_prefill, bool):
-            raise ConfigurationError(f"enable_chunked_prefill must be a bool, got {self.enable_chunked_prefill!r}")
+        for flag in ("enable_chunked_prefill", "enable_prefix_caching"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigurationError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
         for name in ("max_tokens_per_step", "prefill_chunk_size", "block_size"):
             _positive(name, getattr(self, name))
         for name in ("max_num_seqs", "num_blocks", "preempt_every"):
@@ -120,7 +123,7 @@ QUICK_WORKLOAD = replace(HEADLINE_WORKLOAD, num_requests=128, output_lens=Length
 # What a preset fixes (the policy); everything else is an engine knob every policy shares.
 _ENGINE_KNOBS = (
     "max_tokens_per_step", "prefill_chunk_size", "max_num_seqs", "num_blocks", "block_size", "executor",
-    "preempt_every",
+    "preempt_every", "enable_prefix_caching",
 )
 
 
@@ -256,7 +259,7 @@ def simulate(
     scheduler = Scheduler(
         model, config.max_tokens_per_step, config.prefill_chunk_size, plugins=plugins, executor=config.executor,
         max_num_seqs=config.max_num_seqs, policy=config.policy, enable_chunked_prefill=config.enable_chunked_prefill,
-        preempt_every=config.preempt_every,
+        preempt_every=config.preempt_every, enable_prefix_caching=config.enable_prefix_caching,
     )
     start = time.perf_counter()
     run_workload(scheduler, arrivals)

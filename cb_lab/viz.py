@@ -7,6 +7,8 @@ Three views of the same steps, each one idea of continuous batching:
 - :func:`batch_composition`: one row per step, one character per token of the budget:
   ``D`` decode, ``P`` prefill, ``#`` padding (static batching), ``.`` unused budget.
 - :func:`pool_occupancy`: one row per step, a bar of the shared KV pool's used blocks.
+- :func:`block_tables`: one step's block tables, blocks held by two or more tables starred
+  (prefix caching and forks share blocks).
 
 :func:`overview` puts the three together, cut to a terminal (``python -m cb_lab simulate``).
 
@@ -32,7 +34,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["batch_composition", "overview", "pool_occupancy", "save_pngs", "timeline"]
+__all__ = ["batch_composition", "block_tables", "overview", "pool_occupancy", "save_pngs", "timeline"]
 
 _NO_STEPS = "(no steps recorded)"
 
@@ -91,6 +93,28 @@ def pool_occupancy(trace_steps: Sequence[StepTrace], width: int = 40) -> str:
         cells = min(total, width)
         filled = round(used * cells / total) if total else 0
         lines.append(f"step {s.step_id:>{digits}} |{'#' * filled}{'.' * (cells - filled)}| {used}/{total} blocks")
+    return "\n".join(lines)
+
+
+def block_tables(step: StepTrace, max_requests: int = 16) -> str:
+    """The block tables of the requests that ran in ``step`` and hold blocks after it; ``*`` marks a
+    block two or more of them share."""
+    held = [(req_id, table) for req_id, table in step.block_tables if table]  # a finished request holds none
+    tables = held[:max_requests]
+    if not tables:
+        return f"step {step.step_id}: no paged block table"
+    holders: dict[int, int] = {}
+    for _, table in held:
+        for block in table:
+            holders[block] = holders.get(block, 0) + 1
+    width = max(len(r) for r, _ in tables)
+    digits = max((len(str(b)) for _, t in tables for b in t), default=1)
+    lines = [f"step {step.step_id} block tables: * shared by two or more requests"]
+    for req_id, table in tables:
+        cells = " ".join(f"{b:>{digits}}{'*' if holders[b] > 1 else ' '}" for b in table)
+        lines.append(f"{req_id:<{width}} [{cells}]")
+    if len(held) > max_requests:
+        lines.append(f"... {len(held) - max_requests} more")
     return "\n".join(lines)
 
 

@@ -24,6 +24,8 @@ import torch
 from cb_lab.core.invariants import expected_cache_len
 from cb_lab.core.kv_cache import BaseKVCache, DenseKVCache, PagedKVCache
 from cb_lab.core.request import Request
+from cb_lab.model.llama import LlamaModel
+from cb_lab.model.llama_config import LlamaConfig
 from cb_lab.model.tiny_llm import TinyLLM
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "assert_cache_oracle",
     "assert_oracle",
     "make_cache",
+    "make_llama",
     "make_model",
     "make_request",
     "oracle_sequence",
@@ -47,6 +50,18 @@ def make_model(dim: int = 16, seed: int = 0) -> TinyLLM:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return TinyLLM(dim)
+
+
+def make_llama(vocab_size: int = 97, seed: int = 2) -> LlamaModel:
+    """A small Llama (dim 32, 2 layers, 4 heads over 2 kv heads) with weights far from uniform logits."""
+    model = LlamaModel(LlamaConfig(vocab_size=vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48),
+                       seed=seed)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(1 + 0.2 * noise if "norm" in name else 0.3 * noise)
+    return model
 
 
 def make_cache(

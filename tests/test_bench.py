@@ -14,6 +14,7 @@ from helpers import make_model
 from cb_lab import bench
 from cb_lab.bench import fused as fused_bench
 from cb_lab.bench import memory as memory_bench
+from cb_lab.bench import prefix as prefix_bench
 from cb_lab.bench import soak as soak_bench
 from cb_lab.core.block_pool import BlockPool
 from cb_lab.core.kv_cache import PagedKVCache
@@ -169,3 +170,20 @@ def test_llama_compares_four_ways_on_identical_tokens(capsys: pytest.CaptureFixt
         assert num(per_s) > 0 and float(seconds) >= 0  # the quick run is too short for rounded seconds to check
     assert rows["cb-lab"][2] == "1.00"
     assert re.search(r"cb-lab takes [\d.]+x the floor", out) and "weight matmuls about" in out
+
+
+PREFIX_ROW = re.compile(rf"^caching (off|on)\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}\s+(\d+)$", re.M)
+
+
+def test_prefix_counts_the_prefill_tokens_caching_saves(capsys: pytest.CaptureFixture[str]) -> None:
+    out = run(["prefix", "--quick"], capsys)
+    rows = {m[1]: m for m in PREFIX_ROW.finditer(out)}
+    args = bench.parse_args(["prefix", "--quick"])
+    prompts = prefix_bench.make_prompts(args, True)
+    assert num(rows["off"][2]) == sum(p.shape[0] for p in prompts) and num(rows["off"][3]) == 0
+    saved = num(rows["on"][3])
+    assert num(rows["on"][2]) == num(rows["off"][2]) - saved  # ample pool: no preemption recomputes
+    assert saved > 0 and saved % prefix_bench.BLOCK_SIZE == 0 and saved <= (len(prompts) - 1) * args.prefix_len
+    assert num(rows["on"][6]) < num(rows["off"][6])  # TTFT p50 in steps
+    assert f"same tokens {len(prompts)}/{len(prompts)}" in out
+    assert re.search(r"no shared prefix \(best of 1\): .* saved 0 tokens", out)

@@ -14,6 +14,7 @@ from cb_lab import cli
 from cb_lab.progress import ProgressBar
 from cb_lab.serving import SUMMARY_KEYS, make_config, simulate
 from cb_lab.workload import LengthDist, WorkloadConfig, generate_workload, load_workload
+from cb_lab.workload_io import RequestSpec
 
 SMALL = ["--requests", "24", "--prompt-dist", "uniform:4:24", "--output-dist", "lognormal:4:2.0:32",
          "--max-num-seqs", "4", "--budget", "128"]
@@ -160,3 +161,19 @@ def test_python_m_cb_lab_dispatches_the_subcommands(capsys: pytest.CaptureFixtur
     assert main_job.main(["simulate", *SMALL, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["command"] == "simulate" and data["policies"][0]["policy"] == "continuous"
+
+
+def test_prefix_caching_on_shared_prefixes_saves_prefill_and_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [*SMALL, "--num-blocks", "200", "--block-size", "4", "--shared-prefixes", "2", "--prefix-len", "12"]
+    off, on = (run_json(["simulate", *argv, *extra], capsys)["policies"][0] for extra in ([], ["--prefix-caching"]))
+    assert off["prefill_tokens_saved"] == 0 and on["config"]["enable_prefix_caching"]
+    saved = on["prefill_tokens_saved"]
+    assert saved > 0 and saved % 4 == 0 and on["gen_tokens"] == off["gen_tokens"] and on["oracle_error"] < 1e-5
+    assert on["prefix_hit_rate"] == pytest.approx(saved / sum(s.prompt_len for s in cli_specs(argv)))
+    assert cli.serve(["simulate", *argv, "--prefix-caching"]) == 0
+    assert f"prefix cache continuous: {saved:,} prefill tokens saved" in capsys.readouterr().out
+
+
+def cli_specs(argv: list[str]) -> list[RequestSpec]:
+    args = cli.serving_parser().parse_args(["simulate", *argv])
+    return cli.load_specs(args, cli.serving_parser())[0]

@@ -197,3 +197,31 @@ def test_a_bfloat16_engine_keeps_its_pool_in_bfloat16() -> None:
     outs = engine.generate(PROMPTS[:2], GREEDY)
     assert engine.pool.key_cache.dtype == torch.bfloat16 and engine.model.dtype == torch.bfloat16
     assert all(len(o.token_ids) == 8 for o in outs) and engine.pool.num_used_blocks == 0
+
+
+def test_the_engine_caches_prefixes_by_default_and_counts_what_it_saved() -> None:
+    system = "You are a helpful assistant. "  # BOS + 29 bytes: 7 full blocks of 4, and 2 tokens over
+    on = LLMEngine(model(), config=EngineConfig(block_size=4, num_blocks=64))
+    off = LLMEngine(model(), config=EngineConfig(block_size=4, num_blocks=64, enable_prefix_caching=False))
+    for engine in (on, off):
+        first = engine.generate(system + "Hi", GREEDY)  # its blocks are cached once it has run
+        rest = engine.generate([system + "KV?", system + "Bye"], GREEDY)
+        assert [o.token_ids for o in first + rest] == [greedy_reference(model(), ByteTokenizer().encode(p), 8)
+                                                       for p in (system + "Hi", system + "KV?", system + "Bye")]
+    assert off.cache_stats() == {"prefill_tokens_saved": 0, "prefix_hit_rate": 0.0, "kv_evictions": 0,
+                                 "kv_copies": 0}
+    saved = on.cache_stats()["prefill_tokens_saved"]
+    assert saved == 2 * 28  # both later prompts take the 7 cached blocks of the system prompt
+    prompt_tokens = sum(len(ByteTokenizer().encode(p)) for p in (system + "Hi", system + "KV?", system + "Bye"))
+    assert on.cache_stats()["prefix_hit_rate"] == pytest.approx(saved / prompt_tokens)
+
+
+def test_generate_cli_n_samples_and_the_cache_stats(capsys: pytest.CaptureFixture[str]) -> None:
+    data = run_cli(["same prompt", "other", "--n", "2", "--temperature", "1.0", "--quick", "--ignore-eos",
+                    "--block-size", "4"], capsys)
+    assert [o["request_id"] for o in data["outputs"]] == ["req-0", "req-0.1", "req-1", "req-1.1"]
+    assert [o["prompt"] for o in data["outputs"]] == ["same prompt", "same prompt", "other", "other"]
+    assert data["outputs"][0]["token_ids"] != data["outputs"][1]["token_ids"]  # seeds 0 and 1
+    assert {"prefill_tokens_saved", "prefix_hit_rate"} <= set(data)
+    off = run_cli(["x", "--quick", "--no-prefix-caching"], capsys)
+    assert off["prefill_tokens_saved"] == 0

@@ -82,7 +82,7 @@ def test_ref_counts_and_the_free_list() -> None:
         check_next(sched)
     pool.ref_counts[block] -= 1
     pool.free_block_ids.append(block)  # free and in use
-    with pytest.raises(SchedulerError, match="is not the blocks of ref count 0"):
+    with pytest.raises(SchedulerError, match="are not the blocks of ref count 0"):
         check_next(sched)
     pool.free_block_ids.remove(block)
     pool.num_tokens += 1
@@ -147,3 +147,41 @@ def test_long_sequences_skip_the_recompute() -> None:
     sched.add_request(long)
     sched.run_until_complete()  # drifts from its first call, but too long to recompute: no error
     assert long.finished
+
+
+def cached_mid_run() -> tuple[Scheduler, list[Request], BlockPool]:
+    """Two requests with one shared 4-row prefix on a pool of blocks of 2; the second took the first's blocks."""
+    pool = BlockPool(16, 2, D)
+    sched = Scheduler(make_model(D), 6, 3, check_invariants=True, enable_prefix_caching=True)
+    prefix = torch.randn(4, D, generator=torch.Generator().manual_seed(1))
+    reqs = [Request(f"c{i}", torch.cat([prefix, torch.randn(3, D)]), 6, PagedKVCache(2, pool=pool)) for i in range(2)]
+    sched.add_request(reqs[0])
+    for _ in range(3):
+        sched.step()
+    sched.add_request(reqs[1])
+    sched.step()
+    assert reqs[1].kv_cache.block_table[:2] == reqs[0].kv_cache.block_table[:2]
+    return sched, reqs, pool
+
+
+def test_prefix_cache_hashes_and_the_lru_list() -> None:
+    sched, reqs, pool = cached_mid_run()
+    check_next(sched)
+    shared = reqs[0].kv_cache.block_table[0]
+    pool.evictable[shared] = None  # in use and evictable
+    with pytest.raises(SchedulerError, match="in use and evictable"):
+        check_next(sched)
+    del pool.evictable[shared]
+    right = pool.block_hashes[shared]
+    pool.block_hashes[shared] = right + 1  # registered under a hash that is not its rows'
+    with pytest.raises(SchedulerError, match=rf"block {shared} of request 'c0' is cached under a hash"):
+        check_next(sched)
+    pool.block_hashes[shared] = right
+    unhashed = pool.free_block_ids.pop()
+    pool.evictable[unhashed] = None  # evictable, but nothing could ever find it
+    with pytest.raises(SchedulerError, match="an evictable block has no hash"):
+        check_next(sched)
+    del pool.evictable[unhashed]
+    pool.free_block_ids.append(unhashed)
+    sched.run_until_complete()
+    assert pool.num_used_blocks == 0 and pool.num_evictable_blocks > 0

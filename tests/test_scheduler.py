@@ -21,7 +21,8 @@ from cb_lab.monitoring.metrics import MetricsCollector
 STAT_KEYS = {
     "step_id", "decode_tokens", "prefill_tokens", "total_tokens",
     "active_requests", "finished_requests", "step_duration", "status",
-    "waiting_requests", "preempted_requests", "padding_tokens",
+    "waiting_requests", "preempted_requests", "padding_tokens", "prefix_hit_tokens", "prefix_hit_blocks",
+    "admitted_prompt_tokens", "admitted_prompt_blocks", "kv_evictions", "kv_copies",
 }
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from helpers import make_model, make_request
 
 from cb_lab.core.block_pool import BlockPool
@@ -14,9 +15,13 @@ from cb_lab.core.kv_cache import PagedKVCache
 from cb_lab.core.request import Request
 from cb_lab.core.scheduler import Scheduler
 from cb_lab.exceptions import ValidationError
+from cb_lab.model.llama import LlamaModel
+from cb_lab.model.llama_config import LlamaConfig
+from cb_lab.model.llama_step import LlamaStepModel
 from cb_lab.monitoring.trace import StepTrace, TracePlugin, load_trace, request_timeline
 from cb_lab.plugins.base import PluginManager, SchedulerPlugin
 from cb_lab.plugins.builtin import MetricsPlugin
+from cb_lab.sampling import SamplingParams
 
 DIM = 8
 
@@ -176,3 +181,25 @@ def test_running_but_skipped_is_a_dash() -> None:
     timeline = {k: "".join(v) for k, v in trace.request_timeline().items()}
     assert timeline == {"a": "PD-D-D-D ", "b": "P-D-D-D-D"}
     assert all(t.skipped in ((("a", "budget"),), (("b", "budget"),)) for t in trace.steps[1:-1])
+
+
+def test_prefix_hits_samples_and_copies_are_traced(tmp_path: Path) -> None:
+    """n = 2 samples fork at the first token and run at once; a later copy of the prompt hits the cache."""
+    model = LlamaStepModel(LlamaModel(LlamaConfig(vocab_size=32, dim=16, n_layers=1, n_heads=2, n_kv_heads=1,
+                                                  ffn_dim=16), seed=0))
+    manager, trace = PluginManager(), TracePlugin()
+    manager.register_scheduler_plugin(trace)
+    sched = Scheduler(model, 16, 16, plugins=manager, enable_prefix_caching=True)
+    pool = BlockPool(16, 2, model.kv_dim)
+    prompt = torch.arange(7) % 32
+    params = SamplingParams(max_tokens=3, temperature=1.0, seed=0, n=2)
+    sched.add_request(Request("p", prompt, 3, PagedKVCache(2, pool=pool), sampling=params))
+    sched.step()
+    assert trace.steps[0].running == ("p", "p.1") == tuple(r.req_id for r in sched.running)
+    sched.add_request(Request("q", prompt.clone(), 3, PagedKVCache(2, pool=pool)))
+    sched.run_until_complete()
+    hits = [(s.step_id, s.prefix_hits) for s in trace.steps if s.prefix_hits]
+    assert hits == [(1, (("q", 6),))]  # 3 cached blocks: every row but the last
+    assert sum(s.kv_copies for s in trace.steps) == 0  # p.1 holds rows 0..5, three full blocks: nothing to copy
+    trace.to_json(tmp_path / "t.json")
+    assert TracePlugin.load_json(tmp_path / "t.json") == trace.steps

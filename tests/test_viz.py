@@ -126,3 +126,22 @@ def test_overview_cuts_the_pictures_to_a_terminal() -> None:
     assert f"(3 of {len(steps)} steps, evenly spaced)" in text and "KV pool occupancy" in text
     assert "KV pool occupancy" not in viz.overview(trace_of())  # dense caches: no pool to draw
     assert viz.overview([]) == "(no steps recorded)"
+
+
+def test_block_tables_star_the_blocks_two_requests_share() -> None:
+    trace = TracePlugin()
+    manager = PluginManager()
+    manager.register_scheduler_plugin(trace)
+    pool = BlockPool(16, 2, DIM)
+    sched = Scheduler(make_model(DIM), 8, 8, plugins=manager)
+    sched.add_request(make_request("a", 4, 4, DIM, PagedKVCache(2, pool=pool)))
+    sched.step()
+    sched.fork("a", "b")  # b holds a's rows 0..2: both blocks, the second partial for b
+    sched.step()
+    last = trace.steps[-1]
+    a, b = dict(last.block_tables)["a"], dict(last.block_tables)["b"]
+    text = viz.block_tables(last)
+    rows = {line.split()[0]: line.split("[", 1)[1].rstrip("]").split() for line in text.splitlines()[1:]}
+    assert rows == {"a": [f"{x}*" if x in b else str(x) for x in a], "b": [f"{x}*" if x in a else str(x) for x in b]}
+    assert sum(x in b for x in a) == 1 and last.kv_copies == 1  # b's write of row 3 copied the partial block
+    assert "no paged block table" in viz.block_tables(trace_of()[0])

@@ -1,4 +1,4 @@
-"""``python -m cb_lab.bench [workload|fused|memory|soak|llama]``: benchmarks that print tables.
+"""``python -m cb_lab.bench [workload|fused|memory|soak|llama|prefix]``: benchmarks that print tables.
 
 - ``workload`` (what runs without a subcommand, ``workload.py``): a seeded workload to
   completion: steps, wall time, tokens/s, RSS growth.
@@ -8,6 +8,8 @@
   and throughput over time.
 - ``llama`` (``llama.py``): a Llama-architecture model, cb-lab's engine against HF transformers'
   ``generate_batch``, padded ``generate`` and one-at-a-time ``generate``, and the compute floor.
+- ``prefix`` (``prefix.py``): prefix caching on vs off on a shared system prompt (prefill
+  tokens, TTFT, total time), and its cost without a shared prefix.
 
 Every configuration runs in the same process, so compare them as ratios from one run.
 ``--quick`` shrinks each to a few seconds (tests run that). ``docs/benchmarks.md`` records them.
@@ -21,17 +23,17 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from cb_lab.bench import fused, llama, memory, soak, workload
+from cb_lab.bench import fused, llama, memory, prefix, soak, workload
 
 __all__ = ["COMMANDS", "main", "parse_args"]
 
-COMMANDS = ("workload", "fused", "memory", "soak", "llama")
+COMMANDS = ("workload", "fused", "memory", "soak", "llama", "prefix")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m cb_lab.bench", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
-    for command in (workload, fused, memory, soak, llama):
+    for command in (workload, fused, memory, soak, llama, prefix):
         command.add_parser(sub)
     for parser in sub.choices.values():
         parser.add_argument("--seed", type=int, default=0)

@@ -12,15 +12,23 @@ cache owns a *block table* (a list of block ids); position ``p`` of that request
     ...
 
 Every block has a reference count: the number of block tables holding it. ``free`` lowers
-it and a block returns to the free list at 0 (later, prefix caching shares blocks between
-requests through the same counts). A pool shared by many requests has a fixed size and
-raises ``MemoryError`` (cb-lab's) when it runs out; a request's private pool may grow.
+it, and a block whose count reaches 0 is free again. A pool shared by many requests has a
+fixed size and raises ``MemoryError`` (cb-lab's) when it runs out; a private pool may grow.
+
+**Prefix caching** (vLLM's automatic prefix caching, nano-vllm's block hashes): a *full* block
+can be registered under a hash of its contents and of everything before it
+(``cache_block``). When its last holder lets go, it keeps its rows and its hash and joins an
+LRU list of *evictable* blocks instead of the free list, so a later request with the same
+prefix can take it back (``lookup``, ``acquire``). ``allocate`` takes truly free blocks first,
+then evicts the least recently used cached block (forgetting its hash). A block in use is
+never evicted. So every block is exactly one of: free, in use, evictable.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -30,7 +38,20 @@ from cb_lab.exceptions import MemoryError as CBLabMemoryError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BlockPool"]
+__all__ = ["BlockPool", "PoolLedger", "block_hashes"]
+
+
+def block_hashes(rows: torch.Tensor, block_size: int) -> list[int]:
+    """The chained hash of every full block of ``rows`` (``[T]`` ids or ``[T, D]`` vectors)."""
+    data = rows.detach().cpu().contiguous()
+    prefix = f"{data.dtype}:{tuple(data.shape[1:])}".encode()  # ids and vectors never collide
+    hashes: list[int] = []
+    for start in range(0, data.shape[0] - block_size + 1, block_size):
+        h = hashlib.blake2b(prefix, digest_size=8)
+        h.update(hashes[-1].to_bytes(8, "little") if hashes else b"")
+        h.update(data[start : start + block_size].numpy().tobytes())
+        hashes.append(int.from_bytes(h.digest(), "little"))
+    return hashes
 
 
 def _positive(name: str, value: object) -> int:
@@ -72,6 +93,12 @@ class BlockPool:
         self.ref_counts = [0] * num_blocks
         self.free_block_ids: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out the lowest id
         self.num_tokens = 0  # rows stored by the caches using this pool (they keep it up to date)
+        # Prefix caching: full blocks by content hash, and the cached blocks nobody holds (LRU first).
+        self.block_hashes: dict[int, int] = {}  # block id -> its hash
+        self.cached_blocks: dict[int, int] = {}  # hash -> block id
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # ref count 0, rows kept; oldest first
+        self.num_evictions = 0
+        self.num_copies = 0  # copy_on_write calls
 
     @property
     def num_blocks(self) -> int:
@@ -79,11 +106,17 @@ class BlockPool:
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_block_ids)
+        """Blocks an ``allocate`` can hand out: truly free ones plus evictable cached ones."""
+        return len(self.free_block_ids) + len(self.evictable)
 
     @property
     def num_used_blocks(self) -> int:
+        """Blocks some block table holds."""
         return self.num_blocks - self.num_free_blocks
+
+    @property
+    def num_evictable_blocks(self) -> int:
+        return len(self.evictable)
 
     @property
     def num_unused_slots(self) -> int:
@@ -102,6 +135,11 @@ class BlockPool:
                     f"{self.num_blocks}; create the BlockPool with more num_blocks or run fewer requests at once"
                 )
             self._grow(max(self.num_blocks, num_blocks))
+        while len(self.free_block_ids) < num_blocks:  # evict the least recently used cached blocks
+            victim, _ = self.evictable.popitem(last=False)
+            del self.cached_blocks[self.block_hashes.pop(victim)]
+            self.free_block_ids.append(victim)
+            self.num_evictions += 1
         ids = [self.free_block_ids.pop() for _ in range(num_blocks)]
         for block_id in ids:
             assert self.ref_counts[block_id] == 0, f"block {block_id} was free but referenced"
@@ -122,8 +160,48 @@ class BlockPool:
                 )
         for block_id in block_ids:
             self.ref_counts[block_id] -= 1
-            if self.ref_counts[block_id] == 0:
+            if self.ref_counts[block_id] == 0 and block_id in self.block_hashes:
+                self.evictable[block_id] = None  # keeps its rows and hash; the most recently used go last
+            elif self.ref_counts[block_id] == 0:
                 self.free_block_ids.append(block_id)
+
+    def cache_block(self, block_id: int, block_hash: int) -> None:
+        """Register a full block in use under ``block_hash`` (a block with those contents already cached wins)."""
+        assert self.ref_counts[block_id] > 0, f"only a block in use can be cached, not block {block_id}"
+        if block_hash not in self.cached_blocks and block_id not in self.block_hashes:
+            self.cached_blocks[block_hash] = block_id
+            self.block_hashes[block_id] = block_hash
+
+    def lookup(self, hashes: Sequence[int]) -> list[int]:
+        """The cached blocks of the longest chain of ``hashes`` (a prefix's full blocks, in order)."""
+        hit = []
+        for h in hashes:
+            if h not in self.cached_blocks:
+                break
+            hit.append(self.cached_blocks[h])
+        return hit
+
+    def acquire(self, block_ids: Sequence[int]) -> None:
+        """Take one more reference to each block in use or cached (an evictable one is in use again)."""
+        for block_id in block_ids:
+            assert self.ref_counts[block_id] > 0 or block_id in self.evictable, f"block {block_id} is free"
+            self.evictable.pop(block_id, None)
+            self.ref_counts[block_id] += 1
+
+    def copy_on_write(self, block_id: int) -> int:
+        """A private copy of a shared block for a holder about to write into it; returns the copy's id.
+
+        The holder's reference moves from ``block_id`` to the copy, so the other holders' rows
+        never change. Called on the first write into a shared partial block (a fork's last
+        block), once: after it each holder writes into its own block.
+        """
+        assert self.ref_counts[block_id] > 1, f"block {block_id} is not shared; write into it in place"
+        (copy,) = self.allocate(1)
+        self.key_cache[copy] = self.key_cache[block_id]
+        self.value_cache[copy] = self.value_cache[block_id]
+        self.ref_counts[block_id] -= 1
+        self.num_copies += 1
+        return copy
 
     def _grow(self, extra: int) -> None:
         old = self.num_blocks
@@ -141,6 +219,7 @@ class BlockPool:
         self.value_cache.view(-1, self.dim)[slots] = v_rows.to(self.value_cache.dtype)
 
     def stats(self) -> dict[str, int]:
+        """Counts; ``free_blocks`` includes the evictable cached ones (``allocate`` can take them)."""
         return {
             "num_blocks": self.num_blocks,
             "used_blocks": self.num_used_blocks,
@@ -149,8 +228,51 @@ class BlockPool:
             "unused_slots": self.num_unused_slots,
         }
 
+    def cache_stats(self) -> dict[str, int]:
+        """Prefix caching: blocks cached (in use or evictable), evictable, evictions, copy-on-write copies."""
+        return {
+            "cached_blocks": len(self.cached_blocks),
+            "evictable_blocks": self.num_evictable_blocks,
+            "evictions": self.num_evictions,
+            "copies": self.num_copies,
+        }
+
     def __repr__(self) -> str:
         return (
             f"BlockPool(blocks={self.num_used_blocks}/{self.num_blocks} used, block_size={self.block_size}, "
             f"dim={self.dim}, tokens={self.num_tokens})"
         )
+
+
+class PoolLedger:
+    """A pool's free blocks as a plan would leave them, counting the references it drops and adds.
+
+    A block is free when nobody holds it: ``ref_counts[b] - dropped[b] + held[b] == 0``. A
+    preempted victim drops its blocks (one shared with another table stays in use); a prefix
+    hit holds its cached blocks (one that nobody held, an evictable block, uses up a free one).
+    """
+
+    def __init__(self, pool: BlockPool) -> None:
+        self.pool = pool
+        self.free = pool.num_free_blocks
+        self.dropped: Counter[int] = Counter()
+        self.held: Counter[int] = Counter()
+
+    def refs(self, block: int) -> int:
+        """Block tables that would hold ``block``."""
+        return self.pool.ref_counts[block] - self.dropped[block] + self.held[block]
+
+    def revived(self, cached: Sequence[int]) -> int:
+        """Blocks of a hit that nobody holds now: taking them back uses that many free blocks."""
+        return sum(self.refs(b) == 0 for b in set(cached))
+
+    def drop(self, blocks: Sequence[int]) -> None:
+        """A block table lets go of ``blocks`` (a preempted request)."""
+        for b in blocks:
+            self.dropped[b] += 1
+            self.free += self.refs(b) == 0
+
+    def hold(self, cached: Sequence[int]) -> None:
+        """A prefix-cache hit takes ``cached`` back."""
+        self.free -= self.revived(cached)
+        self.held.update(cached)

@@ -128,9 +128,7 @@ class Executor(ABC):
         tokens = torch.cat([c.request.prefill_rows[c.start : c.end] for c in chunks])
         starts = torch.tensor([c.start for c in chunks], device=device)
         lengths = torch.tensor([c.length for c in chunks], device=device)
-        cached = [c.request.kv_cache.get_kv() for c in chunks if c.start > 0]
-        for chunk in chunks:
-            assert len(chunk.request.kv_cache) == chunk.start, "a prefilling cache holds exactly prefill_pos rows"
+        cached = [prefix_rows(c) for c in chunks if c.start > 0]
         past = (torch.cat([k for k, _ in cached]), torch.cat([v for _, v in cached])) if cached else None
         return tokens, cached_prefix_mask(starts, lengths), past
 
@@ -193,6 +191,18 @@ class FusedExecutor(Executor):
         decode = tuple(SeqOutput(k[i : i + 1], v[i : i + 1], self.sample(out[i], r)) for i, r in enumerate(plan.decode))
         prefill = self._outputs(plan.prefill, out[B:], k[B:], v[B:]) if plan.prefill else ()
         return StepResult(prefill, decode)
+
+
+def prefix_rows(chunk: PrefillChunk) -> KV:
+    """The K/V rows ``[start, D]`` a chunk attends to before its own: its cache's, or (an admission
+    with a prefix-cache hit, not adopted until commit) the cached blocks' straight from the pool."""
+    cache = chunk.request.kv_cache
+    if not chunk.cached_blocks:
+        assert len(cache) == chunk.start, "a prefilling cache holds exactly prefill_pos rows"
+        return cache.get_kv()
+    assert isinstance(cache, PagedKVCache) and cache.pool is not None and len(cache) == 0
+    ids = torch.tensor(chunk.cached_blocks, device=cache.pool.device)
+    return cache.pool.key_cache[ids].flatten(0, 1), cache.pool.value_cache[ids].flatten(0, 1)
 
 
 def decode_inputs(

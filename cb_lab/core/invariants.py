@@ -103,26 +103,42 @@ def _check_positions(req: Request, where: str) -> None:
 
 
 def _check_pools(requests: Sequence[Request], where: str) -> None:
-    users: dict[int, tuple[BlockPool, list[PagedKVCache]]] = {}
+    users: dict[int, tuple[BlockPool, list[tuple[Request, PagedKVCache]]]] = {}
     for req in requests:
         cache = req.kv_cache
         if isinstance(cache, PagedKVCache) and cache.pool is not None:
-            users.setdefault(id(cache.pool), (cache.pool, []))[1].append(cache)
-    for pool, caches in users.values():
+            users.setdefault(id(cache.pool), (cache.pool, []))[1].append((req, cache))
+    for pool, holders in users.values():
+        caches = [cache for _, cache in holders]
         held = Counter(b for cache in caches for b in cache.block_table)
         for block_id, tables in held.items():
             if pool.ref_counts[block_id] != tables:
                 raise SchedulerError(f"{where}: block {block_id} has ref count {pool.ref_counts[block_id]} but "
                                      f"{tables} block table(s) hold it")
-        free = pool.free_block_ids
+        free, evictable = pool.free_block_ids, list(pool.evictable)
         unreferenced = [b for b, count in enumerate(pool.ref_counts) if count == 0]
-        if len(set(free)) != len(free) or sorted(free) != unreferenced:
-            raise SchedulerError(f"{where}: the free list {sorted(free)} is not the blocks of ref count 0 "
-                                 f"{unreferenced}: a block is free and in use, or free twice")
+        if len(set(free)) != len(free) or sorted(free + evictable) != unreferenced:
+            raise SchedulerError(f"{where}: the free list {sorted(free)} and the evictable blocks {sorted(evictable)} "
+                                 f"are not the blocks of ref count 0 {unreferenced}: a block is free and in use, "
+                                 "free twice, or in use and evictable")
+        if any(b not in pool.block_hashes for b in evictable):
+            raise SchedulerError(f"{where}: an evictable block has no hash: {sorted(evictable)}")
+        for req, cache in holders:
+            _check_hashes(pool, req, cache, where)
         # A pool whose blocks in use are all held here serves this scheduler alone: its rows add up.
         if sum(pool.ref_counts) == sum(held.values()) and pool.num_tokens != sum(len(c) for c in caches):
             raise SchedulerError(f"{where}: the pool counts {pool.num_tokens} tokens, its caches hold "
                                  f"{sum(len(c) for c in caches)}")
+
+
+def _check_hashes(pool: BlockPool, req: Request, cache: PagedKVCache, where: str) -> None:
+    """Each cached block a request holds is registered under the hash of that request's rows there."""
+    hashes = req.block_hashes(cache.block_size)
+    for j, block_id in enumerate(cache.block_table):
+        registered = pool.block_hashes.get(block_id)
+        if registered is not None and (j >= len(hashes) or hashes[j] != registered):
+            raise SchedulerError(f"{where}: block {block_id} of request {req.req_id!r} is cached under a hash "
+                                 f"that is not its rows' (block {j} of its prefill)")
 
 
 def _check_last_token(

@@ -33,7 +33,7 @@ from typing import Protocol
 
 import torch
 
-from cb_lab.core.block_pool import BlockPool
+from cb_lab.core.block_pool import BlockPool, PoolLedger
 from cb_lab.exceptions import ConfigurationError, KVCacheError, ValidationError
 from cb_lab.exceptions import MemoryError as CBLabMemoryError
 
@@ -236,13 +236,20 @@ class PagedKVCache(BaseKVCache):
         self._len = 0
 
     def blocks_needed(self, num_rows: int) -> int:
-        """Blocks an append of ``num_rows`` rows would take from the pool."""
-        return -(-(self._len + num_rows) // self.block_size) - len(self.block_table)
+        """Blocks an append of ``num_rows`` rows would take from the pool (a copy of a shared last block too)."""
+        return -(-(self._len + num_rows) // self.block_size) - len(self.block_table) + self._must_copy(num_rows)
+
+    def _must_copy(self, num_rows: int) -> bool:
+        """True when the next rows go into a partial last block another table shares (copy-on-write)."""
+        partial = self._len % self.block_size != 0
+        return num_rows > 0 and partial and self.pool is not None and self.pool.ref_counts[self.block_table[-1]] > 1
 
     def _claim_slots(self, num_rows: int) -> list[int]:
         """Allocate blocks for the next ``num_rows`` positions; returns their flat slots."""
         if self.pool is None:
             raise AssertionError("a cache claims slots only once it has a pool")
+        if self._must_copy(num_rows):  # the sharer's rows stay as they are; ours go into a copy
+            self.block_table[-1] = self.pool.copy_on_write(self.block_table[-1])
         missing = self.blocks_needed(num_rows)
         if missing > 0:
             self.block_table.extend(self.pool.allocate(missing))
@@ -256,6 +263,33 @@ class PagedKVCache(BaseKVCache):
         self._len = end
         self.pool.num_tokens += num_rows
         return slots
+
+    def adopt(self, block_ids: Sequence[int], num_rows: int | None = None) -> None:
+        """Start an empty cache from blocks of its pool that hold rows already: their first ``num_rows``
+        rows (default all) are this cache's too. A prefix-cache hit adopts cached full blocks, a fork
+        its parent's blocks; a shared partial last block is copied at the first write into it."""
+        num_rows = len(block_ids) * self.block_size if num_rows is None else num_rows
+        assert self.pool is not None and not self.block_table, "only an empty cache on a pool adopts blocks"
+        assert -(-num_rows // self.block_size) == len(block_ids), "the blocks must hold exactly num_rows rows"
+        self.pool.acquire(block_ids)
+        self.block_table = list(block_ids)
+        self._len = num_rows
+        self.pool.num_tokens += num_rows
+
+    def fork(self, num_rows: int | None = None) -> PagedKVCache:
+        """A new cache on the same shared pool holding this one's first ``num_rows`` rows (default all).
+
+        Nothing is copied: the two tables share every block, the last partial one too, until one
+        of them writes into a shared block (``BlockPool.copy_on_write``).
+        """
+        num_rows = self._len if num_rows is None else num_rows
+        if not self.shares_pool or self.pool is None:
+            raise KVCacheError("only a PagedKVCache on a shared BlockPool can fork; create it with pool=...")
+        if not 0 <= num_rows <= self._len:
+            raise KVCacheError(f"a fork holds at most the cache's {self._len} rows, got num_rows={num_rows!r}")
+        child = PagedKVCache(self.block_size, self.device, pool=self.pool)
+        child.adopt(self.block_table[: -(-num_rows // self.block_size)], num_rows)
+        return child
 
     def _ensure_pool(self, k_new: torch.Tensor) -> BlockPool:
         if self.pool is None:
@@ -363,11 +397,14 @@ def notify_appended(prepared: Sequence[Append], stored: Sequence[int]) -> None:
 
 
 def check_pool_capacity(
-    rows: Sequence[tuple[BaseKVCache, int]], what: str = "this append", released: Sequence[BaseKVCache] = ()
+    rows: Sequence[tuple[BaseKVCache, int]], what: str = "this append", released: Sequence[BaseKVCache] = (),
+    adopted: Sequence[tuple[BaseKVCache, Sequence[int]]] = (),
 ) -> None:
     """Raise MemoryError if the shared pools cannot take ``num_rows`` more rows for each ``(cache, num_rows)``.
 
-    ``released`` caches give their blocks back first (a step's preempted requests).
+    ``released`` caches give their blocks back first (a step's preempted requests; a block shared
+    with another table stays in use); ``adopted`` lists the cached blocks prefix-cache hits take
+    back, as ``(cache, block_ids)`` (one that nobody holds then uses up a free block).
     """
     per_cache: dict[int, tuple[PagedKVCache, int]] = {}  # a cache may appear twice: add its rows first
     for cache, num_rows in rows:
@@ -378,15 +415,14 @@ def check_pool_capacity(
         assert cache.pool is not None
         pool, n = needed.get(id(cache.pool), (cache.pool, 0))
         needed[id(pool)] = (pool, n + cache.blocks_needed(num_rows))
-    for cache in released:
-        if not (isinstance(cache, PagedKVCache) and cache.shares_pool and cache.pool is not None):
-            continue
-        if id(cache.pool) in needed:
-            pool, n = needed[id(cache.pool)]
-            needed[id(pool)] = (pool, n - len(cache.block_table))
     for pool, n in needed.values():
-        if not pool.can_allocate(max(n, 0)):
+        ledger = PoolLedger(pool)
+        ledger.drop([b for c in released if isinstance(c, PagedKVCache) and c.pool is pool for b in c.block_table])
+        for cache, blocks in adopted:
+            if isinstance(cache, PagedKVCache) and cache.pool is pool:
+                ledger.hold(blocks)
+        if not pool.growable and n > ledger.free:
             raise CBLabMemoryError(
-                f"{what} needs {n} new KV blocks but the shared pool has {pool.num_free_blocks} free of "
+                f"{what} needs {n} new KV blocks but the shared pool has {ledger.free} free of "
                 f"{pool.num_blocks}; give the BlockPool more num_blocks or run fewer requests at once"
             )

@@ -22,11 +22,16 @@ __all__ = ["PrefillChunk", "SeqOutput", "StepPlan", "StepResult"]
 
 @dataclass(frozen=True, slots=True)
 class PrefillChunk:
-    """Prompt rows ``[start, start + length)`` of ``request``."""
+    """Prompt rows ``[start, start + length)`` of ``request``.
+
+    ``cached_blocks``: for a request admitted with a prefix-cache hit, the cached blocks that
+    hold its rows ``[0, start)``; the step's commit adopts them into its block table.
+    """
 
     request: Request
     start: int
     length: int
+    cached_blocks: tuple[int, ...] = ()
 
     @property
     def end(self) -> int:

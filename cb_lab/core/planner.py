@@ -22,6 +22,10 @@ waiting queue. No running request ever waits for blocks a later one holds, so a 
 finishes whenever each request alone fits its pool. Every request that waits is listed
 in ``plan.skipped`` with the reason: ``budget``, ``no_blocks``, ``max_num_seqs`` or
 ``batch_running``.
+
+With ``enable_prefix_caching`` an admission starts after the cached full blocks of its prefill
+(``prefix_cache.prefix_hit``); the ledger counts each of them that nobody holds (an evictable
+block) as one free block used, and a victim's block another table shares as still in use.
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cb_lab.core.block_pool import BlockPool
+from cb_lab.core.block_pool import PoolLedger
 from cb_lab.core.kv_cache import BaseKVCache, PagedKVCache
 from cb_lab.core.plan import PrefillChunk, StepPlan
+from cb_lab.core.prefix_cache import block_size_of, prefix_hit, shared_paged
 from cb_lab.core.request import Request
 
 __all__ = ["POLICIES", "BlockLedger", "PlannerConfig", "plan_step"]
@@ -39,35 +44,38 @@ __all__ = ["POLICIES", "BlockLedger", "PlannerConfig", "plan_step"]
 POLICIES = ("decode_first", "prefill_first", "sjf", "static")
 
 
-def on_shared_pool(cache: BaseKVCache) -> PagedKVCache | None:
-    """The cache itself if it draws from a shared pool (the only kind whose blocks run out)."""
-    return cache if isinstance(cache, PagedKVCache) and cache.shares_pool else None
-
-
 class BlockLedger:
     """Free blocks of each shared pool while a step is planned (nothing is allocated yet)."""
 
     def __init__(self) -> None:
-        self.free: dict[int, int] = {}
+        self.pools: dict[int, PoolLedger] = {}
 
-    def _free(self, pool: BlockPool) -> int:
-        return self.free.setdefault(id(pool), pool.num_free_blocks)
+    def _pool(self, cache: BaseKVCache) -> tuple[PagedKVCache, PoolLedger] | None:
+        paged = shared_paged(cache)
+        if paged is None or paged.pool is None:
+            return None
+        return paged, self.pools.setdefault(id(paged.pool), PoolLedger(paged.pool))
 
-    def fits(self, cache: BaseKVCache, num_rows: int) -> bool:
-        paged = on_shared_pool(cache)
-        if paged is None or paged.pool is None or paged.pool.growable:
+    def fits(self, cache: BaseKVCache, num_rows: int, cached: Sequence[int] = ()) -> bool:
+        """Room for ``num_rows`` more rows of ``cache``, after it takes back the prefix-cache blocks ``cached``."""
+        found = self._pool(cache)
+        if found is None or found[1].pool.growable:
             return True
-        return paged.blocks_needed(num_rows) <= self._free(paged.pool)
+        paged, ledger = found
+        return paged.blocks_needed(num_rows) + ledger.revived(cached) <= ledger.free
 
-    def take(self, cache: BaseKVCache, num_rows: int) -> None:
-        paged = on_shared_pool(cache)
-        if paged is not None and paged.pool is not None:
-            self.free[id(paged.pool)] = self._free(paged.pool) - paged.blocks_needed(num_rows)
+    def take(self, cache: BaseKVCache, num_rows: int, cached: Sequence[int] = ()) -> None:
+        found = self._pool(cache)
+        if found is not None:
+            paged, ledger = found
+            ledger.hold(cached)
+            ledger.free -= paged.blocks_needed(num_rows)
 
     def give_back(self, cache: BaseKVCache) -> None:
-        paged = on_shared_pool(cache)
-        if paged is not None and paged.pool is not None:
-            self.free[id(paged.pool)] = self._free(paged.pool) + len(paged.block_table)
+        found = self._pool(cache)
+        if found is not None:
+            paged, ledger = found
+            ledger.drop(paged.block_table)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +88,7 @@ class PlannerConfig:
     enable_chunked_prefill: bool = True
     max_num_seqs: int | None = None
     force_preemption: bool = False  # preempt the latest admitted running request this step
+    enable_prefix_caching: bool = False  # admitted requests start after their cached prefix blocks
 
 
 class _StepPlanner:
@@ -95,9 +104,9 @@ class _StepPlanner:
         self.preempted: list[Request] = []
         self.skipped: dict[str, str] = {}
 
-    def chunk_len(self, req: Request) -> int:
-        """Rows of ``req``'s prefill this step can take (0: it must wait)."""
-        remaining = req.prefill_len - req.prefill_pos
+    def chunk_len(self, req: Request, start: int | None = None) -> int:
+        """Rows of ``req``'s prefill from ``start`` (default its ``prefill_pos``) this step can take (0: wait)."""
+        remaining = req.prefill_len - (req.prefill_pos if start is None else start)
         if self.config.enable_chunked_prefill:
             return min(self.config.prefill_chunk_size, self.budget, remaining)
         return remaining if remaining <= self.budget else 0  # whole prefills only
@@ -142,9 +151,11 @@ class _StepPlanner:
             elif self.make_room(req, n):  # like a decode: a running prefill never waits on later requests
                 self.add_chunk(req, n)
 
-    def add_chunk(self, req: Request, n: int) -> None:
-        self.ledger.take(req.kv_cache, n)
-        self.prefill.append(PrefillChunk(req, req.prefill_pos, n))
+    def add_chunk(self, req: Request, n: int, cached: tuple[int, ...] = ()) -> None:
+        """Schedule ``n`` prefill rows of ``req`` (an admission may start after ``cached`` prefix blocks)."""
+        self.ledger.take(req.kv_cache, n, cached)
+        start = req.prefill_pos + len(cached) * block_size_of(req)
+        self.prefill.append(PrefillChunk(req, start, n, cached))
         self.budget -= n
 
     def admit(self, waiting: Sequence[Request]) -> None:
@@ -153,20 +164,22 @@ class _StepPlanner:
             queue.sort(key=lambda r: r.prefill_len + r.max_new_tokens - len(r.generated_tokens))
         blocked = "batch_running" if self.config.policy == "static" and self.running else None
         for req in queue:
-            blocked = blocked or self.admission_blocker(req)
+            cached = prefix_hit(req) if self.config.enable_prefix_caching else ()
+            blocked = blocked or self.admission_blocker(req, cached)
             if blocked:  # FCFS: whoever is behind a waiting request waits too
                 self.skipped[req.req_id] = blocked
                 continue
             self.admitted.append(req)
-            self.add_chunk(req, self.chunk_len(req))
+            self.add_chunk(req, self.chunk_len(req, len(cached) * block_size_of(req)), cached)
 
-    def admission_blocker(self, req: Request) -> str | None:
+    def admission_blocker(self, req: Request, cached: tuple[int, ...] = ()) -> str | None:
+        start = len(cached) * block_size_of(req)
         limit = self.config.max_num_seqs
         if limit is not None and len(self.running) + len(self.admitted) >= limit:
             return "max_num_seqs"
-        if self.chunk_len(req) == 0:
+        if self.chunk_len(req, start) == 0:
             return "budget"
-        if not self.ledger.fits(req.kv_cache, req.prefill_len):  # room for its whole prefill
+        if not self.ledger.fits(req.kv_cache, req.prefill_len - start, cached):  # room for its whole prefill
             return "no_blocks"
         return None
 

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cb_lab.core.kv_cache import BaseKVCache
+from cb_lab.core.block_pool import block_hashes
+from cb_lab.core.kv_cache import BaseKVCache, PagedKVCache
 from cb_lab.exceptions import RequestError, ValidationError
 from cb_lab.sampling import SamplingParams
 
@@ -64,8 +65,10 @@ class Request:
     sampling: SamplingParams | None = None  # token ids: how to pick each token from the logits
     eos_token_id: int | None = None  # token ids: the id that ends the request (see SamplingParams.stops)
     finish_reason: str | None = None  # "length", "stop" or "abort" once finished
+    parent_id: str | None = None  # a fork: the request it was forked from
     # What prefill runs over: the prompt, or after a preemption prompt + the tokens generated so far.
     _prefill_rows: torch.Tensor = field(init=False, repr=False)
+    _hashes: tuple[int, list[int]] = field(init=False, repr=False, default=(0, []))  # (block size, hashes)
 
     def __post_init__(self) -> None:
         if not isinstance(self.req_id, str) or not self.req_id:
@@ -133,6 +136,12 @@ class Request:
             raise RequestError(f"request {self.req_id!r} has generated no token yet; finish its prefill first")
         return self.generated_tokens[-1]
 
+    def block_hashes(self, block_size: int) -> list[int]:
+        """The chained hashes of the full blocks of ``prefill_rows`` (prefix caching; computed once)."""
+        if self._hashes[0] != block_size:
+            self._hashes = (block_size, block_hashes(self._prefill_rows, block_size))
+        return self._hashes[1]
+
     def get_prefill_chunk(self, chunk_size: int) -> torch.Tensor:
         """The next ``[<= chunk_size, dim]`` prompt rows from ``prefill_pos`` (a pure read; a view)."""
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -151,6 +160,34 @@ class Request:
         self.num_preemptions += 1
         if self.generated_tokens:
             self._prefill_rows = torch.cat([self.prompt, torch.stack(self.generated_tokens).to(self.prompt.dtype)])
+            self._hashes = (0, [])
+
+    def fork(self, req_id: str, sampling: SamplingParams | None = None) -> Request:
+        """A new request that continues this one's sequence from its latest token, drawn again.
+
+        It shares every cached K/V row but the last (``PagedKVCache.fork``: nothing is copied)
+        and recomputes that row as a one-row prefill, so its next token is its own draw (its
+        ``sampling``, its own id's random stream): parallel sampling (``SamplingParams.n``). That
+        first write lands in the shared last block and copies it (copy-on-write)::
+
+            parent  [p0 p1 p2 | p3 g0 g1 .]   blocks A B (B partial, shared)
+            child   [p0 p1 p2 | p3 g0 ...]    shares A and B, recomputes g0, draws its own g1'
+        """
+        cache = self.kv_cache
+        if not (isinstance(cache, PagedKVCache) and cache.shares_pool):
+            raise RequestError(f"request {self.req_id!r} has a private cache; forking needs a PagedKVCache on a "
+                               "shared BlockPool")
+        if self.prefill_pos < self.prefill_len or not self.generated_tokens:
+            raise RequestError(f"request {self.req_id!r} can fork once its prefill is done and it has a token, "
+                               f"not yet: {self!r}")
+        kept = self.generated_tokens[:-1]  # the latest token is drawn again by the child
+        rows = torch.cat([self.prompt, torch.stack(kept).to(self.prompt.dtype)]) if kept else self.prompt
+        assert len(cache) == rows.shape[0], "a decoding cache holds every row but the latest token"
+        child = Request(req_id, self.prompt, self.max_new_tokens, cache.fork(rows.shape[0] - 1),
+                        sampling=sampling or self.sampling, eos_token_id=self.eos_token_id, parent_id=self.req_id)
+        child.generated_tokens, child.decode_seed = list(kept), self.decode_seed if kept else None
+        child._prefill_rows, child.prefill_pos = rows, rows.shape[0] - 1
+        return child
 
     def append_kv(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         """Store new K/V rows ``[n, dim]`` in this request's cache."""

@@ -30,7 +30,7 @@ import logging
 import os
 import time
 from collections import deque
-from typing import Any
+from typing import Any, cast
 
 from cb_lab.core import invariants
 from cb_lab.core.executor import Executor, FusedExecutor, Sampler, SplitExecutor, StepModel
@@ -46,9 +46,11 @@ from cb_lab.core.kv_cache import (
 )
 from cb_lab.core.plan import SeqOutput, StepPlan, StepResult
 from cb_lab.core.planner import POLICIES, PlannerConfig, plan_step
+from cb_lab.core.prefix_cache import pool_counters, prefix_stats, register_full_blocks
 from cb_lab.core.request import Request
 from cb_lab.exceptions import ConfigurationError, SchedulerError
 from cb_lab.plugins.base import PluginManager
+from cb_lab.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,12 @@ def _tokens(shape: tuple[int, ...]) -> str:
     return f"dim {shape[0]}" if shape else "token ids"
 
 
+def _ids(req: Request) -> set[str]:
+    """A request's id and those its samples will take (``SamplingParams.n``: ``id.1``, ``id.2``, ...)."""
+    n = 1 if req.sampling is None or req.parent_id is not None else req.sampling.n
+    return {req.req_id} | {f"{req.req_id}.{i}" for i in range(1, n)}
+
+
 def check_blocks(plan: StepPlan) -> None:
     """Raise MemoryError if a shared block pool cannot hold the step's new rows.
 
@@ -76,6 +84,7 @@ def check_blocks(plan: StepPlan) -> None:
     check_pool_capacity(
         rows + [(r.kv_cache, 1) for r in plan.decode], f"step {plan.step_id}",
         released=[r.kv_cache for r in plan.preempted],
+        adopted=[(c.request.kv_cache, c.cached_blocks) for c in plan.prefill],
     )
 
 
@@ -88,6 +97,9 @@ class Scheduler:
     Serving knobs: ``max_num_seqs`` caps running requests; ``policy`` is one of
     ``POLICIES``; ``enable_chunked_prefill=False`` runs each prefill in one piece;
     ``preempt_every=N`` forces a preemption every N steps (to test and show it).
+    ``enable_prefix_caching=True`` lets an admitted request start after the cached full blocks
+    of its prompt (``core/prefix_cache.py``; requests on a shared pool). ``fork`` and
+    ``SamplingParams.n`` share a request's blocks with its forks, copy-on-write.
     ``check_invariants=True`` checks ``core/invariants.py`` after every step (a debug mode; the
     default is on when ``CB_LAB_CHECK_INVARIANTS=1``, as in the test suite).
     Both budgets may be changed between steps.
@@ -107,6 +119,7 @@ class Scheduler:
         enable_chunked_prefill: bool = True,
         preempt_every: int | None = None,
         check_invariants: bool | None = None,
+        enable_prefix_caching: bool = False,
     ) -> None:
         if executor not in EXECUTORS:
             raise ConfigurationError(f"executor must be one of {sorted(EXECUTORS)}, got {executor!r}")
@@ -119,6 +132,9 @@ class Scheduler:
         if check_invariants is None:
             check_invariants = os.environ.get("CB_LAB_CHECK_INVARIANTS") == "1"
         self.check_invariants = check_invariants
+        if not isinstance(enable_prefix_caching, bool):
+            raise ConfigurationError(f"enable_prefix_caching must be a bool, got {enable_prefix_caching!r}")
+        self.enable_prefix_caching = enable_prefix_caching
         self.policy = policy
         self.enable_chunked_prefill = enable_chunked_prefill
         self.model = model
@@ -161,14 +177,17 @@ class Scheduler:
         """Queue a fresh request; it takes part from the next step on."""
         if not isinstance(req, Request):
             raise SchedulerError(f"add_request takes a Request, got {type(req).__name__}")
-        if any(r.req_id == req.req_id for r in self.active):
-            raise SchedulerError(f"request id {req.req_id!r} is already active; use a unique req_id")
+        if any(_ids(req) & _ids(r) for r in self.active):
+            raise SchedulerError(f"request id {req.req_id!r} (or a sample of it) is already active; use a unique "
+                                 "req_id")
         model = self.model
         if req.token_shape != model.token_shape or req.kv_cache.dim not in (None, model.kv_dim):
             raise SchedulerError(
                 f"request {req.req_id!r} has {_tokens(req.token_shape)} (cache dim {req.kv_cache.dim}) but the model "
                 f"has {_tokens(model.token_shape)} (cache dim {model.kv_dim})"
             )
+        if req.parent_id is not None:
+            raise SchedulerError(f"request {req.req_id!r} names parent {req.parent_id!r}; Scheduler.fork adds forks")
         if req.prefill_pos != 0 or req.generated_tokens or len(req.kv_cache) != 0:
             raise SchedulerError(f"request {req.req_id!r} has already run ({req!r}); add a new Request")
         if any(r.kv_cache is req.kv_cache for r in self.active):
@@ -206,6 +225,33 @@ class Scheduler:
                     "give the BlockPool more num_blocks"
                 )
 
+    def fork(self, req_id: str, new_req_id: str, sampling: SamplingParams | None = None) -> Request:
+        """Fork the running decode request ``req_id`` (``Request.fork``): the child shares its K/V
+        blocks, copy-on-write, runs from the next step and is returned."""
+        parent = next((r for r in self.running if r.req_id == req_id and r.in_decode), None)
+        if parent is None:
+            decoding = [r.req_id for r in self.running if r.in_decode]
+            raise SchedulerError(f"no running request {req_id!r} in decode to fork; decoding: {decoding}")
+        if any(new_req_id in _ids(r) for r in self.active):
+            raise SchedulerError(f"request id {new_req_id!r} is already used; give the fork a unique id")
+        child = self._fork(parent, new_req_id, sampling)
+        self.plugins.on_request_added(child, self.step_id)
+        return child
+
+    def _fork(self, parent: Request, new_req_id: str, sampling: SamplingParams | None) -> Request:
+        child = parent.fork(new_req_id, sampling)
+        child.kv_cache.hooks = self.plugins.cache_plugins
+        self.running.append(child)  # the latest admitted: preempted first
+        logger.debug("forked %r from %r", child, parent)
+        return child
+
+    def _fork_samples(self, req: Request) -> list[Request]:
+        """``SamplingParams.n``: once a request has drawn its first token, fork its other samples."""
+        params = req.sampling
+        if params is None or params.n == 1 or req.parent_id is not None or len(req.generated_tokens) != 1:
+            return []
+        return [self._fork(req, f"{req.req_id}.{i}", params.sample_params(i)) for i in range(1, params.n)]
+
     def abort(self, req_id: str) -> Request:
         """Remove a waiting or running request at once and free its KV memory."""
         req = next((r for r in self.active if r.req_id == req_id), None)
@@ -230,6 +276,7 @@ class Scheduler:
         plan = self.schedule()
         self.plugins.before_step(plan)
         result = self.executor.run(plan)
+        evictions, copies = pool_counters(plan)
         finished = self.commit(plan, result)
         if self.check_invariants:
             invariants.check_invariants(self, plan, finished)
@@ -237,6 +284,9 @@ class Scheduler:
             plan.step_id, plan.num_decode_tokens, plan.num_prefill_tokens, len(finished),
             time.perf_counter() - start, "completed", len(plan.preempted), self._padding(plan),
         )
+        stats |= prefix_stats(plan)
+        evictions_after, copies_after = pool_counters(plan)
+        stats["kv_evictions"], stats["kv_copies"] = evictions_after - evictions, copies_after - copies
         self.plugins.after_step(stats)
         return stats
 
@@ -245,6 +295,7 @@ class Scheduler:
         config = PlannerConfig(
             self.max_tokens_per_step, self.prefill_chunk_size, self.policy, self.enable_chunked_prefill,
             self.max_num_seqs, self.preempt_every is not None and (self.step_id + 1) % self.preempt_every == 0,
+            self.enable_prefix_caching,
         )
         return plan_step(self.step_id, config, self.running, self.waiting, self._decode_turn)
 
@@ -260,21 +311,24 @@ class Scheduler:
         Three phases, so that a fault changes nothing or lets the step finish: first every check
         and every hook that may refuse or rewrite rows (``before_append``), which write nothing;
         then the writes, which cannot fail; then the observers (``after_append``,
-        ``on_request_completion``), which see the step committed.
+        ``on_request_added`` of the step's forks, ``on_request_completion``), which see the step
+        committed.
         """
         check_blocks(plan)  # a plan the pool cannot hold changes nothing
         requests = [chunk.request for chunk in plan.prefill] + list(plan.decode)
         outputs = result.prefill + result.decode
         prepared = prepare_appends([(req.kv_cache, out.k, out.v) for req, out in zip(requests, outputs, strict=True)])
-        stored, finished = self._write(plan, requests, outputs, prepared)
+        stored, finished, forks = self._write(plan, requests, outputs, prepared)
         notify_appended(prepared, stored)
+        for child in forks:
+            self.plugins.on_request_added(child, self.step_id)
         for req in finished:
             self.plugins.on_request_completion(req)
         return finished
 
     def _write(
         self, plan: StepPlan, requests: list[Request], outputs: tuple[SeqOutput, ...], prepared: list[Append]
-    ) -> tuple[list[int], list[Request]]:
+    ) -> tuple[list[int], list[Request], list[Request]]:
         """Every write of a commit, in order; its inputs were all checked before."""
         for req in plan.preempted:  # first: the step's appends may need the blocks they free
             self.running.remove(req)
@@ -287,12 +341,18 @@ class Scheduler:
         for req in plan.admitted:
             self.waiting.remove(req)
             self.running.append(req)
+        for chunk in plan.prefill:  # prefix-cache hits first: no allocation below may evict their blocks
+            if chunk.cached_blocks:
+                cast(PagedKVCache, chunk.request.kv_cache).adopt(chunk.cached_blocks)
         stored = store_appends(prepared)
         for chunk in plan.prefill:
             chunk.request.prefill_pos = chunk.end
+        if self.enable_prefix_caching:
+            register_full_blocks(plan.prefill)
         for req, out in zip(requests, outputs):
             if out.token is not None:
                 req.append_token(out.token)
+        forks = [child for c in plan.prefill if c.completes_prompt for child in self._fork_samples(c.request)]
         for req in plan.decode:
             self._decode_turn[req.req_id] = self._next_turn
             self._next_turn += 1
@@ -306,7 +366,7 @@ class Scheduler:
             if isinstance(req.kv_cache, PagedKVCache) and req.kv_cache.shares_pool:
                 req.kv_cache.release()  # a shared pool's blocks go back at once; private caches stay readable
             logger.debug("step %d finished %r", plan.step_id, req)
-        return stored, finished
+        return stored, finished, forks
 
     def _stats(
         self, step_id: int, decode: int, prefill: int, finished: int, duration: float, status: str,
@@ -324,6 +384,12 @@ class Scheduler:
             "padding_tokens": padding,
             "step_duration": duration,
             "status": status,
+            "prefix_hit_tokens": 0,  # prefill rows admissions took from cached blocks instead of computing
+            "prefix_hit_blocks": 0,  # ... and the cached blocks that hold them
+            "admitted_prompt_tokens": 0,  # prefill rows of the requests admitted in the step
+            "admitted_prompt_blocks": 0,  # ... and their full blocks (what a hit could at most save)
+            "kv_evictions": 0,  # cached blocks the step's allocations evicted
+            "kv_copies": 0,  # copy-on-write copies the step's writes made
         }
 
     def run_until_complete(self, max_steps: int | None = None) -> list[dict[str, Any]]:

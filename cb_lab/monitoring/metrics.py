@@ -75,6 +75,10 @@ def _percentile(data: list[float], percent: int) -> float:
     return statistics.quantiles(data, n=100, method="inclusive")[percent - 1]
 
 
+def _ratio_or_none(a: int, b: int) -> float | None:
+    return a / b if b else None
+
+
 def _minus(end: _Num | None, start: _Num | None) -> _Num | None:
     return None if end is None or start is None else end - start
 
@@ -110,6 +114,12 @@ class StepMetrics:
     padding_tokens: int = 0  # static batching: batch slots held by finished requests
     kv_blocks_used: int | None = None  # blocks in use in the shared KV pool after the step (None: no shared pool)
     max_tokens_per_step: int | None = None  # the step's token budget, when the stats carry it
+    prefix_hit_tokens: int = 0  # prefill rows taken from cached blocks (prefix caching)
+    prefix_hit_blocks: int = 0  # ... the cached blocks holding them
+    admitted_prompt_tokens: int = 0  # prefill rows of the requests admitted in the step
+    admitted_prompt_blocks: int = 0  # ... their full blocks
+    kv_evictions: int = 0  # cached blocks evicted to make room
+    kv_copies: int = 0  # copy-on-write copies of shared blocks
 
 
 @dataclass(slots=True)
@@ -203,6 +213,8 @@ class MetricsCollector:
         step_duration: float, status: str = "completed", total_tokens: int | None = None,
         waiting_requests: int = 0, preempted_requests: int = 0, padding_tokens: int = 0,
         kv_blocks_used: int | None = None, max_tokens_per_step: int | None = None,
+        prefix_hit_tokens: int = 0, prefix_hit_blocks: int = 0, admitted_prompt_tokens: int = 0,
+        admitted_prompt_blocks: int = 0, kv_evictions: int = 0, kv_copies: int = 0,
     ) -> StepMetrics:
         """Validate and store one step; accepts ``**stats`` from ``Scheduler.step()`` as is.
 
@@ -213,7 +225,10 @@ class MetricsCollector:
         counts = {"step_id": step_id, "decode_tokens": decode_tokens, "prefill_tokens": prefill_tokens,
                   "active_requests": active_requests, "finished_requests": finished_requests,
                   "waiting_requests": waiting_requests, "preempted_requests": preempted_requests,
-                  "padding_tokens": padding_tokens}
+                  "padding_tokens": padding_tokens, "prefix_hit_tokens": prefix_hit_tokens,
+                  "prefix_hit_blocks": prefix_hit_blocks, "admitted_prompt_tokens": admitted_prompt_tokens,
+                  "admitted_prompt_blocks": admitted_prompt_blocks, "kv_evictions": kv_evictions,
+                  "kv_copies": kv_copies}
         for name, value in counts.items():
             _check_int(name, value)
         if kv_blocks_used is not None:
@@ -234,6 +249,8 @@ class MetricsCollector:
             step_id, decode_tokens, prefill_tokens, expected, active_requests,
             finished_requests, duration, status, self._clock(), memory_mb,
             waiting_requests, preempted_requests, padding_tokens, kv_blocks_used, max_tokens_per_step,
+            prefix_hit_tokens, prefix_hit_blocks, admitted_prompt_tokens, admitted_prompt_blocks, kv_evictions,
+            kv_copies,
         )
         self.steps.append(step)
         logger.debug("step %d: %d tokens in %.6f s (%s)", step_id, expected, duration, status)
@@ -356,7 +373,12 @@ class MetricsCollector:
         plus each prefill's first token). ``budget_utilization``: tokens over the summed
         budgets (None unless every step carries ``max_tokens_per_step``). ``kv_utilization``:
         the mean over steps of ``kv_blocks_used / num_blocks`` (None without ``num_blocks``
-        or without per-step pool occupancy). Latency keys as in :meth:`get_request_summary`.
+        or without per-step pool occupancy). ``prefill_tokens_saved``: prefill rows admissions
+        took from cached blocks (prefix caching); ``prefix_hit_rate``: those over the admitted
+        requests' prefill rows, ``prefix_block_hit_rate``: cached blocks taken over the admitted
+        prefills' full blocks (None when there were none). ``kv_evictions``: cached blocks
+        evicted for room; ``kv_copies``: copy-on-write copies. Latency keys as in
+        :meth:`get_request_summary`.
         """
         if num_blocks is not None:
             _check_int("num_blocks", num_blocks, 1)
@@ -372,6 +394,9 @@ class MetricsCollector:
         def per_s(x: int) -> float:
             return x / total_time if total_time > 0 else 0.0
 
+        def total(name: str) -> int:
+            return sum(getattr(s, name) for s in self.steps)
+
         run: dict[str, Any] = {
             "steps": len(ran),
             "total_tokens": decode + prefill,
@@ -386,6 +411,11 @@ class MetricsCollector:
             "total_time_s": total_time,
             "preemptions": sum(s.preempted_requests for s in self.steps),
             "padding_tokens": sum(s.padding_tokens for s in self.steps),
+            "prefill_tokens_saved": total("prefix_hit_tokens"),
+            "prefix_hit_rate": _ratio_or_none(total("prefix_hit_tokens"), total("admitted_prompt_tokens")),
+            "prefix_block_hit_rate": _ratio_or_none(total("prefix_hit_blocks"), total("admitted_prompt_blocks")),
+            "kv_evictions": total("kv_evictions"),
+            "kv_copies": total("kv_copies"),
             "budget_utilization": (
                 (decode + prefill) / sum(b for b in budgets if b is not None)
                 if ran and None not in budgets else None

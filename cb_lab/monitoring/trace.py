@@ -65,6 +65,9 @@ class StepTrace:
     padding_tokens: int  # static batching: slots of finished requests in a running batch
     duration_s: float
     arrived: tuple[str, ...] = ()  # added while step_id == this step (before it ran)
+    prefix_hits: tuple[tuple[str, int], ...] = ()  # (req_id, prefill rows taken from cached blocks) of admissions
+    kv_evictions: int = 0  # cached blocks evicted in the step
+    kv_copies: int = 0  # copy-on-write copies made in the step
 
     @property
     def decode_tokens(self) -> int:
@@ -93,6 +96,8 @@ class StepTrace:
             block_tables=tuple((r, tuple(table)) for r, table in data["block_tables"]),
             pool_used_blocks=data["pool_used_blocks"], pool_num_blocks=data["pool_num_blocks"],
             padding_tokens=data["padding_tokens"], duration_s=data["duration_s"], arrived=tuple(data["arrived"]),
+            prefix_hits=tuple((r, n) for r, n in data.get("prefix_hits", ())),
+            kv_evictions=data.get("kv_evictions", 0), kv_copies=data.get("kv_copies", 0),
         )
 
 
@@ -138,6 +143,7 @@ class TracePlugin(SchedulerPlugin):
         self._pools: dict[int, BlockPool] = {}  # shared pools of the requests seen, by id
         self._plan: StepPlan | None = None
         self._finished: list[str] = []
+        self._forked: list[str] = []
 
     def _watch_pool(self, request: Request) -> None:
         cache = request.kv_cache
@@ -145,7 +151,12 @@ class TracePlugin(SchedulerPlugin):
             self._pools.setdefault(id(cache.pool), cache.pool)
 
     def on_request_added(self, request: Request, step_id: int) -> None:
-        self._waiting.append(request.req_id)
+        if request.parent_id is None:
+            self._waiting.append(request.req_id)
+        elif self._plan is None:  # Scheduler.fork between steps: it holds its parent's blocks and runs at once
+            self._running.append(request.req_id)
+        else:  # a sample forked by this step's commit: it joins running after the step's admissions
+            self._forked.append(request.req_id)
         self._arrived.append(request.req_id)
         self._watch_pool(request)
 
@@ -164,6 +175,7 @@ class TracePlugin(SchedulerPlugin):
         for req in plan.admitted:
             self._waiting.remove(req.req_id)
             self._running.append(req.req_id)
+        self._running += self._forked
         done = set(self._finished)
         self._waiting = [r for r in self._waiting if r not in done]
         self._running = [r for r in self._running if r not in done]
@@ -190,8 +202,11 @@ class TracePlugin(SchedulerPlugin):
             padding_tokens=stats.get("padding_tokens", 0),
             duration_s=stats["step_duration"],
             arrived=tuple(self._arrived),
+            prefix_hits=tuple((c.request.req_id, c.start) for c in plan.prefill if c.cached_blocks),
+            kv_evictions=stats.get("kv_evictions", 0),
+            kv_copies=stats.get("kv_copies", 0),
         ))
-        self._plan, self._finished, self._arrived = None, [], []
+        self._plan, self._finished, self._arrived, self._forked = None, [], [], []
 
     def request_timeline(self) -> dict[str, list[str]]:
         """Per request, one character per recorded step (see the module docstring)."""
