@@ -6,8 +6,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 DEMOS := $(sort $(basename $(notdir $(wildcard demos/demo_*.py))))
+NOTEBOOKS := $(wildcard notebooks/*.py)
+LAB_STAMP := $(VENV)/.jupyterlab-installed
+LAB_ARGS ?=  # e.g. make notebooks LAB_ARGS="--allow-root --no-browser" in a container
 
-.PHONY: venv demo demos test cov typecheck lint bench clean
+.PHONY: venv demo demos test cov typecheck lint bench notebooks clean
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,5 +41,19 @@ test: cov typecheck lint demos
 bench: venv
 	$(PY) -m cb_lab.bench
 
+# The notebooks are jupytext percent files (notebooks/*.py, the ones in git); `make notebooks`
+# writes each as .ipynb next to it (again when the .py is newer) and opens them in JupyterLab,
+# which it installs into the venv the first time (a learner's tool: the tests need only a kernel).
+$(LAB_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check "jupyterlab>=4"
+	touch $(LAB_STAMP)
+
+notebooks/%.ipynb: notebooks/%.py $(STAMP)
+	$(PY) -m jupytext --quiet --to ipynb $<
+
+notebooks: $(LAB_STAMP) $(NOTEBOOKS:.py=.ipynb)
+	$(PY) -m jupyter lab notebooks $(LAB_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .coverage htmlcov attention_viz
+	rm -rf notebooks/*.ipynb notebooks/.ipynb_checkpoints

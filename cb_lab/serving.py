@@ -194,6 +194,15 @@ class RunResult:
             self._oracle = oracle_error(self.model, self.requests)
         return self._oracle
 
+    def __repr__(self) -> str:  # the dataclass's would print every request and step
+        return (f"RunResult({self.name!r}, requests={len(self.requests)}, steps={len(self.steps)}, "
+                f"wall_s={self.wall_s:.3f})")
+
+    def _repr_html_(self) -> str:
+        from cb_lab.display.views import run_html  # the views import serving: imported on use
+
+        return run_html(self)
+
 
 def batch_stats(result: RunResult) -> dict[str, float]:
     """Why static batching loses, from the workload alone: the mean vs the longest output per batch.

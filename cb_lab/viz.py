@@ -12,19 +12,20 @@ Three views of the same steps, each one idea of continuous batching:
 
 :func:`overview` puts the three together, cut to a terminal (``python -m cb_lab simulate``).
 
-The functions return strings and print nothing; :func:`save_pngs` draws the same three
-with matplotlib when it is installed (``pip install cb-lab[viz]``).
+The functions return strings and print nothing; :func:`pngs` draws the same three with
+matplotlib when it is installed (``pip install cb-lab[viz]``), and :func:`save_pngs` writes them.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import io
 import logging
 import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from cb_lab.monitoring.trace import TIMELINE_CHARS, StepTrace, request_timeline
 
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["batch_composition", "block_tables", "overview", "pool_occupancy", "save_pngs", "timeline"]
+__all__ = ["batch_composition", "block_tables", "overview", "pngs", "pool_occupancy", "save_pngs", "timeline"]
 
 _NO_STEPS = "(no steps recorded)"
 
@@ -164,19 +165,36 @@ def overview(trace_steps: Sequence[StepTrace], *, max_steps: int = 80, max_reque
     return "\n\n".join(parts)
 
 
+def pngs(trace_steps: Sequence[StepTrace]) -> dict[str, bytes]:
+    """The three pictures as PNG bytes: ``timeline``, ``batch_composition``, ``pool_occupancy``.
+
+    ``{}`` when matplotlib is not installed (a notebook then shows the ASCII :func:`overview`).
+    """
+    if importlib.util.find_spec("matplotlib") is None:
+        return {}
+    pictures = {"timeline": _timeline_png, "batch_composition": _composition_png, "pool_occupancy": _pool_png}
+    out: dict[str, bytes] = {}
+    for name, draw in pictures.items():
+        buffer = io.BytesIO()
+        draw(trace_steps, buffer)
+        out[name] = buffer.getvalue()
+    return out
+
+
 def save_pngs(trace_steps: Sequence[StepTrace], out_dir: str | Path) -> list[Path]:
     """Write ``timeline.png``, ``batch_composition.png`` and ``pool_occupancy.png`` to ``out_dir``.
 
     Returns the paths written; ``[]`` (and a log message) when matplotlib is not installed.
     """
-    if importlib.util.find_spec("matplotlib") is None:
+    pictures = pngs(trace_steps)
+    if not pictures:
         logger.warning("matplotlib is not installed: no PNGs written (pip install cb-lab[viz])")
         return []
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = [_timeline_png(trace_steps, out / "timeline.png"),
-             _composition_png(trace_steps, out / "batch_composition.png"),
-             _pool_png(trace_steps, out / "pool_occupancy.png")]
+    paths = [out / f"{name}.png" for name in pictures]
+    for path, png in zip(paths, pictures.values()):
+        path.write_bytes(png)
     logger.info("wrote %s", ", ".join(map(str, paths)))
     return paths
 
@@ -195,7 +213,7 @@ def _figure(width: float, height: float) -> tuple[Figure, Axes]:
     return fig, fig.subplots()
 
 
-def _timeline_png(trace_steps: Sequence[StepTrace], path: Path) -> Path:
+def _timeline_png(trace_steps: Sequence[StepTrace], out: IO[bytes]) -> None:
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
@@ -210,11 +228,10 @@ def _timeline_png(trace_steps: Sequence[StepTrace], path: Path) -> Path:
     ax.set_title("request timeline")
     handles = [Patch(color=_COLORS[c], label=TIMELINE_CHARS[c]) for c in codes if c != " "]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
-    fig.savefig(path)
-    return path
+    fig.savefig(out, format="png")
 
 
-def _composition_png(trace_steps: Sequence[StepTrace], path: Path) -> Path:
+def _composition_png(trace_steps: Sequence[StepTrace], out: IO[bytes]) -> None:
     steps = [s.step_id for s in trace_steps]
     decode = [s.decode_tokens for s in trace_steps]
     prefill = [s.prefill_tokens for s in trace_steps]
@@ -230,11 +247,10 @@ def _composition_png(trace_steps: Sequence[StepTrace], path: Path) -> Path:
     ax.set_ylabel("tokens")
     ax.set_title("batch composition per step")
     ax.legend(fontsize="small")
-    fig.savefig(path)
-    return path
+    fig.savefig(out, format="png")
 
 
-def _pool_png(trace_steps: Sequence[StepTrace], path: Path) -> Path:
+def _pool_png(trace_steps: Sequence[StepTrace], out: IO[bytes]) -> None:
     fig, ax = _figure(8, 3)
     steps = [s.step_id for s in trace_steps]
     if any(s.pool_num_blocks is not None for s in trace_steps):
@@ -249,5 +265,4 @@ def _pool_png(trace_steps: Sequence[StepTrace], path: Path) -> Path:
     ax.set_ylim(bottom=0)
     ax.set_ylabel("KV blocks")
     ax.set_title("KV pool occupancy")
-    fig.savefig(path)
-    return path
+    fig.savefig(out, format="png")

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from cb_lab.exceptions import ValidationError
 
-__all__ = ["TokenMeta", "build_ragged_batch", "cached_prefix_mask", "ragged_causal_mask", "ragged_positions"]
+__all__ = [
+    "RaggedBatch", "TokenMeta", "build_ragged_batch", "cached_prefix_mask", "ragged_causal_mask", "ragged_positions",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +37,27 @@ class TokenMeta:
     req_id: str
     pos_in_seq: int  # position of the token inside its request's sequence
     global_idx: int  # row index in the flat batch
+
+
+class RaggedBatch(NamedTuple):
+    """What :func:`build_ragged_batch` returns; unpacks as ``tokens, meta, mask = ...``.
+
+    Printed (or shown in a notebook), it draws the mask: which row may attend to which.
+    """
+
+    tokens: torch.Tensor  # [N_total, D]: the chunks end to end
+    meta: list[TokenMeta]  # one per row: its request and position
+    mask: torch.Tensor  # [N_total, N_total] bool: True where query row i may attend to key row j
+
+    def __repr__(self) -> str:
+        from cb_lab.display.views import ragged_batch_text  # the views import the core: imported on use
+
+        return ragged_batch_text(self)
+
+    def _repr_html_(self) -> str:
+        from cb_lab.display.views import ragged_batch_html
+
+        return ragged_batch_html(self)
 
 
 def ragged_positions(starts: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +109,7 @@ def _check_chunk(i: int, chunk: object) -> tuple[str, int, torch.Tensor]:
 
 def build_ragged_batch(
     chunks: Sequence[tuple[str, int, torch.Tensor]],
-) -> tuple[torch.Tensor, list[TokenMeta], torch.Tensor]:
+) -> RaggedBatch:
     """Concatenate ``(req_id, start_pos, tokens)`` chunks into one ragged batch.
 
     Returns ``tokens [N_total, D]``, one :class:`TokenMeta` per row, and the boolean
@@ -108,4 +132,4 @@ def build_ragged_batch(
     meta = [
         TokenMeta(req_ids[s], p, i) for i, (s, p) in enumerate(zip(seq_idx.tolist(), pos.tolist()))
     ]
-    return tokens, meta, mask
+    return RaggedBatch(tokens, meta, mask)

@@ -243,6 +243,11 @@ class BlockPool:
             f"dim={self.dim}, tokens={self.num_tokens})"
         )
 
+    def _repr_html_(self) -> str:
+        from cb_lab.display.views import block_pool_html  # the views import the core: imported on use
+
+        return block_pool_html(self)
+
 
 class PoolLedger:
     """A pool's free blocks as a plan would leave them, counting the references it drops and adds.

@@ -202,6 +202,11 @@ class DenseKVCache(BaseKVCache):
     def __repr__(self) -> str:
         return f"DenseKVCache(len={self._len}, capacity={self.capacity}, dim={self.dim}, device={self.device})"
 
+    def _repr_html_(self) -> str:
+        from cb_lab.display.views import dense_cache_html  # the views import the core: imported on use
+
+        return dense_cache_html(self)
+
 
 class PagedKVCache(BaseKVCache):
     """K/V stored in fixed-size blocks of a :class:`BlockPool`, found through ``block_table``.
@@ -343,6 +348,11 @@ class PagedKVCache(BaseKVCache):
             f"PagedKVCache(len={self._len}, block_size={self.block_size}, "
             f"block_table={self.block_table}, free_blocks={self.num_blocks_free})"
         )
+
+    def _repr_html_(self) -> str:
+        from cb_lab.display.views import paged_cache_html
+
+        return paged_cache_html(self)
 
 
 Append = tuple[BaseKVCache, torch.Tensor, torch.Tensor]  # (cache, k_new [n, D], v_new [n, D])

@@ -12,12 +12,13 @@ Print a plan to see a step before it runs: ``step 3: decode [a, b] | prefill [c 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from cb_lab.core.request import Request
 
-__all__ = ["PrefillChunk", "SeqOutput", "StepPlan", "StepResult"]
+__all__ = ["PrefillChunk", "SeqOutput", "StepPlan", "StepResult", "StepStats"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +80,31 @@ class StepPlan:
         if self.preempted:
             text += " | preempted [" + ", ".join(r.req_id for r in self.preempted) + "]"
         return text
+
+    def _repr_html_(self) -> str:
+        from cb_lab.display.views import plan_html  # the views import the core: imported on use
+
+        return plan_html(self)
+
+
+class StepStats(dict[str, Any]):
+    """What ``Scheduler.step`` returns: a plain dict of the step's figures, plus the plan it ran.
+
+    Everything that reads a dict reads it (``stats["decode_tokens"]``, ``json.dumps``); in a
+    notebook it shows the figures and the plan's table: which request got which tokens, why
+    the others wait. ``plan`` is None for an idle step.
+    """
+
+    __slots__ = ("plan",)
+
+    def __init__(self, figures: dict[str, Any], plan: StepPlan | None = None) -> None:
+        super().__init__(figures)
+        self.plan = plan
+
+    def _repr_html_(self) -> str:
+        from cb_lab.display.views import step_stats_html
+
+        return step_stats_html(self)
 
 
 @dataclass(frozen=True, slots=True)

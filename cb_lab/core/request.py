@@ -219,10 +219,20 @@ class Request:
         elif len(self.generated_tokens) >= self.max_new_tokens:
             self.finished, self.finish_reason = True, "length"
 
+    @property
+    def phase(self) -> str:
+        """``prefill``, ``decode``, ``finished`` or ``aborted``."""
+        if self.aborted or self.finished:
+            return "aborted" if self.aborted else "finished"
+        return "prefill" if self.in_prefill else "decode"
+
     def __repr__(self) -> str:
-        phase = "prefill" if self.in_prefill else "decode"
-        phase = "aborted" if self.aborted else "finished" if self.finished else phase
         return (
-            f"Request({self.req_id!r}, {phase}, prefill={self.prefill_pos}/{self.prefill_len}, "
+            f"Request({self.req_id!r}, {self.phase}, prefill={self.prefill_pos}/{self.prefill_len}, "
             f"generated={len(self.generated_tokens)}/{self.max_new_tokens}, cache_len={len(self.kv_cache)})"
         )
+
+    def _repr_html_(self) -> str:
+        from cb_lab.display.views import request_html  # the views import the core: imported on use
+
+        return request_html(self)

@@ -30,7 +30,7 @@ import logging
 import os
 import time
 from collections import deque
-from typing import Any, cast
+from typing import cast
 
 from cb_lab.core import invariants
 from cb_lab.core.executor import Executor, FusedExecutor, Sampler, SplitExecutor, StepModel
@@ -44,7 +44,7 @@ from cb_lab.core.kv_cache import (
     same_device,
     store_appends,
 )
-from cb_lab.core.plan import SeqOutput, StepPlan, StepResult
+from cb_lab.core.plan import SeqOutput, StepPlan, StepResult, StepStats
 from cb_lab.core.planner import POLICIES, PlannerConfig, plan_step
 from cb_lab.core.prefix_cache import pool_counters, prefix_stats, register_full_blocks
 from cb_lab.core.request import Request
@@ -147,6 +147,7 @@ class Scheduler:
         self.step_id = 0
         self.num_finished = 0
         self.num_preemptions = 0
+        self.last_step: StepStats | None = None  # the stats (and plan) of the latest step that ran
         self._batch_size = 0  # static policy: the size of the batch now running
         # Round-robin turns: each decode takes the next number; the lowest numbers go first.
         self._decode_turn: dict[str, int] = {}
@@ -268,8 +269,8 @@ class Scheduler:
         logger.info("aborted %r", req)
         return req
 
-    def step(self) -> dict[str, Any]:
-        """Run one step (plan, compute, commit) and return its stats."""
+    def step(self) -> StepStats:
+        """Run one step (plan, compute, commit) and return its stats (a dict; ``.plan`` is the plan it ran)."""
         if not self.active:
             return self._stats(self.step_id, 0, 0, 0, 0.0, "no_active_requests")
         start = time.perf_counter()
@@ -282,11 +283,12 @@ class Scheduler:
             invariants.check_invariants(self, plan, finished)
         stats = self._stats(
             plan.step_id, plan.num_decode_tokens, plan.num_prefill_tokens, len(finished),
-            time.perf_counter() - start, "completed", len(plan.preempted), self._padding(plan),
+            time.perf_counter() - start, "completed", len(plan.preempted), self._padding(plan), plan,
         )
         stats |= prefix_stats(plan)
         evictions_after, copies_after = pool_counters(plan)
         stats["kv_evictions"], stats["kv_copies"] = evictions_after - evictions, copies_after - copies
+        self.last_step = stats
         self.plugins.after_step(stats)
         return stats
 
@@ -370,9 +372,9 @@ class Scheduler:
 
     def _stats(
         self, step_id: int, decode: int, prefill: int, finished: int, duration: float, status: str,
-        preempted: int = 0, padding: int = 0,
-    ) -> dict[str, Any]:
-        return {
+        preempted: int = 0, padding: int = 0, plan: StepPlan | None = None,
+    ) -> StepStats:
+        return StepStats({
             "step_id": step_id,
             "decode_tokens": decode,
             "prefill_tokens": prefill,
@@ -390,11 +392,11 @@ class Scheduler:
             "admitted_prompt_blocks": 0,  # ... and their full blocks (what a hit could at most save)
             "kv_evictions": 0,  # cached blocks the step's allocations evicted
             "kv_copies": 0,  # copy-on-write copies the step's writes made
-        }
+        }, plan)
 
-    def run_until_complete(self, max_steps: int | None = None) -> list[dict[str, Any]]:
+    def run_until_complete(self, max_steps: int | None = None) -> list[StepStats]:
         """Step until no request is active; returns every step's stats."""
-        history: list[dict[str, Any]] = []
+        history: list[StepStats] = []
         while self.active and (max_steps is None or len(history) < max_steps):
             history.append(self.step())
         return history
@@ -405,3 +407,8 @@ class Scheduler:
             f"Scheduler(step={self.step_id}, active={len(self.active)}{waiting}, finished={self.num_finished}, "
             f"budget={self.max_tokens_per_step}, chunk={self.prefill_chunk_size})"
         )
+
+    def _repr_html_(self) -> str:
+        from cb_lab.display.views import scheduler_html  # the views import the core: imported on use
+
+        return scheduler_html(self)

@@ -431,6 +431,15 @@ class MetricsCollector:
         self.steps.clear()
         self.requests.clear()
 
+    def __repr__(self) -> str:
+        done = sum(r.is_finished for r in self.requests.values())
+        return f"MetricsCollector(steps={len(self.steps)}, requests={len(self.requests)}, finished={done})"
+
+    def _repr_html_(self) -> str:
+        from cb_lab.display.views import metrics_html  # the views import the monitoring: imported on use
+
+        return metrics_html(self)
+
 
 class PerformanceBenchmark:
     """Times callables side by side so results are compared as ratios measured in one run.
