@@ -42,13 +42,13 @@ bench: venv
 	$(PY) -m cb_lab.bench
 
 # The notebooks are jupytext percent files (notebooks/*.py, the ones in git); `make notebooks`
-# writes each as .ipynb next to it (again when the .py is newer) and opens them in JupyterLab,
+# writes each as .ipynb next to it (again only when the .py is newer) and opens them in JupyterLab,
 # which it installs into the venv the first time (a learner's tool: the tests need only a kernel).
 $(LAB_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check "jupyterlab>=4"
 	touch $(LAB_STAMP)
 
-notebooks/%.ipynb: notebooks/%.py $(STAMP)
+notebooks/%.ipynb: notebooks/%.py | $(STAMP)
 	$(PY) -m jupytext --quiet --to ipynb $<
 
 notebooks: $(LAB_STAMP) $(NOTEBOOKS:.py=.ipynb)

@@ -23,10 +23,12 @@ import io
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, TypeVar
 
+from cb_lab.monitoring.metrics import StepMetrics
 from cb_lab.monitoring.trace import TIMELINE_CHARS, StepTrace, request_timeline
 
 if TYPE_CHECKING:
@@ -35,9 +37,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["batch_composition", "block_tables", "overview", "pngs", "pool_occupancy", "save_pngs", "timeline"]
+__all__ = [
+    "batch_composition", "block_tables", "metrics_pngs", "overview", "pngs", "pool_occupancy", "save_pngs", "timeline",
+]
 
 _NO_STEPS = "(no steps recorded)"
+_T = TypeVar("_T")
 
 
 def _ruler(step_ids: Sequence[int]) -> tuple[str, str]:
@@ -172,13 +177,26 @@ def pngs(trace_steps: Sequence[StepTrace]) -> dict[str, bytes]:
     """
     if importlib.util.find_spec("matplotlib") is None:
         return {}
-    pictures = {"timeline": _timeline_png, "batch_composition": _composition_png, "pool_occupancy": _pool_png}
-    out: dict[str, bytes] = {}
-    for name, draw in pictures.items():
-        buffer = io.BytesIO()
-        draw(trace_steps, buffer)
-        out[name] = buffer.getvalue()
-    return out
+    columns = _trace_columns(trace_steps)
+    return {"timeline": _png(_timeline_png, trace_steps), "batch_composition": _png(_composition_png, columns),
+            "pool_occupancy": _png(_pool_png, columns)}
+
+
+def metrics_pngs(steps: Sequence[StepMetrics]) -> dict[str, bytes]:
+    """``batch_composition`` and ``pool_occupancy`` from a ``MetricsCollector``'s steps, as PNG bytes.
+
+    Step metrics have no per-request record, so there is no timeline; ``{}`` without matplotlib.
+    """
+    if importlib.util.find_spec("matplotlib") is None:
+        return {}
+    columns = _metrics_columns(steps)
+    return {"batch_composition": _png(_composition_png, columns), "pool_occupancy": _png(_pool_png, columns)}
+
+
+def _png(draw: Callable[[_T, IO[bytes]], None], data: _T) -> bytes:
+    buffer = io.BytesIO()
+    draw(data, buffer)
+    return buffer.getvalue()
 
 
 def save_pngs(trace_steps: Sequence[StepTrace], out_dir: str | Path) -> list[Path]:
@@ -231,18 +249,41 @@ def _timeline_png(trace_steps: Sequence[StepTrace], out: IO[bytes]) -> None:
     fig.savefig(out, format="png")
 
 
-def _composition_png(trace_steps: Sequence[StepTrace], out: IO[bytes]) -> None:
-    steps = [s.step_id for s in trace_steps]
-    decode = [s.decode_tokens for s in trace_steps]
-    prefill = [s.prefill_tokens for s in trace_steps]
-    padding = [s.padding_tokens for s in trace_steps]
+@dataclass(frozen=True, slots=True)
+class _Columns:
+    """Per-step numbers the composition and pool pictures draw, from a trace or from step metrics."""
+
+    step_ids: list[int]
+    decode: list[int]
+    prefill: list[int]
+    padding: list[int]
+    budget: list[int | None]
+    used_blocks: list[int | None]
+    num_blocks: list[int | None]  # all None when the pool's size is not known (step metrics)
+
+
+def _trace_columns(trace_steps: Sequence[StepTrace]) -> _Columns:
+    s = trace_steps
+    return _Columns([x.step_id for x in s], [x.decode_tokens for x in s], [x.prefill_tokens for x in s],
+                    [x.padding_tokens for x in s], [x.budget for x in s], [x.pool_used_blocks for x in s],
+                    [x.pool_num_blocks for x in s])
+
+
+def _metrics_columns(steps: Sequence[StepMetrics]) -> _Columns:
+    s = [x for x in steps if x.status == "completed"]
+    return _Columns([x.step_id for x in s], [x.decode_tokens for x in s], [x.prefill_tokens for x in s],
+                    [x.padding_tokens for x in s], [x.max_tokens_per_step for x in s], [x.kv_blocks_used for x in s],
+                    [None] * len(s))
+
+
+def _composition_png(c: _Columns, out: IO[bytes]) -> None:
     fig, ax = _figure(8, 4)
-    ax.bar(steps, decode, width=1.0, color=_COLORS["D"], label="decode")
-    ax.bar(steps, prefill, width=1.0, bottom=decode, color=_COLORS["P"], label="prefill")
-    ax.bar(steps, padding, width=1.0, bottom=[d + p for d, p in zip(decode, prefill)], color="#ff7f0e",
+    ax.bar(c.step_ids, c.decode, width=1.0, color=_COLORS["D"], label="decode")
+    ax.bar(c.step_ids, c.prefill, width=1.0, bottom=c.decode, color=_COLORS["P"], label="prefill")
+    ax.bar(c.step_ids, c.padding, width=1.0, bottom=[d + p for d, p in zip(c.decode, c.prefill)], color="#ff7f0e",
            label="padding")
-    if any(s.budget is not None for s in trace_steps):
-        ax.step(steps, [s.budget or 0 for s in trace_steps], where="mid", color="black", label="budget")
+    if any(b is not None for b in c.budget):
+        ax.step(c.step_ids, [b or 0 for b in c.budget], where="mid", color="black", label="budget")
     ax.set_xlabel("step")
     ax.set_ylabel("tokens")
     ax.set_title("batch composition per step")
@@ -250,14 +291,13 @@ def _composition_png(trace_steps: Sequence[StepTrace], out: IO[bytes]) -> None:
     fig.savefig(out, format="png")
 
 
-def _pool_png(trace_steps: Sequence[StepTrace], out: IO[bytes]) -> None:
+def _pool_png(c: _Columns, out: IO[bytes]) -> None:
     fig, ax = _figure(8, 3)
-    steps = [s.step_id for s in trace_steps]
-    if any(s.pool_num_blocks is not None for s in trace_steps):
-        ax.fill_between(steps, [s.pool_used_blocks or 0 for s in trace_steps], step="mid", color=_COLORS["P"],
+    if any(u is not None for u in c.used_blocks):
+        ax.fill_between(c.step_ids, [u or 0 for u in c.used_blocks], step="mid", color=_COLORS["P"],
                         label="used blocks")
-        ax.step(steps, [s.pool_num_blocks or 0 for s in trace_steps], where="mid", color="black",
-                label="pool size")
+        if any(n is not None for n in c.num_blocks):
+            ax.step(c.step_ids, [n or 0 for n in c.num_blocks], where="mid", color="black", label="pool size")
         ax.legend(fontsize="small")
     else:
         ax.text(0.5, 0.5, "no shared KV block pool in this run", ha="center", va="center", transform=ax.transAxes)

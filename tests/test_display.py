@@ -201,6 +201,8 @@ def test_metrics_and_a_serving_run_show_their_figures() -> None:
     assert all(f"{k} <b>{fmt(summary[k])}</b>" in html for k in HEADLINE)
     assert tables(html)["summary"].texts() == [[k, fmt(v)] for k, v in summary.items()]
     assert repr(collector) == f"MetricsCollector(steps={len(collector.steps)}, requests=3, finished=3)"
+    assert html.count("data:image/png;base64,") == 2  # batch composition and pool occupancy (no trace: no timeline)
+    assert "<img" not in MetricsCollector(enable_memory_profiling=False)._repr_html_()  # no steps: nothing to draw
 
     specs = generate_workload(WorkloadConfig(6, LengthDist.uniform(4, 8), LengthDist.uniform(1, 4)))
     run = simulate(specs, make_config("continuous", max_num_seqs=3, max_tokens_per_step=16))
@@ -216,7 +218,7 @@ def test_without_matplotlib_a_run_shows_the_text_pictures(monkeypatch: pytest.Mo
     run = simulate(specs, make_config("continuous", max_num_seqs=2, max_tokens_per_step=16))
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
-    assert viz.pngs(run.steps) == {}
+    assert viz.pngs(run.steps) == {} and viz.metrics_pngs([]) == {}
     html = run._repr_html_()
     assert "<img" not in html and f"<pre>{escape(viz.overview(run.steps))}</pre>" in html
 

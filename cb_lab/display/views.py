@@ -229,11 +229,12 @@ HEADLINE = ("steps", "tokens_per_step", "gen_tokens", "ttft_p50_steps", "ttft_p9
 
 
 def metrics_html(metrics: MetricsCollector) -> Raw:
-    """A metrics collector: the run summary's headline figures, then every figure."""
+    """A metrics collector: the run summary's headline figures, its steps' pictures (with matplotlib), every figure."""
     summary = metrics.get_run_summary()
     figures = {k: fmt(summary[k]) for k in HEADLINE}
+    pictures = [image(png, name) for name, png in viz.metrics_pngs(metrics.steps).items()] if metrics.steps else []
     return card(f"MetricsCollector: {len(metrics.steps)} steps, {len(metrics.requests)} requests",
-                [_summary_table(summary, list(summary))], figures)
+                [*pictures, _summary_table(summary, list(summary))], figures)
 
 
 def run_html(result: RunResult) -> Raw:
