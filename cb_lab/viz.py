@@ -22,7 +22,6 @@ import importlib.util
 import io
 import logging
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,22 +63,24 @@ def timeline(trace_steps: Sequence[StepTrace]) -> str:
     return "\n".join(lines)
 
 
-def batch_composition(trace_steps: Sequence[StepTrace]) -> str:
+def batch_composition(trace_steps: Sequence[StepTrace], width: int | None = None) -> str:
     """Per step, the budget's tokens: ``D`` decode, ``P`` prefill, ``#`` padding, ``.`` unused.
 
-    Without a known budget (``StepTrace.budget`` is None) no ``.`` is drawn.
+    Without a known budget (``StepTrace.budget`` is None) no ``.`` is drawn. A bar longer than
+    ``width`` (None: no limit) is scaled to ``width`` characters, each run keeping at least one.
     """
     if not trace_steps:
         return _NO_STEPS
-    width = len(str(trace_steps[-1].step_id))
+    digits = len(str(trace_steps[-1].step_id))
     lines = ["batch composition: D decode  P prefill  # padding (static batching)  . unused budget"]
     for s in trace_steps:
         used = s.tokens_used + s.padding_tokens
         unused = max(s.budget - used, 0) if s.budget is not None else 0
-        bar = "D" * s.decode_tokens + "P" * s.prefill_tokens + "#" * s.padding_tokens + "." * unused
+        runs = [("D", s.decode_tokens), ("P", s.prefill_tokens), ("#", s.padding_tokens), (".", unused)]
+        bar = _bar([(c, n) for c, n in runs if n], width)
         budget = "?" if s.budget is None else str(s.budget)
         pad = f" +{s.padding_tokens} padding" if s.padding_tokens else ""
-        lines.append(f"step {s.step_id:>{width}} |{bar}| {s.tokens_used}/{budget}{pad}")
+        lines.append(f"step {s.step_id:>{digits}} |{bar}| {s.tokens_used}/{budget}{pad}")
     return "\n".join(lines)
 
 
@@ -124,23 +125,21 @@ def block_tables(step: StepTrace, max_requests: int = 16) -> str:
     return "\n".join(lines)
 
 
-def _squeeze(line: str, width: int) -> str:
-    """Scale the ``|...|`` bar of a batch-composition line to ``width`` characters, run by run.
+def _bar(runs: list[tuple[str, int]], width: int | None) -> str:
+    """``(char, count)`` runs as one bar, scaled run by run to ``width`` characters when longer.
 
     Every run keeps at least one character (a single padding token stays visible).
     """
-    m = re.match(r"^(.*?\|)([^|]*)(\|.*)$", line)
-    if m is None or len(m[2]) <= width:
-        return line
-    bar = m[2]
-    runs = [(run[0][0], len(run[0])) for run in re.finditer(r"(.)\1*", bar)]  # e.g. DDDPPPP.. -> D3 P4 .2
-    exact = [n * width / len(bar) for _, n in runs]
+    total = sum(n for _, n in runs)
+    if width is None or total <= width:
+        return "".join(c * n for c, n in runs)
+    exact = [n * width / total for _, n in runs]
     cells = [max(1, math.floor(x)) for x in exact]
     while sum(cells) < width:  # the rounding's spare cells go to the largest remainders
         cells[max(range(len(runs)), key=lambda i: exact[i] - cells[i])] += 1
     while sum(cells) > width:  # the minimum of one cell came from the widest run
         cells[max(range(len(runs)), key=lambda i: cells[i])] -= 1
-    return m[1] + "".join(c * k for (c, _), k in zip(runs, cells)) + m[3]
+    return "".join(c * k for (c, _), k in zip(runs, cells))
 
 
 def _sample(steps: Sequence[StepTrace], rows: int) -> list[StepTrace]:
@@ -162,8 +161,8 @@ def overview(trace_steps: Sequence[StepTrace], *, max_steps: int = 80, max_reque
     parts = [f"the first {min(max_steps, len(trace_steps))} of {len(trace_steps):,} steps", "\n".join(shown)]
     sample = _sample(trace_steps, rows)
     note = "" if len(sample) == len(trace_steps) else f" ({len(sample)} of {len(trace_steps):,} steps, evenly spaced)"
-    composition = batch_composition(sample).splitlines()
-    parts.append(composition[0] + note + "\n" + "\n".join(_squeeze(line, width) for line in composition[1:]))
+    composition = batch_composition(sample, width).splitlines()
+    parts.append(composition[0] + note + "\n" + "\n".join(composition[1:]))
     if any(s.pool_num_blocks is not None for s in trace_steps):
         occupancy = pool_occupancy(sample).splitlines()
         parts.append(occupancy[0] + note + "\n" + "\n".join(occupancy[1:]))

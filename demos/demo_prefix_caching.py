@@ -18,6 +18,7 @@ one full block to share) or ``--num-blocks 12`` (a small pool: preemptions and e
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -48,8 +49,15 @@ def make_prompts(num_requests: int, system_len: int, seed: int) -> list[torch.Te
                                              generator=gen)]) for _ in range(num_requests)]
 
 
-def run(model: LlamaStepModel, prompts: list[torch.Tensor], caching: bool,
-        num_blocks: int) -> tuple[list[Request], dict[str, float], list[StepTrace], float, BlockPool]:
+class Run(NamedTuple):
+    requests: list[Request]
+    summary: dict[str, float]  # MetricsCollector's run summary
+    steps: list[StepTrace]  # the trace
+    wall_s: float
+    pool: BlockPool
+
+
+def run(model: LlamaStepModel, prompts: list[torch.Tensor], caching: bool, num_blocks: int) -> Run:
     """Two arrivals per step on one shared pool; the run summary, the trace and the wall time."""
     pool = BlockPool(num_blocks, BLOCK_SIZE, model.kv_dim)
     trace, metrics = TracePlugin(), MetricsPlugin(MetricsCollector(enable_memory_profiling=False))
@@ -61,7 +69,7 @@ def run(model: LlamaStepModel, prompts: list[torch.Tensor], caching: bool,
     start = time.perf_counter()
     run_workload(sched, [(i // 2, r) for i, r in enumerate(reqs)])
     wall = time.perf_counter() - start
-    return reqs, metrics.get_summary()["run"], trace.steps, wall, pool
+    return Run(reqs, metrics.get_summary()["run"], trace.steps, wall, pool)
 
 
 def parallel_samples(model: LlamaStepModel, prompt: torch.Tensor, n: int) -> None:
@@ -98,21 +106,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{num_requests} requests: a {args.system_len}-token system prompt + 4..12 tokens each, two arriving per "
           f"step; blocks of {BLOCK_SIZE} tokens, a pool of {args.num_blocks}, budget {BUDGET}, chunk {CHUNK}\n")
     print(f"{'':<12} {'prefill tokens':>15} {'TTFT p50':>9} {'TTFT p99':>9} {'wall s':>7} {'evictions':>10}")
-    results = {}
-    for caching in (False, True):
-        reqs, summary, steps, wall, pool = results[caching] = run(model, prompts, caching, args.num_blocks)
-        print(f"{'caching ' + ('on' if caching else 'off'):<12} {summary['prefill_tokens']:>15,} "
-              f"{summary['ttft_p50_steps']:>9.1f} {summary['ttft_p99_steps']:>9.1f} {wall:>7.3f} "
-              f"{summary['kv_evictions']:>10}")
-    off, on = results[False], results[True]
+    off, on = (run(model, prompts, caching, args.num_blocks) for caching in (False, True))
+    for name, r in (("caching off", off), ("caching on", on)):
+        s = r.summary
+        print(f"{name:<12} {s['prefill_tokens']:>15,} {s['ttft_p50_steps']:>9.1f} {s['ttft_p99_steps']:>9.1f} "
+              f"{r.wall_s:>7.3f} {s['kv_evictions']:>10}")
     same = all([int(t) for t in a.generated_tokens] == [int(t) for t in b.generated_tokens]
-               for a, b in zip(off[0], on[0]))
-    saved = on[1]["prefill_tokens_saved"]
-    print(f"\nsaved {saved:,} prefill tokens: hit rate {on[1]['prefix_hit_rate']:.0%} of the prompt tokens, "
-          f"{on[1]['prefix_block_hit_rate']:.0%} of their full blocks; the same greedy tokens: {same}")
-    step = max(on[2], key=lambda s: len(s.block_tables))  # the step with the most requests running
+               for a, b in zip(off.requests, on.requests))
+    saved = on.summary["prefill_tokens_saved"]
+    print(f"\nsaved {saved:,} prefill tokens: hit rate {on.summary['prefix_hit_rate']:.0%} of the prompt tokens, "
+          f"{on.summary['prefix_block_hit_rate']:.0%} of their full blocks; the same greedy tokens: {same}")
+    step = max(on.steps, key=lambda s: len(s.block_tables))  # the step with the most requests running
     print(f"\n{block_tables(step, max_requests=8)}")
-    pool = on[4]
+    pool = on.pool
     print(f"the pool at the end: {pool.num_used_blocks} blocks in use, {pool.num_evictable_blocks} cached and "
           f"evictable, {pool.num_free_blocks - pool.num_evictable_blocks} free")
     shared_partial = prompts[0] if (prompts[0].shape[0] - 1) % BLOCK_SIZE else prompts[0][:-1]

@@ -12,11 +12,13 @@ early freeing their slot for a waiting one. Try: ``--temperature 0`` (greedy), o
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 
 import torch
 
+from cb_lab.core.batch_builder import ragged_causal_mask, ragged_positions
 from cb_lab.engine import EngineConfig, LLMEngine
 from cb_lab.model.checkpoint import load_llama, save_llama
 from cb_lab.model.llama import LlamaModel
@@ -37,9 +39,8 @@ def train(config: LlamaConfig, seconds: float, seed: int) -> tuple[LlamaModel, l
     model, gen = LlamaModel(config, seed=seed), torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     B, T = 8, 64
-    pos = torch.arange(T).repeat(B)  # [B*T]: each window starts at position 0
-    owner = torch.arange(B).repeat_interleave(T)
-    mask = (owner[:, None] == owner[None, :]) & (pos[None, :] <= pos[:, None])  # [B*T, B*T]
+    owner, pos = ragged_positions(torch.zeros(B, dtype=torch.long), torch.full((B,), T))  # [B*T]: each from 0
+    mask = ragged_causal_mask(owner, pos, owner, pos)  # [B*T, B*T]
     losses, start = [], time.perf_counter()
     while time.perf_counter() - start < seconds:
         starts = torch.randint(0, data.numel() - T - 1, (B,), generator=gen)
@@ -53,7 +54,7 @@ def train(config: LlamaConfig, seconds: float, seed: int) -> tuple[LlamaModel, l
     return model.eval(), losses
 
 
-def trained_model(args: object, config: LlamaConfig, seconds: float, seed: int) -> LlamaModel:
+def trained_model(args: argparse.Namespace, config: LlamaConfig, seconds: float, seed: int) -> LlamaModel:
     folder = Path(args.cache_dir) / f"demo_real_tokens_d{config.dim}_s{seconds:g}_seed{seed}"
     if (folder / "config.json").exists() and not args.retrain:
         print(f"loading the trained weights from {folder} (--retrain to train again)")

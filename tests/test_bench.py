@@ -144,7 +144,7 @@ SOAK_TENTH = re.compile(r"^\s+(\d+)\s+([\d,]+)\s+([\d.]+)\s+([\d,]+)\s+([\d.]+)$
 
 
 def test_soak_runs_continuous_arrivals_and_ends_with_a_free_pool(capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["soak", "--quick", "--steps", "400"]
+    argv = ["soak", "--quick"]  # 1,000 steps
     out = run(argv, capsys)
     tenths = [m.groups() for line in out.splitlines() if (m := SOAK_TENTH.match(line))]
     assert [int(t[0]) for t in tenths] == list(range(1, 11)), out

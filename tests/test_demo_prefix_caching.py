@@ -35,6 +35,8 @@ def test_the_demo_reports_the_tokens_it_saved(system_len: str, capsys: pytest.Ca
     assert len(tables) > 1 and starred, "the shared system prompt's blocks are drawn shared"
     held = [cell.rstrip("*") for cells in tables.values() for cell in cells]
     assert all(held.count(c.rstrip("*")) > 1 for c in starred)  # a star means two or more tables hold it
+    if system_len == "48":  # the figures phase 13's page quotes
+        assert (rows["off"][2], rows["on"][2], saved[1], saved[2]) == ("451", "179", "272", "60")
 
 
 def test_the_forks_share_every_block_and_copy_the_partial_one(capsys: pytest.CaptureFixture[str]) -> None:

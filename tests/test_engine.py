@@ -223,5 +223,7 @@ def test_generate_cli_n_samples_and_the_cache_stats(capsys: pytest.CaptureFixtur
     assert [o["prompt"] for o in data["outputs"]] == ["same prompt", "same prompt", "other", "other"]
     assert data["outputs"][0]["token_ids"] != data["outputs"][1]["token_ids"]  # seeds 0 and 1
     assert {"prefill_tokens_saved", "prefix_hit_rate"} <= set(data)
-    off = run_cli(["x", "--quick", "--no-prefix-caching"], capsys)
-    assert off["prefill_tokens_saved"] == 0
+    # One request at a time: the second prompt is admitted after the first has cached its 16-token prefix.
+    shared = ["shared prefix: one", "shared prefix: two", "--quick", "--max-num-seqs", "1", "--block-size", "4"]
+    assert run_cli(shared, capsys)["prefill_tokens_saved"] == 16
+    assert run_cli([*shared, "--no-prefix-caching"], capsys)["prefill_tokens_saved"] == 0

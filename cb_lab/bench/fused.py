@@ -230,8 +230,6 @@ def fused_main(args: argparse.Namespace) -> int:
     return 0
 
 
-
-
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("fused", help="decode steps: fused vs split executor vs the floor")
     p.add_argument("--dims", type=int, nargs="+", default=[16, 1024, 4096])

@@ -99,8 +99,6 @@ def memory_main(args: argparse.Namespace) -> int:
     return 0
 
 
-
-
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("memory", help="KV slots allocated vs used: shared pool vs dense preallocation")
     p.add_argument("--requests", type=int, default=256)

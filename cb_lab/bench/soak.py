@@ -82,7 +82,6 @@ def soak(args: argparse.Namespace, model: TinyLLM, pool: BlockPool, detector: Me
         stats = sched.step()
         run.tenths[-1].tokens += stats["total_tokens"]
         run.tenths[-1].seconds += stats["step_duration"]
-        run.finished += stats["finished_requests"]
         if (step + 1) % tenth == 0:
             watched = check_finished(model, watched, run)
             run.tenths[-1].rss_mb = read_rss()

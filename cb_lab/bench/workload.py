@@ -88,8 +88,6 @@ def workload_main(args: argparse.Namespace) -> int:
     return 0
 
 
-
-
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("workload", help="a seeded workload to completion (the default)")
     p.add_argument("--requests", type=int, default=256)

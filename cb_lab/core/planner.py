@@ -164,9 +164,9 @@ class _StepPlanner:
             queue.sort(key=lambda r: r.prefill_len + r.max_new_tokens - len(r.generated_tokens))
         blocked = "batch_running" if self.config.policy == "static" and self.running else None
         for req in queue:
-            cached = prefix_hit(req) if self.config.enable_prefix_caching else ()
+            cached = prefix_hit(req) if self.config.enable_prefix_caching and not blocked else ()
             blocked = blocked or self.admission_blocker(req, cached)
-            if blocked:  # FCFS: whoever is behind a waiting request waits too
+            if blocked:  # FCFS: whoever is behind a waiting request waits too (nothing is looked up for them)
                 self.skipped[req.req_id] = blocked
                 continue
             self.admitted.append(req)

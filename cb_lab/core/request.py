@@ -159,8 +159,12 @@ class Request:
         self.prefill_pos = 0
         self.num_preemptions += 1
         if self.generated_tokens:
-            self._prefill_rows = torch.cat([self.prompt, torch.stack(self.generated_tokens).to(self.prompt.dtype)])
+            self._prefill_rows = self._prompt_and(self.generated_tokens)
             self._hashes = (0, [])
+
+    def _prompt_and(self, tokens: list[torch.Tensor]) -> torch.Tensor:
+        """The prompt with ``tokens`` appended as rows (what a recompute runs over)."""
+        return torch.cat([self.prompt, torch.stack(tokens).to(self.prompt.dtype)]) if tokens else self.prompt
 
     def fork(self, req_id: str, sampling: SamplingParams | None = None) -> Request:
         """A new request that continues this one's sequence from its latest token, drawn again.
@@ -181,7 +185,7 @@ class Request:
             raise RequestError(f"request {self.req_id!r} can fork once its prefill is done and it has a token, "
                                f"not yet: {self!r}")
         kept = self.generated_tokens[:-1]  # the latest token is drawn again by the child
-        rows = torch.cat([self.prompt, torch.stack(kept).to(self.prompt.dtype)]) if kept else self.prompt
+        rows = self._prompt_and(kept)
         assert len(cache) == rows.shape[0], "a decoding cache holds every row but the latest token"
         child = Request(req_id, self.prompt, self.max_new_tokens, cache.fork(rows.shape[0] - 1),
                         sampling=sampling or self.sampling, eos_token_id=self.eos_token_id, parent_id=self.req_id)

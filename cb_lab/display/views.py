@@ -83,7 +83,11 @@ def plan_html(plan: StepPlan) -> Raw:
     """A step plan: which request gets which tokens this step, and why the others wait."""
     title = f"step {plan.step_id}: {plan.total_tokens} tokens ({plan.num_decode_tokens} decode, " \
             f"{plan.num_prefill_tokens} prefill)"
-    return card(title, [table(["request", "work", "tokens", "why"], _plan_rows(plan), name="plan")])
+    return card(title, [_plan_table(plan)])
+
+
+def _plan_table(plan: StepPlan) -> Raw:
+    return table(["request", "work", "tokens", "why"], _plan_rows(plan), name="plan")
 
 
 STAT_FIGURES = ("decode_tokens", "prefill_tokens", "active_requests", "waiting_requests", "finished_requests",
@@ -94,8 +98,7 @@ def step_stats_html(stats: StepStats) -> Raw:
     """A step's stats: its figures (non-zero counts, duration), then its plan when it ran one."""
     figures = {k: fmt(stats[k]) for k in STAT_FIGURES if stats.get(k)}
     figures["ms"] = fmt(1e3 * stats.get("step_duration", 0.0))
-    parts: list[object] = [] if stats.plan is None else [table(["request", "work", "tokens", "why"],
-                                                              _plan_rows(stats.plan), name="plan")]
+    parts: list[object] = [] if stats.plan is None else [_plan_table(stats.plan)]
     return card(f"step {stats.get('step_id')}: {stats.get('total_tokens')} tokens, {stats.get('status')}",
                 parts, figures)
 
@@ -206,12 +209,12 @@ def scheduler_html(sched: Scheduler) -> Raw:
     rows = _request_rows(sched.running, "running") + _request_rows(list(sched.waiting), "waiting")
     parts: list[object] = [table(["request", "state", "phase", "prefill", "generated", "cache_len", "blocks"],
                                  rows, name="requests")]
-    paged = [r for r in sched.running if isinstance(r.kv_cache, PagedKVCache) and r.kv_cache.block_table]
-    pools = {id(r.kv_cache.pool): r.kv_cache.pool for r in paged if isinstance(r.kv_cache, PagedKVCache)}
+    paged = {r.req_id: r.kv_cache for r in sched.running
+             if isinstance(r.kv_cache, PagedKVCache) and r.kv_cache.block_table}
+    pools = {id(cache.pool): cache.pool for cache in paged.values() if cache.pool is not None}
     if len(pools) == 1:  # one shared pool: the tables side by side show what is shared
         (pool,) = pools.values()
-        assert pool is not None
-        tables = {r.req_id: r.kv_cache.block_table for r in paged if isinstance(r.kv_cache, PagedKVCache)}
+        tables = {req_id: cache.block_table for req_id, cache in paged.items()}
         parts += ["block tables (* shared)", block_tables_html(tables, pool.ref_counts)]
     if sched.last_step is not None:
         parts += ["last step", step_stats_html(sched.last_step)]
