@@ -179,6 +179,9 @@ def load_specs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tup
                 prompts = LengthDist.uniform(int(prompts.a) + args.prefix_len, int(prompts.b) + args.prefix_len)
             elif args.shared_prefixes and prompts.kind == "fixed":
                 prompts = LengthDist.fixed(int(prompts.a) + args.prefix_len)
+            elif args.shared_prefixes:
+                parser.error(f"--shared-prefixes puts the prefix on top of a uniform or fixed --prompt-dist, got "
+                             f"{format_dist(prompts)}; give uniform:LOW:HIGH or fixed:N")
             config = WorkloadConfig(
                 args.requests or h.num_requests, prompts, args.output_dist or h.output_lens,
                 args.arrival or h.arrival, args.rate or 1.0, num_prefixes=args.shared_prefixes or 0,

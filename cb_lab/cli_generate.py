@@ -55,7 +55,10 @@ def generate_parser() -> argparse.ArgumentParser:
 def load_prompts(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str | list[int]]:
     prompts: list[str | list[int]] = list(args.prompts)
     if args.prompts_file:
-        data = json.loads(Path(args.prompts_file).read_text())
+        try:
+            data = json.loads(Path(args.prompts_file).read_text())
+        except (OSError, ValueError) as e:  # missing, unreadable, or not JSON (JSONDecodeError is a ValueError)
+            parser.error(f"--prompts {args.prompts_file}: {e}")
         ok = isinstance(data, list) and all(isinstance(p, str) or (isinstance(p, list) and p and all(
             isinstance(i, int) and not isinstance(i, bool) for i in p)) for p in data)
         if not ok:

@@ -106,6 +106,8 @@ class ServingConfig:
         for name in ("max_num_seqs", "num_blocks", "preempt_every"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
+        if self.enable_prefix_caching and self.num_blocks is None:  # dense caches share nothing: it would do nothing
+            raise ConfigurationError("enable_prefix_caching needs a shared block pool; give num_blocks too")
 
 
 POLICY_PRESETS: dict[str, ServingConfig] = {

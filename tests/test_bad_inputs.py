@@ -323,6 +323,8 @@ SERVING_CASES: list[Case] = [
     ("serving/unknown-preset", lambda: make_config("fifo"), ConfigurationError, "'fifo'"),
     ("serving/unknown-knob", lambda: make_config("static", colour=1), ConfigurationError, "colour"),
     ("serving/zero-blocks", lambda: ServingConfig(num_blocks=0), ConfigurationError, "num_blocks"),
+    ("serving/prefix-caching-without-a-pool", lambda: ServingConfig(enable_prefix_caching=True), ConfigurationError,
+     "num_blocks"),
     ("serving/pool-too-small", lambda: simulate([RequestSpec("big", 0, 40, 2)], make_config("continuous",
                                                 num_blocks=2, block_size=4)), ConfigurationError, "'big'"),
 ]

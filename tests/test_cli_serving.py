@@ -114,6 +114,8 @@ def test_a_workload_file_round_trips_through_the_cli(tmp_path: Path, capsys: pyt
     (["simulate", "--workload", "w.csv", "--requests", "3"], "replaces --requests"),
     (["compare", "--policies", "continuous_no_chunk", "--budget", "64"], "chunked prefill is off"),
     (["simulate", "--num-blocks", "2"], "num_blocks is 2"),
+    (["simulate", "--prefix-caching"], "give num_blocks too"),
+    (["simulate", "--shared-prefixes", "2", "--prompt-dist", "lognormal:48:1.0"], "got lognormal:48:1:4096"),
 ])
 def test_serving_commands_reject_bad_values(argv: list[str], named: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:

@@ -190,6 +190,11 @@ def test_generate_cli_refuses_a_bad_prompts_file(tmp_path: Path, capsys: pytest.
     with pytest.raises(SystemExit):
         main_job.main(["generate", "--prompts", str(bad)])
     assert "JSON list of strings" in capsys.readouterr().err
+    (tmp_path / "broken.json").write_text("[\"unclosed")
+    for path in (tmp_path / "missing.json", tmp_path / "broken.json"):  # a usage error that names it, no traceback
+        with pytest.raises(SystemExit) as info:
+            main_job.main(["generate", "--prompts", str(path)])
+        assert info.value.code == 2 and f"--prompts {path}" in capsys.readouterr().err
 
 
 def test_a_bfloat16_engine_keeps_its_pool_in_bfloat16() -> None:
