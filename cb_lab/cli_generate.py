@@ -2,12 +2,15 @@
 
 ::
 
-    python -m cb_lab generate "Continuous batching" "KV cache"      # the random-weight default model
+    python -m cb_lab generate --chat "What is the capital of France?"   # SmolLM2-135M-Instruct, chat-templated
     python -m cb_lab generate --model path/to/checkpoint --max-tokens 64 --temperature 0.8 "Hello"
-    python -m cb_lab generate --prompts prompts.json --json          # a JSON list of strings or id lists
+    python -m cb_lab generate --model random --prompts prompts.json --json   # strings or id lists
 
-Without ``--model`` it builds the default ``LlamaConfig`` with seeded random weights and the
-byte tokenizer: the text is noise, but every engine path runs. ``--json`` prints one object:
+``--model`` takes a name (``smollm2-135m-instruct``, the default when ``make model`` has installed
+it), a ``.gguf`` file, a checkpoint folder, or ``random``: the default ``LlamaConfig`` with seeded
+random weights and the byte tokenizer, whose text is noise but which runs every engine path in a
+second. ``--chat`` sends each prompt as a user message (after ``--system``, if given) through the
+model's chat template. ``--json`` prints one object:
 ``outputs`` (one per sample, in prompt order: ``request_id``, ``prompt``, ``token_ids``, ``text``,
 ``finish_reason``, ``ttft_s``), ``tokens_per_s`` for the run and the prefix cache's
 ``prefill_tokens_saved`` and ``prefix_hit_rate`` (``LLMEngine.cache_stats``).
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,17 +28,51 @@ from typing import Any
 
 from cb_lab.engine import EngineConfig, LLMEngine
 from cb_lab.exceptions import CBLabException
+from cb_lab.model.chat import Message
 from cb_lab.model.llama import LlamaModel
 from cb_lab.model.llama_config import LlamaConfig
+from cb_lab.model.registry import DEFAULT_MODEL, MODELS, model_file
 from cb_lab.sampling import SamplingParams
 
-__all__ = ["generate_main", "generate_parser"]
+__all__ = ["add_model_arguments", "build_engine", "generate_main", "generate_parser"]
+
+RANDOM = "random"
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags that pick the model and size the engine (``generate``, ``chat``)."""
+    p.add_argument("--model", metavar="NAME|PATH", help=f"a model name ({', '.join(MODELS)}), a .gguf file, a "
+                   f"checkpoint folder, or '{RANDOM}' (seeded random weights); default {DEFAULT_MODEL} when "
+                   f"installed (make model), else {RANDOM}")
+    p.add_argument("--max-num-seqs", type=int, default=16)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-blocks", type=int, help="KV blocks of the pool (default: from a 64 MB budget)")
+    p.add_argument("--no-prefix-caching", action="store_true", help="compute every prompt's prefill in full")
+
+
+def build_engine(args: argparse.Namespace) -> tuple[LLMEngine, str]:
+    """The engine ``args`` asks for, and the model's name for the report. Without ``--model``: the
+    default named model if it is installed, else the random-weight model (with a note on stderr)."""
+    config = EngineConfig(max_num_seqs=args.max_num_seqs, block_size=args.block_size, num_blocks=args.num_blocks,
+                          enable_prefix_caching=not args.no_prefix_caching)
+    name = args.model
+    if name is None:
+        name = DEFAULT_MODEL if model_file(DEFAULT_MODEL) is not None else RANDOM
+        if name == RANDOM:
+            print(f"({DEFAULT_MODEL} is not installed, so this is the random-weight model and its text is noise; "
+                  f"install the real one with: {MODELS[DEFAULT_MODEL].install})", file=sys.stderr)
+    if name == RANDOM:
+        random_model = LlamaModel(LlamaConfig(), seed=0)
+        return LLMEngine(random_model, config=config), "random LlamaConfig() (seed 0), byte tokenizer"
+    return LLMEngine.from_pretrained(name, config), str(name)
 
 
 def generate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cb_lab generate", description=__doc__.splitlines()[0])
     p.add_argument("prompts", nargs="*", help="prompts (text); or give --prompts FILE")
-    p.add_argument("--model", metavar="DIR", help="a local checkpoint folder (config.json + *.safetensors)")
+    add_model_arguments(p)
+    p.add_argument("--chat", action="store_true", help="send each prompt as a user message through the chat template")
+    p.add_argument("--system", help="with --chat: a system message before each prompt")
     p.add_argument("--prompts", dest="prompts_file", metavar="FILE", help="a JSON list of strings or of token-id lists")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens to generate per prompt (default 32)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (the default): greedy")
@@ -43,10 +81,6 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sample j of prompt i draws with seed + i * n + j")
     p.add_argument("--n", type=int, default=1, help="samples per prompt: forks that share its prefill (default 1)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the EOS token")
-    p.add_argument("--max-num-seqs", type=int, default=16)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-blocks", type=int, help="KV blocks of the pool (default: from a 64 MB budget)")
-    p.add_argument("--no-prefix-caching", action="store_true", help="compute every prompt's prefill in full")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quick", action="store_true", help="at most 8 tokens per prompt")
     return p
@@ -66,7 +100,15 @@ def load_prompts(args: argparse.Namespace, parser: argparse.ArgumentParser) -> l
         prompts += data
     if not prompts:
         parser.error("give prompts, or --prompts FILE")
+    if args.chat and not all(isinstance(p, str) for p in prompts):
+        parser.error("--chat takes text prompts, not token ids")
     return prompts
+
+
+def conversation(prompt: str, system: str | None) -> list[Message]:
+    """One user message, after the system message if there is one."""
+    messages: list[Message] = [{"role": "system", "content": system}] if system else []
+    return [*messages, {"role": "user", "content": prompt}]
 
 
 def generate_main(argv: Sequence[str]) -> int:
@@ -74,11 +116,13 @@ def generate_main(argv: Sequence[str]) -> int:
     args = parser.parse_args(list(argv))
     prompts = load_prompts(args, parser)
     max_tokens = min(args.max_tokens, 8) if args.quick else args.max_tokens
+    if args.system is not None and not args.chat:
+        parser.error("--system needs --chat")
+    texts = [p for p in prompts for _ in range(args.n if max_tokens > 0 else 1)]  # one per output, in order
     try:
-        config = EngineConfig(max_num_seqs=args.max_num_seqs, block_size=args.block_size, num_blocks=args.num_blocks,
-                              enable_prefix_caching=not args.no_prefix_caching)
-        engine = (LLMEngine.from_pretrained(args.model, config) if args.model
-                  else LLMEngine(LlamaModel(LlamaConfig(), seed=0), config=config))
+        engine, model_name = build_engine(args)
+        if args.chat:
+            prompts = [engine.chat_prompts(conversation(p, args.system))[0] for p in prompts]  # type: ignore[arg-type]
         params = [SamplingParams(max_tokens=max_tokens, temperature=args.temperature, top_k=args.top_k,
                                  top_p=args.top_p, seed=args.seed + i * args.n, ignore_eos=args.ignore_eos, n=args.n)
                   for i in range(len(prompts))]
@@ -89,9 +133,9 @@ def generate_main(argv: Sequence[str]) -> int:
     wall = time.perf_counter() - start
     tokens = sum(len(o.token_ids) for o in outputs)
     report: dict[str, Any] = {
-        "model": args.model or "random LlamaConfig() (seed 0), byte tokenizer",
-        "outputs": [{"request_id": o.request_id, "prompt": o.prompt, "token_ids": o.token_ids, "text": o.text,
-                     "finish_reason": o.finish_reason, "ttft_s": o.ttft_s} for o in outputs],
+        "model": model_name,
+        "outputs": [{"request_id": o.request_id, "prompt": text, "token_ids": o.token_ids, "text": o.text,
+                     "finish_reason": o.finish_reason, "ttft_s": o.ttft_s} for o, text in zip(outputs, texts)],
         "steps": engine.scheduler.step_id, "wall_s": wall, "tokens_per_s": tokens / wall if wall > 0 else 0.0,
         **engine.cache_stats(),
     }

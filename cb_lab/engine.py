@@ -2,9 +2,10 @@
 
 ::
 
-    engine = LLMEngine.from_pretrained("path/to/checkpoint")        # or LLMEngine(LlamaModel(...))
+    engine = LLMEngine.from_pretrained("smollm2-135m-instruct")   # a name, a .gguf or a folder; or LLMEngine(model)
     outputs = engine.generate(["Hello", "Continuous batching is"], SamplingParams(max_tokens=32))
     outputs[0].text, outputs[0].token_ids, outputs[0].finish_reason
+    engine.chat([{"role": "user", "content": "What is a KV cache?"}])[0].text   # through the chat template
 
 Underneath, every prompt becomes a token-id ``Request`` on one shared ``BlockPool`` (sized by
 ``EngineConfig.num_blocks``, or by a memory budget), and ``Scheduler.step()`` runs them all:
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from cb_lab.core.kv_cache import PagedKVCache
 from cb_lab.core.request import Request
 from cb_lab.core.scheduler import EXECUTORS, Scheduler
 from cb_lab.exceptions import ConfigurationError, ValidationError
+from cb_lab.model.chat import Message
 from cb_lab.model.checkpoint import load_llama
 from cb_lab.model.llama import LlamaModel
 from cb_lab.model.llama_step import LlamaStepModel
@@ -124,9 +126,12 @@ class LLMEngine:
                     num_blocks * c.block_size * row_bytes / 2**20)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None) -> LLMEngine:
-        """An engine over the checkpoint folder ``path`` (``load_llama``: nothing is downloaded)."""
-        model, tokenizer = load_llama(path)
+    def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None, *,
+                        cache_dir: str | Path | None = None) -> LLMEngine:
+        """An engine over a checkpoint folder, a ``.gguf`` file or a model name such as
+        ``"smollm2-135m-instruct"`` (``load_llama``: nothing is downloaded; a GGUF is converted
+        into ``cache_dir`` once)."""
+        model, tokenizer = load_llama(path, cache_dir=cache_dir)
         return cls(model, tokenizer, config)
 
     def add_request(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
@@ -224,6 +229,23 @@ class LLMEngine:
             bar(self.scheduler.step_id, len(done))
         bar.close()
         return [done[i] for i in ids]
+
+    def chat(self, messages: Sequence[Message] | Sequence[Sequence[Message]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+             progress: bool | None = None) -> list[RequestOutput]:
+        """Answer one conversation (a list of ``{"role", "content"}`` messages) or several (a list of
+        such lists): each becomes prompt ids through the tokenizer's chat template, with the
+        assistant's header at the end, then ``generate`` runs them all in one batch."""
+        return self.generate(self.chat_prompts(messages), sampling_params, progress=progress)
+
+    def chat_prompts(self, messages: Sequence[Message] | Sequence[Sequence[Message]]) -> list[list[int]]:
+        """The prompt ids ``chat`` would generate from: one list per conversation."""
+        one = isinstance(messages, Sequence) and bool(messages) and isinstance(messages[0], Mapping)
+        conversations = [messages] if one else messages
+        if isinstance(conversations, (str, bytes)) or not isinstance(conversations, Sequence) or not conversations:
+            raise ValidationError(f"chat takes a conversation (a list of message dicts) or a list of them, "
+                                  f"got {messages!r:.80}")
+        return [self.tokenizer.apply_chat_template(c) for c in conversations]  # type: ignore[arg-type]
 
     def stream(self, prompts: Prompt | Sequence[Prompt],
                sampling_params: SamplingParams | None = None) -> Iterator[tuple[str, str]]:

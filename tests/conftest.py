@@ -4,6 +4,8 @@ works, also under ``--import-mode=importlib``), the scheduler's debug mode on, h
 - ``CB_LAB_CHECK_INVARIANTS=1``: every ``Scheduler`` checks ``cb_lab/core/invariants.py`` after
   every step (set ``CB_LAB_CHECK_INVARIANTS=0`` to run the suite without it).
 - ``HYPOTHESIS_PROFILE=long``: ten times the examples, for an occasional deep run.
+- ``CB_LAB_CACHE``: converted GGUF models go to the repository's ``.cache/`` (git-ignored), wherever a
+  test runs, so the real model is converted once, not once per test directory.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from hypothesis import settings
 
 os.environ.setdefault("CB_LAB_CHECK_INVARIANTS", "1")
+os.environ.setdefault("CB_LAB_CACHE", str(Path(__file__).resolve().parent.parent / ".cache"))
 settings.register_profile("default", deadline=None)
 settings.register_profile("long", deadline=None, max_examples=1000, stateful_step_count=100)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))

@@ -163,19 +163,19 @@ def test_generate_cli_json_has_one_output_per_prompt_in_order(tmp_path: Path,
     assert data["tokens_per_s"] > 0 and data["steps"] > 0
 
 
-def test_generate_cli_samples_by_seed_and_defaults_to_a_random_model(capsys: pytest.CaptureFixture[str]) -> None:
-    a = run_cli(["x", "x", "--temperature", "1.0", "--seed", "5", "--quick", "--ignore-eos"], capsys)
-    b = run_cli(["x", "x", "--temperature", "1.0", "--seed", "5", "--quick", "--ignore-eos"], capsys)
+def test_generate_cli_samples_by_seed_with_the_random_model(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--model", "random", "x", "x", "--temperature", "1.0", "--seed", "5", "--quick", "--ignore-eos"]
+    a, b = run_cli(argv, capsys), run_cli(argv, capsys)
     assert a["outputs"] == [dict(o, ttft_s=a["outputs"][i]["ttft_s"]) for i, o in enumerate(b["outputs"])]
     assert all(len(o["token_ids"]) == 8 for o in a["outputs"])  # --quick: at most 8 tokens
     assert "random" in a["model"]
-    assert main_job.main(["generate", "plain", "--quick"]) == 0
+    assert main_job.main(["generate", "--model", "random", "plain", "--quick"]) == 0
     assert "tokens/s" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, needle", [
     ([], "give prompts"), (["--model", "/nonexistent/ckpt", "x"], "config.json is missing"),
-    (["x", "--temperature", "-1"], "temperature"),
+    (["--model", "random", "x", "--temperature", "-1"], "temperature"),
 ])
 def test_generate_cli_usage_errors(argv: list[str], needle: str, tmp_path: Path,
                                    capsys: pytest.CaptureFixture[str]) -> None:
@@ -222,13 +222,13 @@ def test_the_engine_caches_prefixes_by_default_and_counts_what_it_saved() -> Non
 
 
 def test_generate_cli_n_samples_and_the_cache_stats(capsys: pytest.CaptureFixture[str]) -> None:
-    data = run_cli(["same prompt", "other", "--n", "2", "--temperature", "1.0", "--quick", "--ignore-eos",
+    data = run_cli(["--model", "random", "same prompt", "other", "--n", "2", "--temperature", "1.0", "--quick", "--ignore-eos",
                     "--block-size", "4"], capsys)
     assert [o["request_id"] for o in data["outputs"]] == ["req-0", "req-0.1", "req-1", "req-1.1"]
     assert [o["prompt"] for o in data["outputs"]] == ["same prompt", "same prompt", "other", "other"]
     assert data["outputs"][0]["token_ids"] != data["outputs"][1]["token_ids"]  # seeds 0 and 1
     assert {"prefill_tokens_saved", "prefix_hit_rate"} <= set(data)
     # One request at a time: the second prompt is admitted after the first has cached its 16-token prefix.
-    shared = ["shared prefix: one", "shared prefix: two", "--quick", "--max-num-seqs", "1", "--block-size", "4"]
+    shared = ["--model", "random", "shared prefix: one", "shared prefix: two", "--quick", "--max-num-seqs", "1", "--block-size", "4"]
     assert run_cli(shared, capsys)["prefill_tokens_saved"] == 16
     assert run_cli([*shared, "--no-prefix-caching"], capsys)["prefill_tokens_saved"] == 0

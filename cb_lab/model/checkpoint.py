@@ -1,69 +1,29 @@
-"""Load a Llama-architecture checkpoint from a local folder, and save one the same way.
+"""Load a Llama-architecture checkpoint from a local folder or GGUF file, and save one the same way.
 
 A folder as HF transformers' ``save_pretrained`` writes it (Llama, SmolLM, TinyLlama and the
 like): ``config.json``, the weights in ``*.safetensors`` (one file or shards), and optionally
-``tokenizer.json``. Nothing is ever downloaded. What cb-lab's ``LlamaModel`` cannot compute
-(another architecture, RoPE scaling, biases, an activation other than SiLU) is refused with the
-config key that says so, and a missing file or tensor is named.
+``tokenizer.json`` (``tokenizer_config.json`` gives its chat template). A ``.gguf`` file, or a
+model name from ``cb_lab/model/registry.py``, is converted into such a folder once
+(``cb_lab/model/gguf.py``) and loaded from there. Nothing is ever downloaded. What cb-lab's
+``LlamaModel`` cannot compute (another architecture, RoPE scaling, biases, an activation other
+than SiLU) is refused with the config key that says so, and a missing file or tensor is named.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from cb_lab.exceptions import ConfigurationError
+from cb_lab.model.gguf import convert_gguf
+from cb_lab.model.hf_config import config_from_hf, config_to_hf
 from cb_lab.model.llama import LlamaModel
-from cb_lab.model.llama_config import LlamaConfig
+from cb_lab.model.registry import default_cache_dir, resolve_model
 from cb_lab.model.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
-__all__ = ["config_from_hf", "config_to_hf", "load_llama", "save_llama"]
-
-ARCHITECTURES = ("LlamaForCausalLM",)
-
-
-def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> LlamaConfig:
-    """A ``LlamaConfig`` from the keys of an HF ``config.json``; ConfigurationError names what does not fit."""
-    arch = hf.get("architectures") or [hf.get("model_type")]
-    if not any(a in ARCHITECTURES or a == "llama" for a in arch):
-        raise ConfigurationError(f"{where}: architectures={arch} is not supported; cb-lab loads {ARCHITECTURES}")
-    rope = hf.get("rope_parameters") or {}
-    checks = {
-        "rope_scaling": hf.get("rope_scaling") is None, "rope_parameters.rope_type": rope.get("rope_type", "default")
-        == "default", "attention_bias": not hf.get("attention_bias", False), "mlp_bias": not hf.get("mlp_bias", False),
-        "hidden_act": hf.get("hidden_act", "silu") == "silu",
-    }
-    for key, ok in checks.items():
-        if not ok:
-            raise ConfigurationError(f"{where}: {key} is not supported by cb-lab's LlamaModel")
-    try:
-        return LlamaConfig(
-            vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-            n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
-            ffn_dim=hf["intermediate_size"], rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0))),
-            norm_eps=float(hf.get("rms_norm_eps", 1e-6)), max_position=hf.get("max_position_embeddings", 2048),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)), head_dim=hf.get("head_dim"),
-        )
-    except KeyError as e:
-        raise ConfigurationError(f"{where}: the key {e.args[0]!r} is missing") from None
-
-
-def config_to_hf(
-    config: LlamaConfig, bos_token_id: int | None = None, eos_token_id: int | None = None
-) -> dict[str, Any]:
-    """The ``config.json`` HF transformers reads back as the same model."""
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": config.vocab_size,
-        "hidden_size": config.dim, "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
-        "num_key_value_heads": config.n_kv_heads, "intermediate_size": config.ffn_dim, "head_dim": config.head_size,
-        "rope_theta": config.rope_theta, "rms_norm_eps": config.norm_eps, "hidden_act": "silu",
-        "max_position_embeddings": config.max_position, "tie_word_embeddings": config.tie_embeddings,
-        "bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "torch_dtype": "float32",
-    }
-
+__all__ = ["load_llama", "save_llama"]
 
 def _hf_name(name: str) -> str:
     """cb-lab's parameter name -> the checkpoint's.
@@ -77,11 +37,18 @@ def _hf_name(name: str) -> str:
     return f"model.{name}"
 
 
-def load_llama(path: str | Path, *, dtype: torch.dtype = torch.float32) -> tuple[LlamaModel, Tokenizer]:
-    """The model in ``path`` and its tokenizer (``tokenizer.json`` if present, else the byte tokenizer)."""
+def load_llama(path: str | Path, *, dtype: torch.dtype = torch.float32,
+               cache_dir: str | Path | None = None) -> tuple[LlamaModel, Tokenizer]:
+    """The model in ``path`` and its tokenizer (``tokenizer.json`` if present, else the byte tokenizer).
+
+    ``path`` is a checkpoint folder, a ``.gguf`` file or a name from ``MODELS``; a GGUF is converted
+    into a folder under ``cache_dir`` (default ``default_cache_dir()``) the first time, then read from it.
+    """
     from safetensors.torch import load_file
 
-    folder = Path(path)
+    folder = resolve_model(path)
+    if folder.suffix == ".gguf":
+        folder = convert_gguf(folder, default_cache_dir() if cache_dir is None else cache_dir)
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ConfigurationError(f"{config_file} is missing: a checkpoint folder holds config.json and *.safetensors")

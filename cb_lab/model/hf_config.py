@@ -1,0 +1,58 @@
+"""A ``LlamaConfig`` to and from the keys of a Hugging Face ``config.json``.
+
+``hidden_size`` is cb-lab's ``dim``, ``num_key_value_heads`` is ``n_kv_heads``, and so on. What
+cb-lab's ``LlamaModel`` cannot compute (another architecture, RoPE scaling, biases, an activation
+other than SiLU) is refused with the key that says so. ``checkpoint.py`` (folders) and ``gguf.py``
+(GGUF files) both speak through it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cb_lab.exceptions import ConfigurationError
+from cb_lab.model.llama_config import LlamaConfig
+
+__all__ = ["ARCHITECTURES", "config_from_hf", "config_to_hf"]
+
+ARCHITECTURES = ("LlamaForCausalLM",)
+
+
+def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> LlamaConfig:
+    """A ``LlamaConfig`` from the keys of an HF ``config.json``; ConfigurationError names what does not fit."""
+    arch = hf.get("architectures") or [hf.get("model_type")]
+    if not any(a in ARCHITECTURES or a == "llama" for a in arch):
+        raise ConfigurationError(f"{where}: architectures={arch} is not supported; cb-lab loads {ARCHITECTURES}")
+    rope = hf.get("rope_parameters") or {}
+    checks = {
+        "rope_scaling": hf.get("rope_scaling") is None, "rope_parameters.rope_type": rope.get("rope_type", "default")
+        == "default", "attention_bias": not hf.get("attention_bias", False), "mlp_bias": not hf.get("mlp_bias", False),
+        "hidden_act": hf.get("hidden_act", "silu") == "silu",
+    }
+    for key, ok in checks.items():
+        if not ok:
+            raise ConfigurationError(f"{where}: {key} is not supported by cb-lab's LlamaModel")
+    try:
+        return LlamaConfig(
+            vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+            n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
+            ffn_dim=hf["intermediate_size"], rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0))),
+            norm_eps=float(hf.get("rms_norm_eps", 1e-6)), max_position=hf.get("max_position_embeddings", 2048),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)), head_dim=hf.get("head_dim"),
+        )
+    except KeyError as e:
+        raise ConfigurationError(f"{where}: the key {e.args[0]!r} is missing") from None
+
+
+def config_to_hf(
+    config: LlamaConfig, bos_token_id: int | None = None, eos_token_id: int | None = None
+) -> dict[str, Any]:
+    """The ``config.json`` HF transformers reads back as the same model."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": config.vocab_size,
+        "hidden_size": config.dim, "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads, "intermediate_size": config.ffn_dim, "head_dim": config.head_size,
+        "rope_theta": config.rope_theta, "rms_norm_eps": config.norm_eps, "hidden_act": "silu",
+        "max_position_embeddings": config.max_position, "tie_word_embeddings": config.tie_embeddings,
+        "bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "torch_dtype": "float32",
+    }
