@@ -24,7 +24,7 @@ def test_the_demo_prints_the_scheduler_timeline_and_each_answer(capsys: pytest.C
     rows = dict(ROW.findall(out))
     assert list(rows) == [f"q{i}" for i in range(6)]
     arrive = demo_real_model.arrivals(6, first=4, every=2)
-    for i, (req, row) in enumerate(rows.items()):
+    for i, row in enumerate(rows.values()):
         assert row[: arrive[i]].strip() == "" and row.lstrip(" .")[0] == "P"  # nothing before it arrived
         assert set(row.strip(" .P")) == {"D"} and "P" not in row.strip(" .").lstrip("P")  # prefill, then decode
     engine = LLMEngine.from_pretrained(DEFAULT_MODEL, EngineConfig(block_size=16))
@@ -33,7 +33,8 @@ def test_the_demo_prints_the_scheduler_timeline_and_each_answer(capsys: pytest.C
         alone = engine.chat([{"role": "system", "content": demo_real_model.SYSTEM}, {"role": "user", "content": q}],
                             SamplingParams(max_tokens=12, temperature=0.0))[0]
         _, text, n, reason = answers[f"q{i}"]
-        assert ast.literal_eval(text) == alone.text.strip() and int(n) == len(alone.token_ids) and reason == alone.finish_reason
+        assert ast.literal_eval(text) == alone.text.strip()
+        assert int(n) == len(alone.token_ids) and reason == alone.finish_reason
         assert len(rows[f"q{i}"].strip(" .P")) == len(alone.token_ids) - 1  # the first token comes with the prefill
     saved = re.search(r"prefix cache: (\d+) of (\d+) prompt tokens", out)
     assert saved and int(saved[1]) > 0

@@ -222,13 +222,14 @@ def test_the_engine_caches_prefixes_by_default_and_counts_what_it_saved() -> Non
 
 
 def test_generate_cli_n_samples_and_the_cache_stats(capsys: pytest.CaptureFixture[str]) -> None:
-    data = run_cli(["--model", "random", "same prompt", "other", "--n", "2", "--temperature", "1.0", "--quick", "--ignore-eos",
-                    "--block-size", "4"], capsys)
+    data = run_cli(["--model", "random", "same prompt", "other", "--n", "2", "--temperature", "1.0", "--quick",
+                    "--ignore-eos", "--block-size", "4"], capsys)
     assert [o["request_id"] for o in data["outputs"]] == ["req-0", "req-0.1", "req-1", "req-1.1"]
     assert [o["prompt"] for o in data["outputs"]] == ["same prompt", "same prompt", "other", "other"]
     assert data["outputs"][0]["token_ids"] != data["outputs"][1]["token_ids"]  # seeds 0 and 1
     assert {"prefill_tokens_saved", "prefix_hit_rate"} <= set(data)
     # One request at a time: the second prompt is admitted after the first has cached its 16-token prefix.
-    shared = ["--model", "random", "shared prefix: one", "shared prefix: two", "--quick", "--max-num-seqs", "1", "--block-size", "4"]
+    shared = ["--model", "random", "shared prefix: one", "shared prefix: two", "--quick", "--max-num-seqs", "1",
+              "--block-size", "4"]
     assert run_cli(shared, capsys)["prefill_tokens_saved"] == 16
     assert run_cli([*shared, "--no-prefix-caching"], capsys)["prefill_tokens_saved"] == 0
