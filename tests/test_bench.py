@@ -187,3 +187,26 @@ def test_prefix_counts_the_prefill_tokens_caching_saves(capsys: pytest.CaptureFi
     assert num(rows["on"][6]) < num(rows["off"][6])  # TTFT p50 in steps
     assert f"same tokens {len(prompts)}/{len(prompts)}" in out
     assert re.search(r"no shared prefix \(best of 1\): .* saved 0 tokens", out)
+
+
+REAL_ROW = re.compile(r"^  (cb-lab|hf [a-z_ ,0-9()]+?)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x\s+(\S+)\s+(\S+)"
+                      r"\s+(\d+)/(\d+)$")
+
+
+def test_real_compares_the_ways_on_the_real_model(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("transformers")
+    from cb_lab.model.registry import DEFAULT_MODEL, model_file
+
+    if model_file(DEFAULT_MODEL) is None:
+        pytest.skip(f"{DEFAULT_MODEL} is not installed: make model")
+    out = run(["real", "--quick"], capsys)
+    rows = [m.groups() for line in out.splitlines() if (m := REAL_ROW.match(line))]
+    names = [r[0] for r in rows]
+    assert names[:2] == ["cb-lab", "hf padded generate, batches of 4"] and names.count("cb-lab") == 2, out
+    assert "hf generate_batch" in names and "hf one at a time (2 prompts)" in names
+    for name, _s, per_s, speed, _p50, _p99, same, total in rows:
+        assert same == total, f"{name}: greedy tokens agree with cb-lab's for every prompt"
+        assert float(per_s) > 0 and (name != "cb-lab" or speed == "1.00")
+    assert len(re.findall(r"floor [\d.]+ s: cb-lab takes [\d.]+x it", out)) == 2
+    shares = [int(s) for s in re.findall(r"ms/step\s+(\d+)%", out)]
+    assert len(shares) == 5 and 97 <= sum(shares) <= 103  # the parts add up to the whole step

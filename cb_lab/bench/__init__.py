@@ -1,4 +1,4 @@
-"""``python -m cb_lab.bench [workload|fused|memory|soak|llama|prefix]``: benchmarks that print tables.
+"""``python -m cb_lab.bench [workload|fused|memory|soak|llama|real|prefix]``: benchmarks that print tables.
 
 - ``workload`` (what runs without a subcommand, ``workload.py``): a seeded workload to
   completion: steps, wall time, tokens/s, RSS growth.
@@ -8,6 +8,8 @@
   and throughput over time.
 - ``llama`` (``llama.py``): a Llama-architecture model, cb-lab's engine against HF transformers'
   ``generate_batch``, padded ``generate`` and one-at-a-time ``generate``, and the compute floor.
+- ``real`` (``real.py``): SmolLM2-135M-Instruct (``make model``) on 64 chat prompts, natural and
+  equal-length answers, against the same HF ways, the floor, and where the step time goes.
 - ``prefix`` (``prefix.py``): prefix caching on vs off on a shared system prompt (prefill
   tokens, TTFT, total time), and its cost without a shared prefix.
 
@@ -23,17 +25,17 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from cb_lab.bench import fused, llama, memory, prefix, soak, workload
+from cb_lab.bench import fused, llama, memory, prefix, real, soak, workload
 
 __all__ = ["COMMANDS", "main", "parse_args"]
 
-COMMANDS = ("workload", "fused", "memory", "soak", "llama", "prefix")
+COMMANDS = ("workload", "fused", "memory", "soak", "llama", "real", "prefix")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m cb_lab.bench", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
-    for command in (workload, fused, memory, soak, llama, prefix):
+    for command in (workload, fused, memory, soak, llama, real, prefix):
         command.add_parser(sub)
     for parser in sub.choices.values():
         parser.add_argument("--seed", type=int, default=0)
