@@ -8,7 +8,9 @@
 
 Each line you type is a user message. Every turn sends the whole conversation so far through the
 chat template again, as a chat server does; the prefix cache finds the blocks of the earlier turns,
-so only the new part is prefilled. End of input (Ctrl-D) ends the chat.
+so only the new part is prefilled. A turn the engine refuses (a conversation past the model's
+context or the KV pool, text that is not valid Unicode) is reported and left out of the
+conversation; the chat goes on. End of input (Ctrl-D) ends the chat.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from cb_lab.cli_generate import add_model_arguments, build_engine
+from cb_lab.engine import LLMEngine
 from cb_lab.exceptions import CBLabException
 from cb_lab.model.chat import Message
 from cb_lab.sampling import SamplingParams
@@ -45,6 +48,10 @@ def chat_main(argv: Sequence[str]) -> int:
                                 seed=args.seed)
     except (CBLabException, FileNotFoundError) as e:  # a bad value or file: a usage error that names it
         parser.error(str(e))
+    context = engine.model.model.config.max_position
+    if args.max_tokens >= context:
+        parser.error(f"--max-tokens {args.max_tokens} leaves no room for a message in the model's context of "
+                     f"{context} tokens")
     print(f"chatting with {model_name}; end of input (Ctrl-D) ends the chat", file=sys.stderr)
     messages: list[Message] = [{"role": "system", "content": args.system}] if args.system else []
     while True:
@@ -53,18 +60,23 @@ def chat_main(argv: Sequence[str]) -> int:
         except EOFError:
             print()
             return 0
-        if not line.strip():
-            continue
-        messages.append({"role": "user", "content": line})
-        try:
-            prompt = engine.chat_prompts(messages)[0]
-            print("assistant> ", end="", flush=True)
-            answer = ""
-            for _, delta in engine.stream([prompt], params):
-                print(delta, end="", flush=True)
-                answer += delta
-        except CBLabException as e:  # the conversation outgrew the model, say: name it, end the chat
-            print(f"\nerror: {e}", file=sys.stderr)
-            return 1
-        print()
-        messages.append({"role": "assistant", "content": answer})
+        if line.strip():
+            answer = reply(engine, [*messages, {"role": "user", "content": line}], params)
+            if answer is not None:
+                messages += [{"role": "user", "content": line}, {"role": "assistant", "content": answer}]
+
+
+def reply(engine: LLMEngine, messages: list[Message], params: SamplingParams) -> str | None:
+    """Stream the answer to ``messages``; None (and the reason on stderr) when the engine refuses the turn."""
+    try:
+        prompt = engine.chat_prompts(messages)[0]
+        print("assistant> ", end="", flush=True)
+        answer = ""
+        for _, delta in engine.stream([prompt], params):
+            print(delta, end="", flush=True)
+            answer += delta
+    except CBLabException as e:  # this turn only: the conversation goes on without it
+        print(f"\n(not answered: {e})", file=sys.stderr)
+        return None
+    print()
+    return answer

@@ -46,7 +46,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    f"installed (make model), else {RANDOM}")
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-blocks", type=int, help="KV blocks of the pool (default: from a 64 MB budget)")
+    p.add_argument("--kv-memory-mb", type=float, default=256.0,
+                   help="the KV pool's size when --num-blocks is not given (default 256 MB: 5,800 tokens of SmolLM2)")
+    p.add_argument("--num-blocks", type=int, help="KV blocks of the pool (default: from --kv-memory-mb)")
     p.add_argument("--no-prefix-caching", action="store_true", help="compute every prompt's prefill in full")
 
 
@@ -54,7 +56,7 @@ def build_engine(args: argparse.Namespace) -> tuple[LLMEngine, str]:
     """The engine ``args`` asks for, and the model's name for the report. Without ``--model``: the
     default named model if it is installed, else the random-weight model (with a note on stderr)."""
     config = EngineConfig(max_num_seqs=args.max_num_seqs, block_size=args.block_size, num_blocks=args.num_blocks,
-                          enable_prefix_caching=not args.no_prefix_caching)
+                          kv_memory_mb=args.kv_memory_mb, enable_prefix_caching=not args.no_prefix_caching)
     name = args.model
     if name is None:
         name = DEFAULT_MODEL if model_file(DEFAULT_MODEL) is not None else RANDOM
@@ -145,7 +147,7 @@ def generate_main(argv: Sequence[str]) -> int:
     for out in report["outputs"]:
         print(f"[{out['request_id']}] {out['prompt']!r}\n    -> {out['text']!r} "
               f"({len(out['token_ids'])} tokens, {out['finish_reason']})")
-    print(f"\n{tokens} tokens in {report['steps']} steps, {wall:.2f} s: {report['tokens_per_s']:,.0f} tokens/s "
+    print(f"\n{tokens} tokens in {report['steps']} steps, {wall:.2f} s: {report['tokens_per_s']:,.1f} tokens/s "
           f"({report['model']})")
     if report["prefill_tokens_saved"]:
         print(f"prefix cache: {report['prefill_tokens_saved']} prompt tokens not computed again "

@@ -16,6 +16,7 @@ text as it grows with ``stream``.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -28,7 +29,9 @@ from cb_lab.core.block_pool import BlockPool
 from cb_lab.core.kv_cache import PagedKVCache
 from cb_lab.core.request import Request
 from cb_lab.core.scheduler import EXECUTORS, Scheduler
-from cb_lab.exceptions import ConfigurationError, ValidationError
+from cb_lab.detokenizer import IncrementalDetokenizer
+from cb_lab.engine_inputs import Prompt, as_params, as_prompts, check_ids
+from cb_lab.exceptions import CBLabException, ConfigurationError, ValidationError
 from cb_lab.model.chat import Message
 from cb_lab.model.checkpoint import load_llama
 from cb_lab.model.llama import LlamaModel
@@ -43,7 +46,6 @@ __all__ = ["DTYPES", "EngineConfig", "LLMEngine", "RequestOutput"]
 
 _CACHE_COUNTS = ("prefix_hit_tokens", "admitted_prompt_tokens", "kv_evictions", "kv_copies")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-Prompt = str | Sequence[int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,12 +107,19 @@ class LLMEngine:
     def __init__(
         self, model: LlamaModel, tokenizer: Tokenizer | None = None, config: EngineConfig | None = None
     ) -> None:
+        if not isinstance(model, LlamaModel):
+            raise ConfigurationError(f"LLMEngine takes a LlamaModel, got {type(model).__name__}; for a checkpoint "
+                                     "folder, a .gguf file or a model name use LLMEngine.from_pretrained")
+        if config is not None and not isinstance(config, EngineConfig):
+            raise ConfigurationError(f"config must be an EngineConfig, got {type(config).__name__}")
         self.config = config or EngineConfig()
         self.tokenizer: Tokenizer = tokenizer or ByteTokenizer()
         if self.tokenizer.vocab_size > model.config.vocab_size:
             raise ConfigurationError(f"the tokenizer has {self.tokenizer.vocab_size} ids but the model's vocab_size "
                                      f"is {model.config.vocab_size}")
-        self.model = LlamaStepModel(model.to(DTYPES[self.config.dtype]))
+        dtype = DTYPES[self.config.dtype]
+        # Another dtype means a converted copy: the caller's model stays as it was.
+        self.model = LlamaStepModel(model if model.dtype == dtype else copy.deepcopy(model).to(dtype))
         c = self.config
         row_bytes = 2 * self.model.kv_dim * torch.finfo(self.model.dtype).bits // 8  # K and V of one token
         num_blocks = c.num_blocks or max(1, int(c.kv_memory_mb * 2**20) // (row_bytes * c.block_size))
@@ -120,6 +129,7 @@ class LLMEngine:
                                    max_num_seqs=c.max_num_seqs, enable_prefix_caching=c.enable_prefix_caching)
         self.outputs: dict[str, RequestOutput] = {}  # of the requests not finished yet
         self._requests: dict[str, Request] = {}
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}  # of the requests not finished yet
         self._next_id = 0
         self._counts = dict.fromkeys(_CACHE_COUNTS, 0)  # prefix-cache counts summed over the steps
         logger.info("LLMEngine: %d KV blocks of %d tokens (%.1f MB)", num_blocks, c.block_size,
@@ -136,27 +146,65 @@ class LLMEngine:
 
     def add_request(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
-        """Queue one prompt (text, or token ids); returns its request id."""
-        params = sampling_params or SamplingParams()
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+        """Queue one prompt (text, or token ids); returns its request id. Everything is checked
+        before it is queued: a ``ValidationError`` leaves the engine as it was."""
+        (prompt,) = as_prompts([prompt])
+        (params,) = as_params(sampling_params, 1)
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise ValidationError(f"prompt {prompt!r} has no tokens; give at least one")
-        request_id = request_id or f"req-{self._next_id}"
-        self._next_id += 1
+        if request_id is None:
+            while f"req-{self._next_id}" in self.outputs:  # skip ids the caller chose themselves
+                self._next_id += 1
+            request_id = f"req-{self._next_id}"
+            self._next_id += 1
         if request_id in self.outputs:
             raise ValidationError(f"request id {request_id!r} is already used; give another")
-        longest = len(ids) + params.max_tokens
-        if longest > self.model.model.config.max_position:
-            raise ValidationError(f"{request_id}: {len(ids)} prompt tokens + max_tokens {params.max_tokens} exceed "
-                                  f"the model's max_position {self.model.model.config.max_position}")
+        vocab = self.model.model.config.vocab_size
+        check_ids(ids, vocab, f"prompt of {request_id}")
+        check_ids(params.stop_token_ids, vocab, f"stop_token_ids of {request_id}")
+        self._check_room(request_id, len(ids), params.max_tokens)
         cache = PagedKVCache(self.config.block_size, pool=self.pool)
         req = Request(request_id, torch.tensor(ids, device=self.model.device), params.max_tokens, cache,
                       sampling=params, eos_token_id=self.tokenizer.eos_token_id)
         self.scheduler.add_request(req)
         self._requests[request_id] = req
+        self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer)
         self.outputs[request_id] = RequestOutput(request_id, prompt if isinstance(prompt, str) else list(ids), ids,
                                                  arrival_time=time.perf_counter(), finished=req.finished)
         return request_id
+
+    def _check_room(self, request_id: str, prompt_len: int, max_tokens: int) -> None:
+        """The request fits the model's context and, alone, the block pool."""
+        limit = self.model.model.config.max_position
+        if prompt_len + max_tokens > limit:
+            raise ValidationError(f"{request_id}: {prompt_len} prompt tokens + max_tokens {max_tokens} exceed the "
+                                  f"model's context of {limit} tokens; shorten the prompt or lower max_tokens")
+        rows = prompt_len + max(max_tokens, 1) - 1  # the last token's K/V is never stored
+        need = -(-rows // self.pool.block_size)  # ceil: blocks for every row it may hold
+        if need > self.pool.num_blocks:
+            raise ValidationError(f"{request_id}: {prompt_len} prompt tokens + max_tokens {max_tokens} need {need} KV "
+                                  f"blocks but the pool has {self.pool.num_blocks}; give EngineConfig a larger "
+                                  "kv_memory_mb or num_blocks, or lower max_tokens")
+
+    def _add_all(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[str]:
+        """Queue every prompt or none: if one is refused, those already queued are aborted. Returns the
+        ids of every sample to wait for (``n`` per prompt)."""
+        added: list[str] = []
+        try:
+            for prompt, sp in zip(prompts, params):
+                added.append(self.add_request(prompt, sp))
+        except CBLabException:
+            for request_id in added:
+                self.abort(request_id)
+            raise
+        return [i for request_id, sp in zip(added, params) for i in _sample_ids(request_id, sp)]
+
+    def _abort_unfinished(self, request_ids: Sequence[str]) -> None:
+        """Abort what is left of ``request_ids`` (a caller that stopped waiting for them)."""
+        for request_id in request_ids:
+            if request_id in self._requests:
+                self.abort(request_id)
 
     def _track_forks(self) -> None:
         """Give an output to each sample the scheduler has just forked (``SamplingParams.n``)."""
@@ -164,6 +212,7 @@ class LLMEngine:
             parent = self.outputs.get(req.parent_id or "")
             if parent is not None and req.req_id not in self._requests:
                 self._requests[req.req_id] = req
+                self._detokenizers[req.req_id] = IncrementalDetokenizer(self.tokenizer)
                 self.outputs[req.req_id] = RequestOutput(req.req_id, parent.prompt, parent.prompt_token_ids,
                                                          arrival_time=parent.arrival_time)
 
@@ -187,11 +236,13 @@ class LLMEngine:
             new = [int(t) for t in req.generated_tokens[len(out.token_ids):]]
             out.token_ids += new
             out.token_times += [now - out.arrival_time] * len(new)
-            out.text = self.tokenizer.decode(out.token_ids)
+            detokenizer = self._detokenizers[request_id]
+            detokenizer.add(out.token_ids, finished=req.finished)  # only the new ids' text: O(new) per step
+            out.text = detokenizer.text
             out.finished, out.finish_reason = req.finished, req.finish_reason
             changed.append(out)
             if req.finished:
-                del self._requests[request_id], self.outputs[request_id]
+                del self._requests[request_id], self.outputs[request_id], self._detokenizers[request_id]
         return changed
 
     def cache_stats(self) -> dict[str, int | float | None]:
@@ -209,7 +260,7 @@ class LLMEngine:
             raise ValidationError(f"no unfinished request {request_id!r}; unfinished: {sorted(self._requests)}")
         self.scheduler.abort(request_id)
         out = self.outputs.pop(request_id)
-        del self._requests[request_id]
+        del self._requests[request_id], self._detokenizers[request_id]
         out.finished, out.finish_reason = True, "abort"
         return out
 
@@ -217,17 +268,17 @@ class LLMEngine:
                  Sequence[SamplingParams] | None = None, *, progress: bool | None = None) -> list[RequestOutput]:
         """Run every prompt to the end; outputs in prompt order (``n`` samples: ``n`` outputs, ids
         ``id``, ``id.1``, ...). ``progress``: a bar (None: on a terminal)."""
-        batch = _as_batch(prompts)
-        params = list(sampling_params) if isinstance(sampling_params, Sequence) else [sampling_params] * len(batch)
-        if len(params) != len(batch):
-            raise ValidationError(f"{len(params)} sampling params for {len(batch)} prompts; give one or one each")
-        ids = [i for p, sp in zip(batch, params) for i in _sample_ids(self.add_request(p, sp), sp)]
+        batch = as_prompts(prompts)
+        ids = self._add_all(batch, as_params(sampling_params, len(batch)))
         done: dict[str, RequestOutput] = {}
         bar = ProgressBar("generate", len(ids), enabled=progress)
-        while len(done) < len(ids):
-            done |= {out.request_id: out for out in self.step() if out.finished and out.request_id in ids}
-            bar(self.scheduler.step_id, len(done))
-        bar.close()
+        try:
+            while len(done) < len(ids):
+                done |= {out.request_id: out for out in self.step() if out.finished and out.request_id in ids}
+                bar(self.scheduler.step_id, len(done))
+        finally:  # a step that failed (or a Ctrl-C) leaves no request to run on in a later call
+            self._abort_unfinished(ids)
+            bar.close()
         return [done[i] for i in ids]
 
     def chat(self, messages: Sequence[Message] | Sequence[Sequence[Message]],
@@ -251,19 +302,22 @@ class LLMEngine:
                sampling_params: SamplingParams | None = None) -> Iterator[tuple[str, str]]:
         """``(request_id, new text)`` as tokens come, until every prompt is done.
 
-        Text that ends inside a multi-byte character waits for the rest of it.
+        Text that ends inside a multi-byte character waits for the rest of it. Leaving the loop
+        early (``break``, or closing the iterator) aborts the requests still running.
         """
-        ids = [i for p in _as_batch(prompts) for i in _sample_ids(self.add_request(p, sampling_params),
-                                                                   sampling_params)]
+        batch = as_prompts(prompts)
+        ids = self._add_all(batch, as_params(sampling_params, len(batch)))
         shown, finished = dict.fromkeys(ids, ""), set[str]()
-        while len(finished) < len(ids):
-            for out in self.step():
-                if out.finished and out.request_id in shown:
-                    finished.add(out.request_id)
-                text = out.text if out.finished else out.text.rstrip("\ufffd")
-                if out.request_id in shown and len(text) > len(shown[out.request_id]):
-                    yield out.request_id, text[len(shown[out.request_id]):]
-                    shown[out.request_id] = text
+        try:
+            while len(finished) < len(ids):
+                for out in self.step():
+                    if out.finished and out.request_id in shown:
+                        finished.add(out.request_id)
+                    if out.request_id in shown and len(out.text) > len(shown[out.request_id]):
+                        yield out.request_id, out.text[len(shown[out.request_id]):]
+                        shown[out.request_id] = out.text
+        finally:
+            self._abort_unfinished(ids)
 
 
 def _sample_ids(request_id: str, params: SamplingParams | None) -> list[str]:
@@ -271,9 +325,3 @@ def _sample_ids(request_id: str, params: SamplingParams | None) -> list[str]:
     n = 1 if params is None or params.max_tokens == 0 else params.n  # nothing drawn: nothing to fork
     return [request_id] + [f"{request_id}.{i}" for i in range(1, n)]
 
-
-def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-    """One prompt (text, or token ids: a list of ints) or a list of prompts, as a list of prompts."""
-    if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
-        return [prompts]  # type: ignore[list-item]
-    return list(prompts)  # type: ignore[arg-type]

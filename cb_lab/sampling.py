@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
 
 from cb_lab.exceptions import ConfigurationError
 
-__all__ = ["SamplingParams"]
+__all__ = ["GREEDY_BELOW", "SamplingParams", "sample_batch"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +51,11 @@ class SamplingParams:
             raise ConfigurationError(f"SamplingParams n must be an int >= 1, got {self.n!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ConfigurationError(f"SamplingParams seed must be an int or None, got {self.seed!r}")
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        stop = self.stop_token_ids
+        if isinstance(stop, (str, bytes)) or not isinstance(stop, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in stop):
+            raise ConfigurationError(f"SamplingParams stop_token_ids must be a list of int ids >= 0, got {stop!r:.60}")
+        object.__setattr__(self, "stop_token_ids", tuple(stop))
 
     def sample_params(self, index: int) -> SamplingParams:
         """The params of sample ``index`` of ``n``: one sample each, and a seed of its own (``seed + index``)."""
@@ -61,24 +66,63 @@ class SamplingParams:
         seed = self.seed if self.seed is not None else zlib.crc32(req_id.encode())
         return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{index}".encode()))
 
-    @torch.no_grad()
-    def sample(self, logits: torch.Tensor, req_id: str, index: int) -> torch.Tensor:
-        """Token ``index`` of request ``req_id`` from ``logits [vocab]``: a 0-d int64 tensor."""
-        if self.temperature == 0:
-            return logits.argmax().to(torch.long)
-        scores = logits.float() / self.temperature  # [V]
-        if 0 < self.top_k < scores.numel():
-            kth = torch.topk(scores, self.top_k).values[-1]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        if self.top_p < 1:
-            ordered, order = torch.sort(scores, descending=True)
-            probs = torch.softmax(ordered, dim=-1)
-            beyond = probs.cumsum(-1) - probs >= self.top_p  # the ids after the nucleus is complete
-            scores = scores.scatter(0, order[beyond], float("-inf"))
-        probs = torch.softmax(scores, dim=-1).cpu()
-        return torch.multinomial(probs, 1, generator=self.generator(req_id, index))[0].to(logits.device)
-
     def stops(self, token: int, eos_token_id: int | None) -> bool:
         """True when ``token`` ends the request (its EOS, unless ``ignore_eos``, or a stop id)."""
         return token in self.stop_token_ids or (not self.ignore_eos and eos_token_id is not None
                                                 and token == eos_token_id)
+
+    def sample(self, logits: torch.Tensor, req_id: str, index: int) -> torch.Tensor:
+        """Token ``index`` of request ``req_id`` from ``logits [vocab]``: a 0-d int64 tensor."""
+        return sample_batch(logits[None], [self], [req_id], [index])[0]
+
+
+# A temperature this small is greedy (vLLM's sampling epsilon): dividing by it would overflow to inf.
+GREEDY_BELOW = 1e-5
+
+
+@torch.no_grad()
+def sample_batch(logits: torch.Tensor, params: Sequence[SamplingParams], req_ids: Sequence[str],
+                 indices: Sequence[int]) -> torch.Tensor:
+    """One token per row of ``logits [R, vocab]``, row ``r`` by ``params[r]``: ``[R]`` int64.
+
+    The whole batch is cut in tensor ops (temperature, top-k, top-p); only the draw is per row:
+    one uniform number from row ``r``'s own generator (``generator(req_ids[r], indices[r])``),
+    turned into a token through the row's cumulative probabilities (inverse-CDF sampling), so
+    a request's tokens never depend on its neighbours.
+    """
+    tokens = logits.argmax(-1)  # [R]: the greedy rows' answer (and a placeholder for the others)
+    sampled = [r for r, p in enumerate(params) if p.temperature >= GREEDY_BELOW]
+    if not sampled:
+        return tokens
+    rows = torch.tensor(sampled, device=logits.device)
+    chosen = [params[r] for r in sampled]
+    temperature = torch.tensor([p.temperature for p in chosen], device=logits.device)
+    scores = logits[rows].float() / temperature[:, None]  # [S, V]
+    scores = _top_k(scores, [p.top_k for p in chosen])
+    if any(p.top_p < 1 for p in chosen):
+        scores = _top_p(scores, torch.tensor([p.top_p for p in chosen], device=logits.device))
+    cdf = torch.softmax(scores, dim=-1).cumsum(-1)  # [S, V]
+    draws = torch.cat([torch.rand(1, generator=params[r].generator(req_ids[r], indices[r])) for r in sampled])
+    # The first id whose cumulative probability passes the draw (clamped: the last cdf value may round below 1).
+    picked = torch.searchsorted(cdf, draws.to(cdf.device)[:, None] * cdf[:, -1:]).clamp(max=cdf.shape[1] - 1)
+    tokens[rows] = picked[:, 0]
+    return tokens
+
+
+def _top_k(scores: torch.Tensor, ks: list[int]) -> torch.Tensor:
+    """Keep each row's ``k`` best scores (``k = 0``: all); ``scores [S, V]``."""
+    vocab = scores.shape[1]
+    ks = [k if 0 < k < vocab else vocab for k in ks]
+    if min(ks) == vocab:
+        return scores
+    top = torch.topk(scores, max(ks), dim=-1).values  # [S, kmax], best first
+    kth = top.gather(1, torch.tensor(ks, device=scores.device)[:, None] - 1)  # [S, 1]: each row's k-th best
+    return scores.masked_fill(scores < kth, float("-inf"))
+
+
+def _top_p(scores: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep each row's smallest set of best ids whose probability reaches ``top_p [S]``."""
+    ordered, order = torch.sort(scores, dim=-1, descending=True)
+    probs = torch.softmax(ordered, dim=-1)
+    beyond = probs.cumsum(-1) - probs >= top_p[:, None]  # the ids after the nucleus is complete
+    return scores.scatter(1, order, ordered.masked_fill(beyond, float("-inf")))

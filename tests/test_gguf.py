@@ -128,8 +128,9 @@ def truncated(source: Path, tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("case, needle", [
-    ("truncated", "not a readable GGUF"), ("not-gguf", "not a readable GGUF"), ("missing", "is not a file"),
-    ("arch", "general.architecture='gpt2' is not supported"), ("type", "of type I32"),
+    ("truncated", "not a readable GGUF"), ("not-gguf", "not a readable GGUF"),
+    ("missing", "neither a file nor a folder"), ("arch", "general.architecture='gpt2' is not supported"),
+    ("type", "of type I32"),
 ])
 def test_files_it_cannot_load_get_a_named_error_and_leave_an_engine_untouched(
     case: str, needle: str, files: dict[str, Any], tmp_path: Path
@@ -153,7 +154,7 @@ def test_a_named_model_that_is_not_installed_says_how_to_install_it(monkeypatch:
     monkeypatch.setitem(registry.MODELS, "nope", registry.NamedModel("no_such_package_here", "x.gguf", "make model"))
     with pytest.raises(ConfigurationError, match="'nope' is not installed; install it with: make model"):
         load_llama("nope")
-    assert registry.resolve_model("some/folder") == Path("some/folder")
+    assert registry.resolve_model(Path(__file__).parent) == Path(__file__).parent  # a path is a path
 
 
 def test_render_chat_checks_messages_and_templates() -> None:
@@ -208,3 +209,26 @@ def test_generate_without_the_real_model_says_how_to_install_it(monkeypatch: pyt
     captured = capsys.readouterr()
     assert "smollm2-135m-instruct is not installed" in captured.err and "make model" in captured.err
     assert json.loads(captured.out)["model"].startswith("random")
+
+
+def test_a_cache_dir_it_cannot_write_is_named(files: dict[str, Any], tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigurationError, match=f"cannot write the converted model into {blocker}.*CB_LAB_CACHE"):
+        load_llama(files["f32"], cache_dir=blocker)
+
+
+def test_the_chat_goes_on_after_a_turn_it_cannot_answer(files: dict[str, Any], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("CB_LAB_CACHE", str(tmp_path))
+    monkeypatch.setattr("sys.stdin", io.StringIO("bad \udcff bytes\ntea\n"))
+    assert main_job.main(["chat", "--model", str(files["f32"]), "--max-tokens", "3"]) == 0
+    captured = capsys.readouterr()
+    assert "(not answered: the text has an invalid character" in captured.err
+    engine = LLMEngine.from_pretrained(files["f32"], cache_dir=tmp_path)
+    want = engine.chat([{"role": "user", "content": "tea"}], SamplingParams(max_tokens=3, temperature=0.0))[0]
+    assert f"you> you> assistant> {want.text}\nyou> " in captured.out  # the refused turn left no trace
+    with pytest.raises(SystemExit):
+        main_job.main(["chat", "--model", str(files["f32"]), "--max-tokens", "5000"])
+    assert "leaves no room" in capsys.readouterr().err

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["GatherWorkspace", "PagedKV", "decode_attention_heads", "paged_attention", "paged_attention_heads"]
+__all__ = ["BUCKET_OVERHEAD_BLOCKS", "DecodeBucket", "GatherWorkspace", "PagedKV", "decode_buckets", "paged_attention",
+           "paged_attention_heads"]
 
 
 class GatherWorkspace:
@@ -132,6 +133,56 @@ def _gather(workspace: GatherWorkspace | None, name: str, cache: torch.Tensor, b
     return cache[block_ids] if workspace is None else workspace.gather(name, cache, block_ids)
 
 
+# A bucket is worth its own gather and attention call when it saves this many padding blocks per row set:
+# below it, the extra calls (a few per layer) cost more than attending over the padding.
+BUCKET_OVERHEAD_BLOCKS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeBucket:
+    """Decode rows of similar length, attended together: their tables padded to one ``width``.
+
+    ``width`` blocks hold each row's cached positions *and* one more slot at position
+    ``context_lens[r]``, where the step's own new K/V is written into the gathered copy.
+    """
+
+    rows: torch.Tensor  # [b] which query rows (indices into the step's decode rows)
+    tables: torch.Tensor  # [b, width] block ids; padding entries are block 0 (masked out)
+    lens: torch.Tensor  # [b] cached positions per row
+    valid: torch.Tensor  # [b, 1, 1, width * block_size]: slot s is attended iff s <= lens[r]
+
+
+def decode_buckets(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> list[DecodeBucket]:
+    """Group decode rows by length so attention runs over (almost) no padding.
+
+    Rows sorted by the blocks they need (``ceil((len + 1) / block_size)``: the cache and the new
+    token) join the current bucket until the padding that would add (every row in it grows to
+    the newcomer's width) exceeds ``BUCKET_OVERHEAD_BLOCKS``. Computed once per step; every
+    layer reuses it. ``block_tables [B, max_blocks]``, ``context_lens [B]``.
+    """
+    widths = (context_lens // block_size + 1).tolist()  # blocks for len + 1 positions
+    order = sorted(range(len(widths)), key=widths.__getitem__)
+    groups: list[list[int]] = []
+    for r in order:
+        if groups and len(groups[-1]) * (widths[r] - widths[groups[-1][-1]]) <= BUCKET_OVERHEAD_BLOCKS:
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    device = block_tables.device
+    buckets = []
+    for group in groups:
+        rows = torch.tensor(group, device=device)
+        width = widths[group[-1]]
+        tables = block_tables[rows]
+        if tables.shape[1] < width:  # the new token's slot starts a block no table holds yet
+            tables = torch.nn.functional.pad(tables, (0, width - tables.shape[1]))
+        tables = tables[:, :width]
+        lens = context_lens[rows]
+        slots = torch.arange(width * block_size, device=device)
+        buckets.append(DecodeBucket(rows, tables, lens, (slots[None, :] <= lens[:, None])[:, None, None, :]))
+    return buckets
+
+
 def paged_attention_heads(
     query: torch.Tensor,
     key_blocks: torch.Tensor,
@@ -140,38 +191,35 @@ def paged_attention_heads(
     context_lens: torch.Tensor,
     new_keys: torch.Tensor,
     new_values: torch.Tensor,
+    *,
+    buckets: list[DecodeBucket] | None = None,
+    workspace: GatherWorkspace | None = None,
 ) -> torch.Tensor:
     """Decode attention with heads: ``query [B, H, d]`` over each row's blocks and its own new K/V.
 
     ``key_blocks/value_blocks [num_blocks, block_size, G, d]`` (one layer), ``block_tables
-    [B, max_blocks]``, ``context_lens [B]``, ``new_keys/new_values [B, G, d]``. Each row's table
-    is gathered whole, padding included (masked out), then ``decode_attention_heads``.
+    [B, max_blocks]``, ``context_lens [B]``, ``new_keys/new_values [B, G, d]``. Rows are grouped
+    by length (``decode_buckets``; pass ``buckets`` to compute them once per step). For each
+    bucket the blocks are gathered once into one buffer ``[b, S, G, d]``, the step's new K/V
+    written into it at each row's position (the pool itself is written only at commit), and
+    torch's ``scaled_dot_product_attention`` reads that one buffer in its grouped-query mode
+    (query head ``h`` reads key/value head ``h // (H / G)``). Returns ``[B, H, d]``.
     """
-    keys = key_blocks[block_tables].flatten(1, 2)  # [B, S, G, d]
-    values = value_blocks[block_tables].flatten(1, 2)
-    return decode_attention_heads(query, keys, values, context_lens, new_keys, new_values)
-
-
-def decode_attention_heads(
-    query: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    context_lens: torch.Tensor,
-    new_keys: torch.Tensor,
-    new_values: torch.Tensor,
-) -> torch.Tensor:
-    """``query [B, H, d]`` over gathered ``keys/values [B, S, G, d]`` (row ``b``'s first
-    ``context_lens[b]`` slots are its cache) plus its own ``new_keys/new_values [B, G, d]``.
-
-    Query head ``h`` reads key/value head ``h // (H / G)`` (grouped-query attention): torch's
-    ``scaled_dot_product_attention`` in its grouped-query mode. Returns ``[B, H, d]``.
-    """
-    S = keys.shape[1]
-    valid = torch.arange(S + 1, device=query.device)[None, :] < context_lens[:, None]  # [B, S + 1]
-    valid[:, S] = True  # the token's own key
-    k = torch.cat([keys.transpose(1, 2), new_keys[:, :, None]], dim=2).to(query.dtype)  # [B, G, S + 1, d]
-    v = torch.cat([values.transpose(1, 2), new_values[:, :, None]], dim=2).to(query.dtype)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query[:, :, None, :], k, v, attn_mask=valid[:, None, None, :], enable_gqa=True
-    )  # [B, H, 1, d]
-    return out[:, :, 0, :]
+    block_size = key_blocks.shape[1]
+    if buckets is None:
+        buckets = decode_buckets(block_tables, context_lens, block_size)
+    out = query.new_empty(query.shape)
+    for i, b in enumerate(buckets):
+        n, S = b.rows.shape[0], b.tables.shape[1] * block_size
+        ids = b.tables.reshape(-1)
+        keys = _gather(workspace, f"keys{i}", key_blocks, ids).view(n, S, *key_blocks.shape[2:])  # [b, S, G, d]
+        values = _gather(workspace, f"values{i}", value_blocks, ids).view(n, S, *value_blocks.shape[2:])
+        at = torch.arange(n, device=query.device)
+        keys[at, b.lens] = new_keys[b.rows].to(keys.dtype)  # the token's own K/V, in the slot after its cache
+        values[at, b.lens] = new_values[b.rows].to(values.dtype)
+        attn = torch.nn.functional.scaled_dot_product_attention(
+            query[b.rows][:, :, None, :], keys.transpose(1, 2).to(query.dtype), values.transpose(1, 2).to(query.dtype),
+            attn_mask=b.valid, enable_gqa=True,
+        )  # [b, H, 1, d]
+        out[b.rows] = attn[:, :, 0, :]
+    return out

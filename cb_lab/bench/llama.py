@@ -18,16 +18,17 @@ bookkeeping. Needs ``transformers`` (a test requirement; the library itself neve
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import statistics
 import tempfile
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from cb_lab.bench.common import ratio
+from cb_lab.bench.common import now, ratio
+from cb_lab.bench.fused import device_arg
 from cb_lab.engine import EngineConfig, LLMEngine
 from cb_lab.model.checkpoint import save_llama
 from cb_lab.model.llama import LlamaModel
@@ -48,12 +49,13 @@ class Row:
 
 
 def hf_twin(model: LlamaModel) -> Any:
-    """HF's LlamaForCausalLM with the very same weights (through ``save_llama``'s folder)."""
+    """HF's LlamaForCausalLM with the very same weights (through ``save_llama``'s folder), on its device."""
     import transformers
 
     with tempfile.TemporaryDirectory() as folder:
-        save_llama(model, folder)
-        return transformers.LlamaForCausalLM.from_pretrained(folder, pad_token_id=0).eval()  # type: ignore[no-untyped-call]
+        save_llama(copy.deepcopy(model).cpu(), folder)  # a copy: the model stays on its device
+        hf = transformers.LlamaForCausalLM.from_pretrained(folder, pad_token_id=0)
+    return hf.eval().to(model.device)  # type: ignore[no-untyped-call]
 
 
 def scaled_model(config: LlamaConfig, seed: int) -> LlamaModel:
@@ -72,13 +74,15 @@ def run_ours(model: LlamaModel, prompts: list[list[int]], new: int, args: argpar
     engine = LLMEngine(model, ByteTokenizer(), config)
     params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
     engine.generate(prompts[:2], SamplingParams(max_tokens=2, temperature=0.0))  # warm-up, untimed
-    start = time.perf_counter()
+    start = now(model.device)
     outputs = engine.generate(prompts, params)
-    return Row("cb-lab", time.perf_counter() - start, [o.token_ids for o in outputs]), engine
+    return Row("cb-lab", now(model.device) - start, [o.token_ids for o in outputs]), engine
 
 
 def run_hf(hf: Any, prompts: list[list[int]], new: int) -> list[Row]:
     import transformers
+
+    device = hf.device
 
     transformers.utils.logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # no EOS on purpose
     logging.getLogger("ContinuousBatchingLogger").setLevel(logging.ERROR)
@@ -87,53 +91,54 @@ def run_hf(hf: Any, prompts: list[list[int]], new: int) -> list[Row]:
     rows = []
     with torch.no_grad():
         hf.generate_batch(prompts[:2], generation_config=config, progress_bar=False)  # warm-up, untimed
-        start = time.perf_counter()
+        start = now(device)
         out = hf.generate_batch(prompts, generation_config=config, progress_bar=False, warmup=False)
-        rows.append(Row("hf generate_batch", time.perf_counter() - start,
+        rows.append(Row("hf generate_batch", now(device) - start,
                         [out[f"req_{i}"].generated_tokens for i in range(len(prompts))]))
         longest = max(map(len, prompts))
-        ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])  # left padding
-        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
-        start = time.perf_counter()
+        ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=device)  # left padding
+        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
+        start = now(device)
         full = hf.generate(ids, attention_mask=mask, generation_config=config)
-        rows.append(Row("hf padded generate", time.perf_counter() - start, full[:, longest:].tolist()))
-        start = time.perf_counter()
-        one = [hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                           generation_config=config)[0, len(p):].tolist() for p in prompts]
-        rows.append(Row("hf one at a time", time.perf_counter() - start, one))
+        rows.append(Row("hf padded generate", now(device) - start, full[:, longest:].tolist()))
+        start = now(device)
+        one = [hf.generate(torch.tensor([p], device=device), attention_mask=torch.ones(1, len(p), dtype=torch.long,
+                           device=device), generation_config=config)[0, len(p):].tolist() for p in prompts]
+        rows.append(Row("hf one at a time", now(device) - start, one))
     return rows
 
 
-def matmul_rate(dim: int, rows: int) -> float:
-    """FLOP/s of a ``[rows, dim] @ [dim, dim]`` matmul on this machine, median of 5."""
-    a, w = torch.randn(rows, dim), torch.randn(dim, dim)
+def matmul_rate(dim: int, rows: int, device: torch.device | None = None) -> float:
+    """FLOP/s of a ``[rows, dim] @ [dim, dim]`` matmul on ``device`` (default the CPU), median of 5."""
+    device = device or torch.device("cpu")
+    a, w = torch.randn(rows, dim, device=device), torch.randn(dim, dim, device=device)
     times = []
     for _ in range(5):
-        start = time.perf_counter()
+        start = now(device)
         for _ in range(10):
             a @ w
-        times.append((time.perf_counter() - start) / 10)
+        times.append((now(device) - start) / 10)
     return 2 * rows * dim * dim / statistics.median(times)
 
 
 def linear_seconds(model: LlamaModel, rows: int) -> float:
     """Seconds for every weight matrix of the model applied once to ``rows`` rows (median of 3)."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    inputs = [torch.randn(rows, lin.in_features) for lin in linears]
+    inputs = [torch.randn(rows, lin.in_features, device=model.device) for lin in linears]
     times = []
     with torch.no_grad():
         for _ in range(3):
-            start = time.perf_counter()
+            start = now(model.device)
             for lin, x in zip(linears, inputs):
                 lin(x)
-            times.append(time.perf_counter() - start)
+            times.append(now(model.device) - start)
     return statistics.median(times)
 
 
 def bench(args: argparse.Namespace, dim: int, layers: int, num_prompts: int, new: int) -> None:
     config = LlamaConfig(vocab_size=258, dim=dim, n_layers=layers, n_heads=8, n_kv_heads=4, ffn_dim=int(dim * 8 / 3),
                          max_position=512, tie_embeddings=False)
-    model = scaled_model(config, args.seed)
+    model = scaled_model(config, args.seed).to(args.device)
     gen = torch.Generator().manual_seed(args.seed)
     lo, hi = args.prompt_lens
     prompts = [torch.randint(0, 256, (int(n),), generator=gen).tolist()
@@ -145,7 +150,7 @@ def bench(args: argparse.Namespace, dim: int, layers: int, num_prompts: int, new
     generated = num_prompts * new
     params = sum(p.numel() for p in model.parameters()) - model.embed_tokens.weight.numel()  # matmul weights
     processed = sum(map(len, prompts)) + generated
-    rate = matmul_rate(dim, 64)
+    rate = matmul_rate(dim, 64, args.device)
     floor = 2 * params * processed / rate
     print(f"dim {dim}, {layers} layers, 8 heads / 4 kv heads, {params / 1e6:.2f} M matmul parameters; {num_prompts} "
           f"prompts of {lo}..{hi} tokens, {new} greedy tokens each; cb-lab budget {args.budget}, chunk {args.chunk}")
@@ -162,7 +167,8 @@ def bench(args: argparse.Namespace, dim: int, layers: int, num_prompts: int, new
 
 
 def llama_main(args: argparse.Namespace) -> int:
-    print(f"cb-lab bench llama: torch {torch.__version__}, {torch.get_num_threads()} threads, seed {args.seed}\n")
+    print(f"cb-lab bench llama: torch {torch.__version__}, {torch.get_num_threads()} threads, seed {args.seed}, "
+          f"device {args.device}\n")
     for dim, layers, num_prompts, new in args.configs:
         bench(args, dim, layers, num_prompts, new)
     return 0
@@ -173,6 +179,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--budget", type=int, default=512, help="max_tokens_per_step (default 512)")
     p.add_argument("--chunk", type=int, default=128, help="prefill_chunk_size (default 128)")
     p.add_argument("--prompt-lens", type=int, nargs=2, default=[16, 128], metavar=("LO", "HI"))
+    p.add_argument("--device", type=device_arg, default=torch.device("cpu"), help="cpu (default) or cuda")
     p.add_argument("--quick", action="store_true", help="dim 64, 2 layers, 8 prompts, 8 tokens")
     p.set_defaults(main=llama_main, apply_quick=apply_quick, configs=[(256, 4, 64, 64), (768, 6, 32, 32)])
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from itertools import accumulate
 from typing import Protocol
 
 import torch
@@ -30,6 +31,7 @@ from cb_lab.core.plan import PrefillChunk, SeqOutput, StepPlan, StepResult
 from cb_lab.core.request import Request
 from cb_lab.exceptions import ValidationError
 from cb_lab.model.tiny_llm import KV, AttentionHook
+from cb_lab.sampling import sample_batch
 
 __all__ = ["Executor", "FusedExecutor", "Sampler", "SplitExecutor", "StepModel"]
 
@@ -62,6 +64,7 @@ class StepModel(Protocol):
         past_kv: KV | None = None,
         *,
         attention_hooks: Sequence[AttentionHook] = (),
+        output_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
     def forward_decode(
@@ -80,6 +83,7 @@ class StepModel(Protocol):
         prefill_past: KV | None = None,
         *,
         attention_hooks: Sequence[AttentionHook] = (),
+        output_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
@@ -132,17 +136,36 @@ class Executor(ABC):
         past = (torch.cat([k for k, _ in cached]), torch.cat([v for _, v in cached])) if cached else None
         return tokens, cached_prefix_mask(starts, lengths), past
 
+    def sample_rows(self, out: torch.Tensor, reqs: Sequence[Request]) -> list[torch.Tensor]:
+        """Row ``i`` of ``out`` -> request ``i``'s token. Token-id requests are sampled as one batch
+        (``sample_batch``: each still draws from its own generator); vector tokens row by row."""
+        if reqs and all(r.sampling is not None for r in reqs):
+            params = [r.sampling for r in reqs if r.sampling is not None]
+            return list(sample_batch(out, params, [r.req_id for r in reqs], [len(r.generated_tokens) for r in reqs]))
+        return [self.sample(row, req) for row, req in zip(out, reqs)]
+
+    def _output_rows(self, chunks: Sequence[PrefillChunk], first: int = 0) -> torch.Tensor:
+        """The rows whose output becomes a token: ``first`` decode rows, then the last row of each chunk
+        that ends its prompt. The other prefill rows only fill the cache, so the model skips their
+        outputs (for a real model, an LM head of ``[rows, vocab]``)."""
+        ends = accumulate(c.length for c in chunks)
+        rows = [*range(first), *(first + end - 1 for c, end in zip(chunks, ends) if c.completes_prompt)]
+        return torch.tensor(rows, dtype=torch.long, device=self.model.device)
+
+    @staticmethod
     def _outputs(
-        self, chunks: Sequence[PrefillChunk], out: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        chunks: Sequence[PrefillChunk], tokens: Sequence[torch.Tensor], k: torch.Tensor, v: torch.Tensor
     ) -> tuple[SeqOutput, ...]:
-        """Split a prefill batch's rows back per chunk; sample where a chunk completes its prompt."""
-        sizes = [c.length for c in chunks]
-        return tuple(
-            SeqOutput(k_c, v_c, self.sample(out_c[-1], chunk.request) if chunk.completes_prompt else None)
-            for chunk, out_c, k_c, v_c in zip(
-                chunks, torch.split(out, sizes), torch.split(k, sizes), torch.split(v, sizes)
-            )
-        )
+        """Split a prefill batch's K/V back per chunk; ``tokens`` holds one token per chunk that ends
+        its prompt, in chunk order."""
+        sizes, drawn = [c.length for c in chunks], iter(tokens)
+        return tuple(SeqOutput(k_c, v_c, next(drawn) if chunk.completes_prompt else None)
+                     for chunk, k_c, v_c in zip(chunks, torch.split(k, sizes), torch.split(v, sizes)))
+
+    @staticmethod
+    def _completing(chunks: Sequence[PrefillChunk]) -> list[Request]:
+        """The requests whose chunk ends their prompt: they get their first token this step."""
+        return [c.request for c in chunks if c.completes_prompt]
 
 
 class SplitExecutor(Executor):
@@ -152,9 +175,10 @@ class SplitExecutor(Executor):
         prefill: tuple[SeqOutput, ...] = ()
         if plan.prefill:
             tokens, mask, past = self._prefill_inputs(plan.prefill)
-            out, k, v = self.model.forward_prefill_ragged(tokens, mask, past, attention_hooks=self.attention_hooks)
+            out, k, v = self.model.forward_prefill_ragged(tokens, mask, past, attention_hooks=self.attention_hooks,
+                                                          output_rows=self._output_rows(plan.prefill))
             self.num_model_calls += 1
-            prefill = self._outputs(plan.prefill, out, k, v)
+            prefill = self._outputs(plan.prefill, self.sample_rows(out, self._completing(plan.prefill)), k, v)
         decode = tuple(self._run_decode(req) for req in plan.decode)
         return StepResult(prefill, decode)
 
@@ -183,13 +207,15 @@ class FusedExecutor(Executor):
             parts.append(tokens)  # [P, D]
         if not parts:  # only zero-token requests finishing: nothing to compute
             return StepResult((), ())
+        B = len(plan.decode)
         out, k, v = self.model.forward_fused(
-            torch.cat(parts), decode_kv, mask, past, attention_hooks=self.attention_hooks
+            torch.cat(parts), decode_kv, mask, past, attention_hooks=self.attention_hooks,
+            output_rows=self._output_rows(plan.prefill, first=B),
         )
         self.num_model_calls += 1
-        B = len(plan.decode)
-        decode = tuple(SeqOutput(k[i : i + 1], v[i : i + 1], self.sample(out[i], r)) for i, r in enumerate(plan.decode))
-        prefill = self._outputs(plan.prefill, out[B:], k[B:], v[B:]) if plan.prefill else ()
+        drawn = self.sample_rows(out, [*plan.decode, *self._completing(plan.prefill)])  # one per row of out
+        decode = tuple(SeqOutput(k[i : i + 1], v[i : i + 1], drawn[i]) for i in range(B))
+        prefill = self._outputs(plan.prefill, drawn[B:], k[B:], v[B:]) if plan.prefill else ()
         return StepResult(prefill, decode)
 
 

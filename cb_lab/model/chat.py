@@ -58,6 +58,8 @@ def render_chat(template: str, messages: Sequence[Message], *, add_generation_pr
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:
         raise ConfigurationError("chat templates need the 'jinja2' package: pip install jinja2") from None
+    if not isinstance(template, str):
+        raise ConfigurationError(f"a chat template is a str of Jinja, got {type(template).__name__}")
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

@@ -269,11 +269,16 @@ def convert_gguf(path: str | Path, cache_dir: str | Path) -> Path:
     if (folder / "config.json").is_file():
         return folder
     ckpt = read_gguf(path)
-    folder.parent.mkdir(parents=True, exist_ok=True)
     partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    _write(ckpt, partial)
-    os.replace(partial, folder)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        _write(ckpt, partial)
+        os.replace(partial, folder)
+    except OSError as e:  # not a folder, read-only, full: say where, and how to choose another
+        shutil.rmtree(partial, ignore_errors=True)
+        raise ConfigurationError(f"cannot write the converted model into {cache_dir}: {e.strerror or e}; give "
+                                 "a writable cache_dir (or set CB_LAB_CACHE)") from None
     logger.info("converted %s into %s", path, folder)
     return folder

@@ -70,9 +70,11 @@ class LlamaModel(nn.Module):
             )
 
     def forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, past: Sequence[LayerKV] | None = None
+        self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, past: Sequence[LayerKV] | None = None,
+        *, output_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Logits ``[N, vocab]`` and the rows' new ``keys, values [n_layers, N, G, d]``.
+        """Logits ``[N, vocab]`` (only ``output_rows``' when given) and the rows' new ``keys, values
+        [n_layers, N, G, d]``.
 
         ``mask [N, C + N]`` (True = may attend) covers ``C`` cached rows (``past[l]``, one
         ``(k, v)`` of ``[C, G, d]`` per layer) and then the batch's own rows. Gradients flow
@@ -88,6 +90,7 @@ class LlamaModel(nn.Module):
             x = layer.finish(x, grouped_attention(q, keys, values, mask))
             new_keys.append(k)
             new_values.append(v)
+        x = x if output_rows is None else x[output_rows]
         return self.lm_head(self.norm(x)), torch.stack(new_keys), torch.stack(new_values)
 
     @torch.no_grad()

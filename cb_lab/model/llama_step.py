@@ -21,7 +21,7 @@ from typing import Any, cast
 
 import torch
 
-from cb_lab.attention.paged_attention import PagedKV, paged_attention_heads
+from cb_lab.attention.paged_attention import PagedKV, decode_buckets, paged_attention_heads
 from cb_lab.core.kv_cache import BaseKVCache
 from cb_lab.exceptions import ModelError
 from cb_lab.model.llama import LayerKV, LlamaModel
@@ -78,12 +78,13 @@ class LlamaStepModel:
     @torch.no_grad()
     def forward_prefill_ragged(
         self, tokens: torch.Tensor, ragged_mask: torch.Tensor, past_kv: KV | None = None, *,
-        attention_hooks: Sequence[Any] = (),
+        attention_hooks: Sequence[Any] = (), output_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Logits ``[P, vocab]`` and K/V rows ``[P, kv_dim]`` of prefill chunks (``ragged_mask [P, C + P]``)."""
+        """Logits ``[P, vocab]`` (``[len(output_rows), vocab]``) and K/V rows ``[P, kv_dim]`` of prefill
+        chunks (``ragged_mask [P, C + P]``)."""
         self._no_hooks(attention_hooks)
         positions = ragged_mask.sum(-1) - 1  # [P]: the keys a row sees are its request's positions 0..its own
-        logits, k, v = self.model(tokens, positions, ragged_mask, self._past(past_kv))
+        logits, k, v = self.model(tokens, positions, ragged_mask, self._past(past_kv), output_rows=output_rows)
         return logits, self._rows(k), self._rows(v)
 
     @torch.no_grad()
@@ -102,8 +103,10 @@ class LlamaStepModel:
     def forward_fused(
         self, tokens: torch.Tensor, decode_kv: PagedKV | None, prefill_mask: torch.Tensor | None,
         prefill_past: KV | None = None, *, attention_hooks: Sequence[Any] = (),
+        output_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A whole step, ``tokens [B decode | P prefill]``: each layer's projections run once over all rows."""
+        """A whole step, ``tokens [B decode | P prefill]``: each layer's projections run once over all rows;
+        the LM head only over ``output_rows`` (the rows that sample a token), when given."""
         self._no_hooks(attention_hooks)
         m, B = self.model, 0 if decode_kv is None else decode_kv.num_rows
         positions = torch.cat([
@@ -119,6 +122,8 @@ class LlamaStepModel:
         if decode_kv is not None:  # the pool's blocks as [num_blocks, block_size, n_layers, G, d]: a layer is a view
             key_blocks = decode_kv.key_cache.view(*decode_kv.key_cache.shape[:2], *self.layer_shape)
             value_blocks = decode_kv.value_cache.view(*decode_kv.value_cache.shape[:2], *self.layer_shape)
+            # Rows grouped by length once for the step; every layer gathers through the same buckets.
+            buckets = decode_buckets(decode_kv.block_tables, decode_kv.context_lens, key_blocks.shape[1])
         x = m.embed_tokens(tokens)  # [N, D]
         new_keys, new_values = [], []
         for i, layer in enumerate(cast(Sequence[DecoderLayer], m.layers)):
@@ -126,7 +131,8 @@ class LlamaStepModel:
             parts = []
             if decode_kv is not None:
                 parts.append(paged_attention_heads(q[:B], key_blocks[:, :, i], value_blocks[:, :, i],
-                                                   decode_kv.block_tables, decode_kv.context_lens, k[:B], v[:B]))
+                                                   decode_kv.block_tables, decode_kv.context_lens, k[:B], v[:B],
+                                                   buckets=buckets, workspace=decode_kv.workspace))
             if prefill_mask is not None:
                 keys, values = k[B:], v[B:]
                 if past is not None:
@@ -135,5 +141,5 @@ class LlamaStepModel:
             x = layer.finish(x, torch.cat(parts))
             new_keys.append(k)
             new_values.append(v)
-        logits = m.lm_head(m.norm(x))
+        logits = m.lm_head(m.norm(x if output_rows is None else x[output_rows]))  # [rows sampled, vocab]
         return logits, self._rows(torch.stack(new_keys)), self._rows(torch.stack(new_values))

@@ -50,9 +50,16 @@ def model_file(name: str) -> Path | None:
 
 
 def resolve_model(name_or_path: str | Path) -> Path:
-    """A model name from ``MODELS`` -> its installed file; anything else is taken as a path."""
+    """A model name from ``MODELS`` -> its installed file; anything else must be an existing path."""
+    if not isinstance(name_or_path, (str, Path)):
+        raise ConfigurationError(f"a model is a name, a .gguf file or a checkpoint folder, got "
+                                 f"{type(name_or_path).__name__} {name_or_path!r:.60}")
     if str(name_or_path) not in MODELS:
-        return Path(name_or_path)
+        path = Path(name_or_path)
+        if not path.exists():
+            raise ConfigurationError(f"{str(name_or_path)!r} is neither a file nor a folder, nor a model name "
+                                     f"({', '.join(MODELS)})")
+        return path
     file = model_file(str(name_or_path))
     if file is None:
         raise ConfigurationError(f"the model {name_or_path!r} is not installed; install it with: "

@@ -115,12 +115,14 @@ class TinyLLM(nn.Module):
         past_kv: KV | None = None,
         *,
         attention_hooks: Sequence[AttentionHook] = (),
+        output_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Forward of a ragged batch ``tokens [N, D]`` -> ``(out, k, v)`` for its N rows.
 
         Without ``past_kv`` the mask is ``[N, N]``. With ``past_kv = (K [C, D], V [C, D])``
         (the batch's cached prefixes, concatenated) the keys are ``cat(K, k)`` and the
-        mask is ``[N, C + N]``: cached columns first, then the batch's own.
+        mask is ``[N, C + N]``: cached columns first, then the batch's own. ``output_rows``:
+        only those rows' outputs (``out [len(output_rows), D]``); ``k, v`` stay ``[N, D]``.
         """
         self._check_rows(tokens, "tokens")
         q, k, v = self.project_qkv(tokens)
@@ -131,7 +133,7 @@ class TinyLLM(nn.Module):
         attn, probs = ragged_attention(q, keys, values, ragged_mask)
         for hook in attention_hooks:
             hook.on_attention("prefill", probs)
-        return self.o_proj(attn), k, v
+        return self.o_proj(attn if output_rows is None else attn[output_rows]), k, v
 
     @torch.no_grad()
     def forward_decode(
@@ -176,8 +178,10 @@ class TinyLLM(nn.Module):
         prefill_past: KV | None = None,
         *,
         attention_hooks: Sequence[AttentionHook] = (),
+        output_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One forward over a step's flat batch ``tokens [N, D]`` -> ``(out, k, v)``, each ``[N, D]``.
+        """One forward over a step's flat batch ``tokens [N, D]`` -> ``(out, k, v)``, each ``[N, D]``
+        (``out [len(output_rows), D]`` when ``output_rows`` names the rows whose output is needed).
 
         The first ``B = decode_kv.num_rows`` rows are decode tokens: each attends to its
         request's cached rows (found through ``decode_kv``) and to itself. The other
@@ -211,4 +215,5 @@ class TinyLLM(nn.Module):
                 f"forward_fused got {tokens.shape[0]} rows but {num_decode} decode rows and a prefill mask for "
                 f"{tokens.shape[0] - num_decode if prefill_mask is not None else 0}; every row needs one of them"
             )
-        return self.o_proj(torch.cat(parts)), k, v
+        attn = torch.cat(parts)
+        return self.o_proj(attn if output_rows is None else attn[output_rows]), k, v

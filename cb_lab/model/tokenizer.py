@@ -40,6 +40,26 @@ class Tokenizer(Protocol):
     def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]: ...
 
 
+def _check_text(text: object) -> str:
+    """``text`` as a str that UTF-8 can encode (no lone surrogates, as undecodable input bytes become)."""
+    if not isinstance(text, str):
+        raise ValidationError(f"encode takes a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValidationError(f"the text has an invalid character {text[e.start]!r} at position {e.start} (not "
+                              "valid Unicode, e.g. input bytes that were not UTF-8); pass valid text") from None
+    return text
+
+
+def _check_ids(ids: object, vocab_size: int) -> list[int]:
+    if not isinstance(ids, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValidationError(f"decode takes a list of int token ids, got {ids!r:.60}")
+    if any(not 0 <= i < vocab_size for i in ids):
+        raise ValidationError(f"token ids lie in [0, {vocab_size}), got {[i for i in ids if not 0 <= i < vocab_size]}")
+    return list(ids)
+
+
 class ByteTokenizer:
     """UTF-8 bytes as tokens, plus BOS (256) and EOS (257)."""
 
@@ -49,15 +69,11 @@ class ByteTokenizer:
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """The UTF-8 bytes of ``text``, after BOS unless ``add_bos=False``."""
-        if not isinstance(text, str):
-            raise ValidationError(f"encode takes a str, got {type(text).__name__}")
-        return ([self.bos_token_id] if add_bos is not False else []) + list(text.encode("utf-8"))
+        return ([self.bos_token_id] if add_bos is not False else []) + list(_check_text(text).encode("utf-8"))
 
     def decode(self, ids: list[int]) -> str:
         """The text of the byte ids; BOS and EOS are dropped."""
-        if any(not 0 <= i < self.vocab_size for i in ids):
-            raise ValidationError(f"byte tokenizer ids lie in [0, {self.vocab_size}), got {ids}")
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+        return bytes(i for i in _check_ids(ids, self.vocab_size) if i < 256).decode("utf-8", errors="replace")
 
     def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
         """BOS, then ``messages`` under ``FALLBACK_CHAT_TEMPLATE`` (a byte model has no template of its own)."""
@@ -91,14 +107,12 @@ class HFTokenizer:
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """The ids of ``text``, after ``bos_token_id`` if ``add_bos`` (None: ``add_bos_token``)."""
-        if not isinstance(text, str):
-            raise ValidationError(f"encode takes a str, got {type(text).__name__}")
-        ids: list[int] = self._tok.encode(text, add_special_tokens=False).ids
+        ids: list[int] = self._tok.encode(_check_text(text), add_special_tokens=False).ids
         add = self.add_bos_token if add_bos is None else add_bos
         return ([self.bos_token_id] if add and self.bos_token_id is not None else []) + ids
 
     def decode(self, ids: list[int]) -> str:
-        text: str = self._tok.decode(ids, skip_special_tokens=True)
+        text: str = self._tok.decode(_check_ids(ids, self.vocab_size), skip_special_tokens=True)
         return text
 
     def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:

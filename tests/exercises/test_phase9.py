@@ -52,9 +52,11 @@ def test_phase9_split_output(answers: ModuleType, monkeypatch: pytest.MonkeyPatc
     raw: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     forward_fused = model.forward_fused
 
-    def spy(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        raw.append(forward_fused(*args, **kwargs))  # keep the fused forward's whole output
-        return raw[-1]
+    def spy(*args: Any, output_rows: torch.Tensor | None = None, **kwargs: Any
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raw.append(forward_fused(*args, **kwargs))  # keep the fused forward's whole output, every row's
+        out, k, v = raw[-1]
+        return (out if output_rows is None else out[output_rows]), k, v  # the executor asks only for sampled rows
 
     monkeypatch.setattr(model, "forward_fused", spy)
     sched = Scheduler(model, max_tokens_per_step=16, prefill_chunk_size=4)  # the fused executor

@@ -1,0 +1,42 @@
+"""Text as tokens arrive, without decoding a request's whole output every step.
+
+Decoding all of a request's ids each step costs O(length) per step, O(length²) per request.
+Instead (as vLLM and HF's streamers do) keep two offsets into the ids: text up to ``read`` has
+been shown; ``prefix`` marks where the last shown piece began. Each step decodes only
+``ids[prefix:]`` and shows what it adds beyond ``ids[prefix:read]``::
+
+    ids    [ ........ shown ........ | prefix ... read | new ids ]
+    delta = decode(ids[prefix:]) - decode(ids[prefix:read])      (a suffix)
+
+A byte-level token can end inside a multi-byte character (an emoji is often two tokens); its
+text then ends with U+FFFD, so the piece is held back until a later token completes it, or the
+request finishes.
+"""
+
+from __future__ import annotations
+
+from cb_lab.model.tokenizer import Tokenizer
+
+__all__ = ["IncrementalDetokenizer"]
+
+
+class IncrementalDetokenizer:
+    """The text of one request's generated ids, grown a step at a time."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.text = ""
+        self.prefix = 0  # where the last shown piece starts
+        self.read = 0  # ids up to here are in ``text``
+
+    def add(self, ids: list[int], finished: bool = False) -> str:
+        """``ids``: all the request's generated ids so far. Returns the new text (maybe ""), also added
+        to ``text``. When ``finished``, whatever is held back is shown as it decodes."""
+        shown = self.tokenizer.decode(ids[self.prefix : self.read])
+        grown = self.tokenizer.decode(ids[self.prefix :])
+        if len(grown) <= len(shown) or (grown.endswith("\ufffd") and not finished):
+            return ""  # nothing new, or a character still incomplete
+        delta = grown[len(shown) :]
+        self.text += delta
+        self.prefix, self.read = self.read, len(ids)
+        return delta
