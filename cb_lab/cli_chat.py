@@ -36,6 +36,7 @@ def chat_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 (the default): greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="at most 8 tokens per answer")
     return p
 
 
@@ -44,7 +45,8 @@ def chat_main(argv: Sequence[str]) -> int:
     args = parser.parse_args(list(argv))
     try:
         engine, model_name = build_engine(args)
-        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+        max_tokens = min(args.max_tokens, 8) if args.quick else args.max_tokens
+        params = SamplingParams(max_tokens=max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 seed=args.seed)
     except (CBLabException, FileNotFoundError) as e:  # a bad value or file: a usage error that names it
         parser.error(str(e))

@@ -38,3 +38,12 @@ def test_the_demo_prints_the_scheduler_timeline_and_each_answer(capsys: pytest.C
         assert len(rows[f"q{i}"].strip(" .P")) == len(alone.token_ids) - 1  # the first token comes with the prefill
     saved = re.search(r"prefix cache: (\d+) of (\d+) prompt tokens", out)
     assert saved and int(saved[1]) > 0
+    # The figures docs/learning_materials/phase14_real_model.md explains: step 0's budget of 128 takes q0 (45 tokens)
+    # and q1 (44) whole and q2's first 39; q3 waits. The prompts share 32 tokens, 2 full blocks, which q0..q2 compute
+    # in step 0 and q3 (admitted in step 1), q4 and q5 take: 3 x 32.
+    prompts = [engine.chat_prompts([{"role": "system", "content": demo_real_model.SYSTEM},
+                                    {"role": "user", "content": q}])[0] for q in demo_real_model.QUESTIONS[:6]]
+    assert [len(p) for p in prompts][:3] == [45, 44, 44] and 42 == min(map(len, prompts)) < max(map(len, prompts)) == 46
+    shared = next(i for i in range(len(prompts[0])) if len({p[i] for p in prompts}) > 1)
+    assert shared == 32 and rows["q2"].startswith("PP") and rows["q3"].startswith(".P")
+    assert (int(saved[1]), int(saved[2])) == (3 * 32, sum(map(len, prompts))) == (96, 265)

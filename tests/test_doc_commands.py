@@ -6,11 +6,13 @@ is run:
 
 - ``python -m MODULE ARGS``: in this process, ``MODULE``'s ``main(ARGS + ["--quick"])`` (every
   demo, the main job, the serving CLI and the benchmarks take ``--quick``), in a temporary
-  directory; it must return 0. Redirections (``2>/dev/null``) and comments are dropped.
+  directory; it must return 0. Redirections (``2>/dev/null``) and comments are dropped. Standard
+  input holds one line, ``STDIN`` (``python -m cb_lab chat`` answers it, then ends at end of input).
 - ``pytest PATH... [-k NAME]``: every path exists and ``NAME`` (a plain substring, no
   ``and``/``or``) selects at least one test; the tests themselves run in this suite.
   ``pytest tests`` alone is this suite.
-- A command that names ``cuda`` runs only where a CUDA device is.
+- A command that names ``cuda`` runs only where a CUDA device is; one whose module needs the real
+  model (``NEEDS_MODEL``) only where it is installed (``make model``).
 - Setup (``make``, ``pip``, ``python -m venv``, ``source``, ``cd``, ``git``...) is not run here;
   CI runs ``make test`` from a clean clone.
 """
@@ -18,6 +20,7 @@ is run:
 from __future__ import annotations
 
 import importlib
+import io
 import re
 import shlex
 import subprocess
@@ -28,11 +31,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from cb_lab.model.registry import DEFAULT_MODEL, model_file
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 SHELL_BLOCK = re.compile(r"^```(?:bash|sh|shell)\n(.*?)^```", re.DOTALL | re.MULTILINE)
 INLINE = re.compile(r"(?<!`)`((?:python -m|pytest) [^`]+)`(?!`)")
 SETUP_MODULES = {"venv", "pip"}
+STDIN = "What is a KV cache?\n"
+NEEDS_MODEL = {"demos.demo_real_model"}  # modules that stop (exit 1) without the real model
 
 
 def _clean(line: str) -> str:
@@ -80,8 +87,11 @@ def test_python_command_runs(command: str, tmp_path: Path, monkeypatch: pytest.M
     words = shlex.split(command)
     if "cuda" in words and not torch.cuda.is_available():
         pytest.skip(f"{command} needs a CUDA device")
+    if words[2] in NEEDS_MODEL and model_file(DEFAULT_MODEL) is None:
+        pytest.skip(f"{command} needs {DEFAULT_MODEL}: make model")
     argv = words[3:] + ([] if "--quick" in words else ["--quick"])
     monkeypatch.chdir(tmp_path)  # --plot out/, --save-workload w.csv ... write here
+    monkeypatch.setattr("sys.stdin", io.StringIO(STDIN))
     threads = torch.get_num_threads()  # --threads 1 must not slow the rest of the suite
     try:
         code = entry_point(words[2])(argv)
