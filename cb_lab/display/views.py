@@ -109,8 +109,8 @@ def ragged_batch_text(batch: RaggedBatch) -> str:
     for m in batch.meta:
         spans.setdefault(m.req_id, []).append(m.pos_in_seq)
     parts = ", ".join(f"{r} pos {p[0]}..{p[-1]}" for r, p in spans.items())
-    text = f"RaggedBatch({len(batch.meta)} rows, dim {batch.tokens.shape[-1]}: {parts})"
-    if len(batch.meta) > MAX_GRID:
+    text = f"RaggedBatch({len(batch.meta)} rows, dim {batch.tokens.shape[-1]}{': ' + parts if parts else ''})"
+    if not batch.meta or len(batch.meta) > MAX_GRID:
         return text
     labels = [f"{m.req_id}{m.pos_in_seq}" for m in batch.meta]
     width = max(map(len, labels))
