@@ -52,6 +52,11 @@ class SamplingParams:
             raise ConfigurationError(f"SamplingParams seed must be an int or None, got {self.seed!r}")
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
 
+    def _repr_html_(self) -> str:
+        from cb_lab.display.views import config_html  # the views import the core: imported on use
+
+        return config_html(self)
+
     def sample_params(self, index: int) -> SamplingParams:
         """The params of sample ``index`` of ``n``: one sample each, and a seed of its own (``seed + index``)."""
         return replace(self, n=1, seed=None if self.seed is None else self.seed + index)
