@@ -1,5 +1,7 @@
 # cb-lab: `make demo` runs the main job, `make test` runs everything CI checks.
-# Both create (or refresh, when requirements.txt changes) the virtualenv in .venv first.
+# Both create (or refresh, when requirements.txt or pyproject.toml changes) the virtualenv in .venv first,
+# with cb_lab installed in it in editable mode (--no-deps: the pins come from requirements.txt), so
+# .venv/bin/python imports cb_lab from any folder and sees your edits at once.
 # The tests check the exercises' reference solutions (tests/exercises/solutions), not a learner's answers.
 PYTHON ?= python3
 VENV := .venv
@@ -12,9 +14,10 @@ LAB_ARGS ?=  # e.g. make notebooks LAB_ARGS="--allow-root --no-browser" in a con
 
 .PHONY: venv demo demos test cov typecheck lint bench notebooks clean
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -55,5 +58,5 @@ notebooks: $(LAB_STAMP) $(NOTEBOOKS:.py=.ipynb)
 	$(PY) -m jupyter lab notebooks $(LAB_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .coverage htmlcov attention_viz
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .coverage htmlcov attention_viz cb_lab.egg-info
 	rm -rf notebooks/*.ipynb notebooks/.ipynb_checkpoints
