@@ -12,7 +12,7 @@ NOTEBOOKS := $(wildcard notebooks/*.py)
 LAB_STAMP := $(VENV)/.jupyterlab-installed
 LAB_ARGS ?=  # e.g. make notebooks LAB_ARGS="--allow-root --no-browser" in a container
 
-.PHONY: venv demo demos test cov typecheck lint bench notebooks clean
+.PHONY: venv demo demos test cov typecheck lint bench check notebooks clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ test: cov typecheck lint demos
 
 bench: venv
 	$(PY) -m cb_lab.bench
+
+# `make check PHASE=3` checks your answers to phase 3's exercises (tests/exercises/answers/phase3.py);
+# `make check` checks every phase. An answer not written yet is skipped with a hint that says where.
+check: venv
+	$(PY) -m pytest -rs $(if $(PHASE),tests/exercises/test_phase$(PHASE).py,tests/exercises)
 
 # The notebooks are jupytext percent files (notebooks/*.py, the ones in git); `make notebooks`
 # writes each as .ipynb next to it (again only when the .py is newer) and opens them in JupyterLab,
