@@ -1,5 +1,7 @@
 # cb-lab: `make demo` runs the main job, `make test` runs everything CI checks.
-# Both create (or refresh, when requirements.txt changes) the virtualenv in .venv first.
+# Both create (or refresh, when requirements.txt or pyproject.toml changes) the virtualenv in .venv first,
+# with cb_lab installed in it in editable mode (--no-deps: the pins come from requirements.txt), so
+# .venv/bin/python imports cb_lab from any folder and sees your edits at once.
 # The tests check the exercises' reference solutions (tests/exercises/solutions), not a learner's answers.
 PYTHON ?= python3
 VENV := .venv
@@ -11,11 +13,12 @@ LAB_STAMP := $(VENV)/.jupyterlab-installed
 MODEL_STAMP := $(VENV)/.model-installed
 LAB_ARGS ?=  # e.g. make notebooks LAB_ARGS="--allow-root --no-browser" in a container
 
-.PHONY: venv model demo demos test cov typecheck lint bench notebooks clean
+.PHONY: venv model demo demos test cov typecheck lint bench check notebooks clean
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -50,6 +53,11 @@ test: cov typecheck lint demos
 bench: venv
 	$(PY) -m cb_lab.bench
 
+# `make check PHASE=3` checks your answers to phase 3's exercises (tests/exercises/answers/phase3.py);
+# `make check` checks every phase. An answer not written yet is skipped with a hint that says where.
+check: venv
+	$(PY) -m pytest -rs $(if $(PHASE),tests/exercises/test_phase$(PHASE).py,tests/exercises)
+
 # The notebooks are jupytext percent files (notebooks/*.py, the ones in git); `make notebooks`
 # writes each as .ipynb next to it (again only when the .py is newer) and opens them in JupyterLab,
 # which it installs into the venv the first time (a learner's tool: the tests need only a kernel).
@@ -64,5 +72,5 @@ notebooks: $(LAB_STAMP) $(NOTEBOOKS:.py=.ipynb)
 	$(PY) -m jupyter lab notebooks $(LAB_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .coverage htmlcov attention_viz
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .coverage htmlcov attention_viz cb_lab.egg-info
 	rm -rf notebooks/*.ipynb notebooks/.ipynb_checkpoints

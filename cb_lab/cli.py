@@ -50,6 +50,9 @@ from cb_lab.workload_io import RequestSpec, load_workload, save_workload
 __all__ = ["format_dist", "parse_dist", "serve", "serving_parser"]
 
 _DIST_ARGS = {"fixed": 1, "uniform": 2, "lognormal": 2, "pareto": 2}
+# Up to this model dim the serving CLI runs on one torch thread unless --threads says otherwise: its
+# matrices are too small to split, and a second thread makes every step wait for a busy neighbour core.
+SMALL_DIM = 256
 
 
 def parse_dist(text: str) -> LengthDist:
@@ -145,7 +148,9 @@ def serving_parser() -> argparse.ArgumentParser:
                    help="reuse cached full blocks of shared prefixes (with --num-blocks; see --shared-prefixes)")
     e.add_argument("--preempt-every", type=positive, metavar="N",
                    help="force a preemption every N steps (a rare event, to watch recompute stay exact)")
-    e.add_argument("--threads", type=positive, help="torch.set_num_threads (default: torch's)")
+    e.add_argument("--threads", type=positive,
+                   help=f"torch.set_num_threads (default: 1 up to --dim {SMALL_DIM}, where a second thread buys "
+                        "nothing and makes every step wait on a busy neighbour core; torch's own above it)")
     o = common.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     o.add_argument("--plot", metavar="DIR", help="write PNGs (timeline, batch composition, KV pool) to DIR/POLICY/")
@@ -228,7 +233,12 @@ def results_table(results: Sequence[RunResult], baseline: RunResult | None) -> s
         rows = [[r.name, *(_cell(ratios(r.summary, baseline.summary)[k], "{:.2f}x") for _, k in keys)] for r in results]
         text += f"\n\nratio to {baseline.name} (tok/step and tok/s: higher is better; steps and latencies: lower)\n"
         text += format_table(["policy", *(h for h, _ in keys)], rows)
-    return text
+    return text + "\n\n" + WALL_CLOCK_NOTE
+
+
+WALL_CLOCK_NOTE = ("steps, tok/step and the latencies (in steps) are the same on every machine; tok/s and wall s are "
+                   "this machine's clock\nand move with its load (two runs of one schedule can differ 2x on a busy "
+                   "machine): compare schedules by tok/step.")
 
 
 def why_static_loses(static: RunResult, results: Sequence[RunResult]) -> str:
@@ -248,11 +258,22 @@ def why_static_loses(static: RunResult, results: Sequence[RunResult]) -> str:
 
 
 def serve(argv: Sequence[str]) -> int:
-    """``python -m cb_lab simulate|compare ...``; returns 0 when every request matches the oracle."""
+    """``python -m cb_lab simulate|compare ...``; returns 0 when every request matches the oracle.
+
+    It runs on ``--threads`` torch threads (one by default for a small model) and sets torch's
+    thread count back when it returns, so a caller in the same process keeps its own.
+    """
     parser = serving_parser()
     args = parser.parse_args(list(argv))
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or (1 if args.dim <= SMALL_DIM else threads))
+    try:
+        return _serve(args, parser)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     specs, about = load_specs(args, parser)
     names = [args.policy] if args.command == "simulate" else args.policies
     knobs = {"max_tokens_per_step": args.budget, "prefill_chunk_size": args.chunk, "max_num_seqs": args.max_num_seqs,
@@ -279,7 +300,9 @@ def serve(argv: Sequence[str]) -> int:
         print(json.dumps(report(args, about, results, baseline, errors, plots), indent=1))
     else:
         engine = ", ".join(f"{k} {v}" for k, v in knobs.items() if v is not None)
-        print(f"cb-lab {args.command}: {about}\nengine: {engine}, dim {args.dim}; latencies in steps\n")
+        threads = torch.get_num_threads()
+        print(f"cb-lab {args.command}: {about}\nengine: {engine}, dim {args.dim}, {threads} torch "
+              f"thread{'s' if threads > 1 else ''}; latencies in steps\n")
         print(results_table(results, baseline if args.command == "compare" else None))
         if args.prefix_caching:
             print("\n" + prefix_cache_lines(results))

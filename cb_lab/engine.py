@@ -80,6 +80,11 @@ class EngineConfig:
             raise ConfigurationError(f"EngineConfig enable_prefix_caching must be a bool, got "
                                      f"{self.enable_prefix_caching!r}")
 
+    def _repr_html_(self) -> str:
+        from cb_lab.display.views import config_html  # the views import the engine: imported on use
+
+        return config_html(self)
+
 
 @dataclass(slots=True)
 class RequestOutput:
@@ -134,6 +139,16 @@ class LLMEngine:
         self._counts = dict.fromkeys(_CACHE_COUNTS, 0)  # prefix-cache counts summed over the steps
         logger.info("LLMEngine: %d KV blocks of %d tokens (%.1f MB)", num_blocks, c.block_size,
                     num_blocks * c.block_size * row_bytes / 2**20)
+
+    def __repr__(self) -> str:
+        from cb_lab.display.views import engine_text  # the views import the engine: imported on use
+
+        return engine_text(self)
+
+    def _repr_html_(self) -> str:
+        from cb_lab.display.views import engine_html
+
+        return engine_html(self)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None, *,

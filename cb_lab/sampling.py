@@ -57,6 +57,11 @@ class SamplingParams:
             raise ConfigurationError(f"SamplingParams stop_token_ids must be a list of int ids >= 0, got {stop!r:.60}")
         object.__setattr__(self, "stop_token_ids", tuple(stop))
 
+    def _repr_html_(self) -> str:
+        from cb_lab.display.views import config_html  # the views import the core: imported on use
+
+        return config_html(self)
+
     def sample_params(self, index: int) -> SamplingParams:
         """The params of sample ``index`` of ``n``: one sample each, and a seed of its own (``seed + index``)."""
         return replace(self, n=1, seed=None if self.seed is None else self.seed + index)

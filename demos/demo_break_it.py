@@ -10,7 +10,8 @@ its own request, to float32 rounding. ``--break CASE`` (repeatable) removes one 
 
 The library has no broken mode: each case is built here from its public pieces. Look at
 ``max |out - oracle|`` (about 1e-7 when done right) and, for a broken case, the error of each
-part (request, chunk, generated token): it shows which rows still match, and why.
+part (request, chunk, generated token): it shows which rows still match. Why those? Work it
+out first (the exercises of phases 1, 2, 3 and 6 ask), then ``--explain`` prints the reason.
 """
 
 from __future__ import annotations
@@ -116,6 +117,8 @@ def errors(broken: set[str], quick: bool, seed: int) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = demo_parser(__doc__)
     parser.add_argument("--break", dest="broken", choices=list(CASES), action="append", help="piece to switch off")
+    parser.add_argument("--explain", action="store_true",
+                        help="say why a broken case fails where it does (guess first: the exercises ask)")
     args = parser.parse_args(argv)
     broken = set(args.broken or ())
     for case, parts in run_cases(broken, args.quick, args.seed).items():
@@ -123,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         what = wrong if case in broken else right
         print(f"{case:<6}  {what:<45}  {fmt_diff(err, 'out - oracle')}  {'OK' if err < 1e-5 else 'FAILS'}")
         if case in broken:
-            print(f"        why: {why}\n        per part: " + "  ".join(f"{q} {e:.1e}" for q, e in parts.items()))
+            print("        per part: " + "  ".join(f"{q} {e:.1e}" for q, e in parts.items()))
+            print(f"        why: {why}" if args.explain else
+                  "        why: which parts still match, and why? guess first, then rerun with --explain")
     return 0
 
 

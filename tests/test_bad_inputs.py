@@ -175,8 +175,7 @@ CACHE_CASES: list[Case] = [
 ]
 
 BATCH_CASES: list[Case] = [
-    ("batch/empty", lambda: build_ragged_batch([]), ValidationError, "none"),
-    ("batch/duplicate-id", lambda: build_ragged_batch([("dup", 0, prompt()), ("dup", 3, prompt())]),
+    ("batch/overlapping-chunks", lambda: build_ragged_batch([("dup", 0, prompt()), ("dup", 2, prompt())]),
      ValidationError, "'dup'"),
     ("batch/negative-start", lambda: build_ragged_batch([("a", -1, prompt())]), ValidationError, "-1"),
     ("batch/mixed-dims", lambda: build_ragged_batch([("a", 0, prompt(2, 3)), ("b", 0, prompt(2, 5))]),

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from cb_lab.core.batch_builder import TokenMeta, build_ragged_batch, ragged_causal_mask, ragged_positions
 from cb_lab.exceptions import ValidationError
+from cb_lab.model.tiny_llm import TinyLLM
 
 
 def reference_batch(chunks):
@@ -29,21 +30,29 @@ def reference_batch(chunks):
 
 
 @st.composite
-def chunk_lists(draw):
+def chunk_lists(draw, repeat_ids: bool = False):
+    """Chunks of distinct requests in any order; with ``repeat_ids``, a request may have several
+    chunks (at disjoint positions, in any order)."""
     dim = draw(st.integers(1, 6))
     n_chunks = draw(st.integers(1, 6))
     ids = draw(st.permutations([f"r{i}" for i in range(n_chunks)]))  # unique, arbitrary order
+    if repeat_ids:
+        ids = [draw(st.sampled_from(ids[:3])) for _ in ids]
+    next_free: dict[str, int] = {}
     chunks = []
     for i, req_id in enumerate(ids):
         length = draw(st.integers(1, 8))
-        start = draw(st.integers(0, 10))
+        start = next_free.get(req_id, 0) + draw(st.integers(0, 10))
+        next_free[req_id] = start + length
         tokens = torch.arange(length * dim, dtype=torch.float32).reshape(length, dim) + 100 * i
         chunks.append((req_id, start, tokens))
+    if repeat_ids:
+        chunks = draw(st.permutations(chunks))  # a later chunk may come first in the batch
     return chunks
 
 
 @settings(deadline=None, max_examples=50)
-@given(chunk_lists())
+@given(st.booleans().flatmap(lambda repeat: chunk_lists(repeat_ids=repeat)))
 def test_batch_matches_quadratic_reference(chunks) -> None:
     tokens, meta, mask = build_ragged_batch(chunks)
     ref_tokens, ref_meta, ref_mask = reference_batch(chunks)
@@ -124,10 +133,36 @@ def test_token_meta_fields() -> None:
     assert meta == [TokenMeta("a", 2, 0), TokenMeta("a", 3, 1), TokenMeta("b", 0, 2)]
 
 
+def test_two_chunks_of_one_request_in_one_batch_equal_the_dense_forward() -> None:
+    """The original cb-lab's case: A's rows 0..1, B, then A's row 2. The mask goes by request, so
+    A's second chunk sees its first; through the ragged forward, A's three rows equal one dense
+    forward of A's whole prompt, and B's row its own."""
+    torch.manual_seed(0)
+    model = TinyLLM(dim=8)
+    a, b = torch.randn(3, 8), torch.randn(1, 8)
+    tokens, meta, mask = build_ragged_batch([("A", 0, a[:2]), ("B", 0, b), ("A", 2, a[2:])])
+    assert [(m.req_id, m.pos_in_seq) for m in meta] == [("A", 0), ("A", 1), ("B", 0), ("A", 2)]
+    assert mask[3].tolist() == [True, True, False, True]  # A2 sees A0, A1 (the earlier chunk) and itself
+    torch.testing.assert_close(mask, reference_batch([("A", 0, a[:2]), ("B", 0, b), ("A", 2, a[2:])])[2])
+    out, _, _ = model.forward_prefill_ragged(tokens, mask)
+    torch.testing.assert_close(out[[0, 1, 3]], model.forward_prefill_dense(a)[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[[2]], model.forward_prefill_dense(b)[0], rtol=1e-5, atol=1e-5)
+    one_chunk, _, _ = model.forward_prefill_ragged(*build_ragged_batch([("A", 0, a), ("B", 0, b)])[::2])
+    torch.testing.assert_close(out[[0, 1, 3, 2]], one_chunk, rtol=1e-5, atol=1e-5)  # the same as one chunk of A
+
+
+def test_no_chunks_give_the_empty_batch() -> None:
+    tokens, meta, mask = build_ragged_batch([])
+    assert tuple(tokens.shape) == (0, 0) and tokens.dtype == torch.float32
+    assert meta == []
+    assert tuple(mask.shape) == (0, 0) and mask.dtype == torch.bool
+    assert repr(build_ragged_batch([])) == "RaggedBatch(0 rows, dim 0)"
+
+
 T = torch.ones(2, 3)
 BAD_CHUNKS = [
-    pytest.param([], "none", id="empty-list"),
-    pytest.param([("dup", 0, T), ("dup", 2, T)], "'dup'", id="duplicate-req-id"),
+    pytest.param([("dup", 0, T), ("dup", 1, T)], "'dup'", id="overlapping-chunks-of-one-request"),
+    pytest.param([("d", 4, T), ("e", 0, T), ("d", 3, T)], "[3, 5) and [4, 6)", id="overlap-out-of-order"),
     pytest.param([("a", 0, T), ("b", 0, torch.ones(2, 4))], "[3, 4]", id="mixed-dims"),
     pytest.param([("a", -1, T)], "-1", id="negative-start"),
     pytest.param([("a", True, T)], "True", id="bool-start"),

@@ -179,3 +179,23 @@ def test_prefix_caching_on_shared_prefixes_saves_prefill_and_says_so(capsys: pyt
 def cli_specs(argv: list[str]) -> list[RequestSpec]:
     args = cli.serving_parser().parse_args(["simulate", *argv])
     return cli.load_specs(args, cli.serving_parser())[0]
+
+
+@pytest.mark.parametrize(("flags", "want"), [([], 1), (["--threads", "2"], 2), (["--dim", "512"], None)])
+def test_a_small_model_runs_on_one_thread_and_the_caller_keeps_its_own(
+    flags: list[str], want: int | None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    seen: list[int] = []
+    real = cli.simulate
+    monkeypatch.setattr(cli, "simulate", lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1])
+    before = torch.get_num_threads()
+    argv = ["simulate", "--requests", "3", "--prompt-dist", "fixed:4", "--output-dist", "fixed:2", *flags]
+    assert cli.serve(argv) == 0
+    assert torch.get_num_threads() == before  # set back for the caller
+    expected = want if want is not None else before  # a bigger --dim keeps torch's own count
+    assert seen == [expected]
+    out = capsys.readouterr().out
+    assert f", {expected} torch thread{'s' if expected > 1 else ''}; latencies in steps" in out
+    assert "tok/s and wall s are this machine's clock" in out  # the wall-clock figures carry their caveat

@@ -81,9 +81,11 @@ def test_clamp_gives_masked_keys_probability() -> None:
     assert set(parts) == {"a", "b", "c"} and all(e > BROKEN["clamp"] for e in parts.values()), parts
 
 
+@pytest.mark.parametrize("explain", [False, True])
 @pytest.mark.parametrize("broken", [[], ["mask"], ["prefix"], ["refeed"], ["clamp"], list(CASES)])
-def test_main_prints_each_case_with_its_verdict(broken: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    argv = [w for c in broken for w in ("--break", c)] + ["--quick"]
+def test_main_prints_each_case_with_its_verdict(broken: list[str], explain: bool,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [w for c in broken for w in ("--break", c)] + ["--quick"] + (["--explain"] if explain else [])
     assert demo_break_it.main(argv) == 0
     out = capsys.readouterr().out.splitlines()
     lines = [m for m in map(LINE.match, out) if m]
@@ -92,4 +94,11 @@ def test_main_prints_each_case_with_its_verdict(broken: list[str], capsys: pytes
     for m in lines:
         assert m[3] == ("FAILS" if m[1] in broken else "OK")
         assert float(m[2]) == pytest.approx(errs[m[1]], rel=0.06, abs=1e-12)  # printed with 2 digits
-    assert sum(line.strip().startswith("why:") for line in out) == len(broken)
+    whys = [line.strip() for line in out if line.strip().startswith("why:")]
+    assert len(whys) == len(broken)
+    reasons = [f"why: {CASES[c][2]}" for c in CASES if c in broken]
+    if explain:  # the reason, only when asked for
+        assert whys == reasons
+    else:
+        assert all(w == "why: which parts still match, and why? guess first, then rerun with --explain" for w in whys)
+        assert not any(CASES[c][2] in "\n".join(out) for c in CASES)

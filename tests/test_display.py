@@ -231,3 +231,35 @@ def test_big_objects_show_their_counts_without_the_grid() -> None:
     assert "pool" not in tables(pool._repr_html_()) and "total <b>1025</b>" in pool._repr_html_()
     empty = PagedKVCache(4)  # no pool yet: nothing to draw but its figures
     assert "blocks" not in tables(empty._repr_html_()) and "len <b>0</b>" in empty._repr_html_()
+
+
+def test_the_engine_and_its_configs_show_their_state() -> None:
+    from cb_lab.engine import EngineConfig, LLMEngine
+    from cb_lab.model.llama import LlamaModel
+    from cb_lab.model.llama_config import LlamaConfig
+    from cb_lab.sampling import SamplingParams
+
+    config = EngineConfig(num_blocks=12, block_size=4, max_num_seqs=1)
+    engine = LLMEngine(LlamaModel(LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64)), config=config)
+    engine.add_request("paged", SamplingParams(max_tokens=2, temperature=0))
+    engine.add_request("ragged", SamplingParams(max_tokens=2, temperature=0))
+    engine.step()  # one admitted (max_num_seqs=1), one waiting; the first holds blocks
+    used = 12 - engine.pool.num_free_blocks
+    assert used > 0 and len(engine.scheduler.running) == len(engine.scheduler.waiting) == 1
+    assert repr(engine) == (f"LLMEngine(model: 2 layers, dim 32, 4 heads / 2 KV heads, vocab 258, float32; pool: 12 "
+                            f"blocks x 4 tokens, {12 - used} free; running 1, waiting 1)")
+    html = engine._repr_html_()
+    assert f"pool <b>12 blocks x 4 tokens ({12 - used} free)</b>" in html and "waiting <b>1</b>" in html
+    assert tables(html)["requests"].texts()[1][:2] == ["req-1", "waiting"]  # the scheduler's table
+    assert tables(config._repr_html_())["fields"].texts() == tables(html)["fields"].texts() == [
+        [f, str(getattr(config, f)), str(d)] for f, d in [
+            ("max_num_seqs", 64), ("block_size", 16), ("num_blocks", None), ("kv_memory_mb", 64.0),
+            ("max_tokens_per_step", 256), ("prefill_chunk_size", 64), ("dtype", "float32"), ("executor", "fused"),
+            ("enable_prefix_caching", True)]]
+    params = SamplingParams(temperature=0, stop_token_ids=[SCRIPT])  # type: ignore[list-item]
+    shown = params._repr_html_()
+    changed = [field for field, value, default in tables(shown)["fields"].texts() if value != default]
+    assert changed == ["temperature", "stop_token_ids"] and "set <b>2 of 8 fields (bold)</b>" in shown
+    assert shown.count("<b>") == 2 + len(changed)  # the title, the count, and each changed value
+    assert "<script>" not in shown
+    assert repr(params).startswith("SamplingParams(max_tokens=16, temperature=0,")  # the dataclass's, as before

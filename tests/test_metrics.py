@@ -237,6 +237,36 @@ def test_request_summary_without_completed_requests() -> None:
         assert summary[key] is None
 
 
+def test_tracking_without_total_tokens_and_one_request_summary() -> None:
+    """The original cb-lab's calls: ``start_request_tracking(req_id)`` and ``get_request_summary(req_id)``."""
+    clock = FakeClock(10.0)
+    collector = MetricsCollector(enable_memory_profiling=False, clock=clock)
+    collector.start_request_tracking("a", step=2)  # total_tokens defaults to 0: unknown
+    collector.start_request_tracking("b", total_tokens=9)
+    assert collector.requests["a"].total_tokens == 0
+    clock.t = 11.0
+    collector.record_request_scheduled("a", 3)
+    collector.update_request_progress("a", prefill_tokens=6, decode_tokens=1, step=4)
+    clock.t = 12.0
+    open_summary = collector.get_request_summary("a")  # not finished: its duration so far
+    assert (open_summary["completed"], open_summary["duration"], open_summary["e2e_steps"]) == (False, 2.0, None)
+    clock.t = 14.0
+    collector.update_request_progress("a", decode_tokens=3, step=6)
+    collector.finish_request("a", step=6)
+    clock.t = 20.0  # a finished request's duration stops at its finish
+    summary = collector.get_request_summary("a")
+    assert summary == {
+        "req_id": "a", "completed": True, "duration": 4.0, "prefill_tokens": 6, "decode_tokens": 3,
+        "total_tokens": 9, "expected_tokens": 0, "tokens_per_second": 9 / 4.0, "preemptions": 0,
+        "queueing_steps": 1, "queueing_s": 1.0, "ttft_steps": 3, "ttft_s": 1.0, "tpot_steps": 1.0,
+        "tpot_s": 1.5, "e2e_steps": 5, "e2e_s": 4.0,
+    }
+    assert collector.get_request_summary("b")["expected_tokens"] == 9
+    assert collector.get_request_summary()["completed_requests"] == 1  # without an id: every request
+    with pytest.raises(ValidationError, match=r"'ghost'.*\['a', 'b'\]"):
+        collector.get_request_summary("ghost")
+
+
 @pytest.mark.parametrize(
     "call",
     [

@@ -107,29 +107,49 @@ def _check_chunk(i: int, chunk: object) -> tuple[str, int, torch.Tensor]:
     return req_id, start, tokens
 
 
+def _check_no_overlap(checked: Sequence[tuple[str, int, torch.Tensor]]) -> None:
+    """Two chunks of one request must cover different positions (one row per position)."""
+    spans: dict[str, list[tuple[int, int]]] = {}
+    for req_id, start, tokens in checked:
+        spans.setdefault(req_id, []).append((start, start + tokens.shape[0]))
+    for req_id, ranges in spans.items():
+        ranges.sort()
+        for (s0, e0), (s1, e1) in zip(ranges, ranges[1:]):
+            if s1 < e0:
+                raise ValidationError(
+                    f"chunks [{s0}, {e0}) and [{s1}, {e1}) of request {req_id!r} overlap: a position of a request "
+                    "may appear once per batch; give its chunks disjoint positions"
+                )
+
+
 def build_ragged_batch(
     chunks: Sequence[tuple[str, int, torch.Tensor]],
 ) -> RaggedBatch:
     """Concatenate ``(req_id, start_pos, tokens)`` chunks into one ragged batch.
 
     Returns ``tokens [N_total, D]``, one :class:`TokenMeta` per row, and the boolean
-    mask ``[N_total, N_total]`` (True = may attend). Each request appears at most once.
+    mask ``[N_total, N_total]`` (True = may attend). The mask goes by request, not by chunk:
+    a request may bring several chunks (at positions that do not overlap), and a row sees
+    every row of its request at a position not after its own, whichever chunk holds it.
+    No chunks give the empty batch: ``tokens [0, 0]``, no meta, a ``[0, 0]`` mask.
     """
     if len(chunks) == 0:
-        raise ValidationError("build_ragged_batch needs at least one chunk, got none")
+        return RaggedBatch(torch.empty(0, 0), [], torch.empty(0, 0, dtype=torch.bool))
     checked = [_check_chunk(i, c) for i, c in enumerate(chunks)]
-    req_ids = [req_id for req_id, _, _ in checked]
-    if len(set(req_ids)) != len(req_ids):
-        raise ValidationError(f"each request may appear once per batch, got req_ids {req_ids}")
     dims = {tokens.shape[1] for _, _, tokens in checked}
     if len(dims) != 1:
         raise ValidationError(f"all chunks must have the same dim, got dims {sorted(dims)}")
+    req_ids = [req_id for req_id, _, _ in checked]
+    number = {req_id: i for i, req_id in enumerate(dict.fromkeys(req_ids))}  # request number, first come first
+    if len(number) < len(req_ids):
+        _check_no_overlap(checked)
     tokens = torch.cat([t for _, _, t in checked])
     starts = torch.tensor([s for _, s, _ in checked], device=tokens.device)
     lengths = torch.tensor([t.shape[0] for _, _, t in checked], device=tokens.device)
-    seq_idx, pos = ragged_positions(starts, lengths)
+    chunk_idx, pos = ragged_positions(starts, lengths)  # [N] each
+    seq_idx = torch.tensor([number[r] for r in req_ids], device=tokens.device)[chunk_idx]  # [N]: the row's request
     mask = ragged_causal_mask(seq_idx, pos, seq_idx, pos)
     meta = [
-        TokenMeta(req_ids[s], p, i) for i, (s, p) in enumerate(zip(seq_idx.tolist(), pos.tolist()))
+        TokenMeta(req_ids[c], p, i) for i, (c, p) in enumerate(zip(chunk_idx.tolist(), pos.tolist()))
     ]
     return RaggedBatch(tokens, meta, mask)

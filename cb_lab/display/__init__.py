@@ -2,8 +2,9 @@
 
 Jupyter calls ``_repr_html_`` to show the value of a cell. The core objects (``Request``,
 ``StepPlan``, the stats ``Scheduler.step`` returns, a ``RaggedBatch``, the KV caches and the
-``BlockPool``, the ``Scheduler``, a ``MetricsCollector`` and a serving ``RunResult``) define
-it by calling the function of :mod:`cb_lab.display.views` that draws them, built from the
+``BlockPool``, the ``Scheduler``, a ``MetricsCollector``, a serving ``RunResult``, the
+``LLMEngine`` and its ``EngineConfig`` and ``SamplingParams``) define it by calling the
+function of :mod:`cb_lab.display.views` that draws them, built from the
 pieces in :mod:`cb_lab.display.markup`. Plain ``repr`` stays the text everywhere else.
 """
 

@@ -7,8 +7,9 @@ changes anything. With matplotlib installed, a serving run also inlines its thre
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cb_lab import viz
 from cb_lab.core.batch_builder import RaggedBatch
@@ -21,10 +22,13 @@ from cb_lab.display.markup import Cell, Raw, bar, card, escape, grid, image, req
 from cb_lab.monitoring.metrics import MetricsCollector
 from cb_lab.serving import SUMMARY_KEYS, RunResult
 
+if TYPE_CHECKING:  # the engine imports the Llama model and its loader: only its type is needed here
+    from cb_lab.engine import LLMEngine
+
 __all__ = [
-    "block_pool_html", "block_tables_html", "dense_cache_html", "fmt", "metrics_html", "paged_cache_html",
-    "plan_html", "ragged_batch_html", "ragged_batch_text", "request_html", "run_html", "scheduler_html",
-    "step_stats_html",
+    "block_pool_html", "block_tables_html", "config_html", "dense_cache_html", "engine_html", "engine_text", "fmt",
+    "metrics_html", "paged_cache_html", "plan_html", "ragged_batch_html", "ragged_batch_text", "request_html",
+    "run_html", "scheduler_html", "step_stats_html",
 ]
 
 SHARED = "#f4a582"  # a block two or more block tables hold (prefix caching, forks)
@@ -109,8 +113,8 @@ def ragged_batch_text(batch: RaggedBatch) -> str:
     for m in batch.meta:
         spans.setdefault(m.req_id, []).append(m.pos_in_seq)
     parts = ", ".join(f"{r} pos {p[0]}..{p[-1]}" for r, p in spans.items())
-    text = f"RaggedBatch({len(batch.meta)} rows, dim {batch.tokens.shape[-1]}: {parts})"
-    if len(batch.meta) > MAX_GRID:
+    text = f"RaggedBatch({len(batch.meta)} rows, dim {batch.tokens.shape[-1]}{': ' + parts if parts else ''})"
+    if not batch.meta or len(batch.meta) > MAX_GRID:
         return text
     labels = [f"{m.req_id}{m.pos_in_seq}" for m in batch.meta]
     width = max(map(len, labels))
@@ -248,3 +252,36 @@ def run_html(result: RunResult) -> Raw:
     if not pngs:
         pictures = [Raw(f"<pre>{escape(viz.overview(result.steps))}</pre>")]
     return card(f"RunResult {result.name!r}", [*pictures, _summary_table(result.summary, SUMMARY_KEYS)], figures)
+
+
+def config_html(config: Any) -> Raw:
+    """A config dataclass (``EngineConfig``, ``SamplingParams``): every field, its value and its default;
+    the fields set away from their default in bold."""
+    rows: list[list[object]] = []
+    changed = 0
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        default = f.default if f.default is not dataclasses.MISSING else "-"
+        changed += value != default
+        rows.append([f.name, Raw(f"<b>{escape(value)}</b>") if value != default else value, default])
+    return card(type(config).__name__, [table(["field", "value", "default"], rows, name="fields")],
+                {"set": f"{changed} of {len(rows)} fields (bold)"})
+
+
+def engine_text(engine: LLMEngine) -> str:
+    """``LLMEngine(model ..., pool ..., running R, waiting W)``: the shape of the model and of its KV pool."""
+    c, pool, sched = engine.model.model.config, engine.pool, engine.scheduler
+    return (f"LLMEngine(model: {c.n_layers} layers, dim {c.dim}, {c.n_heads} heads / {c.n_kv_heads} KV heads, vocab "
+            f"{c.vocab_size}, {str(engine.model.dtype).removeprefix('torch.')}; pool: {pool.num_blocks} blocks x "
+            f"{pool.block_size} tokens, {pool.num_free_blocks} free; running {len(sched.running)}, waiting "
+            f"{len(sched.waiting)})")
+
+
+def engine_html(engine: LLMEngine) -> Raw:
+    """An engine: the model's shape, the pool, the queues, then its scheduler and its config."""
+    c, pool, sched = engine.model.model.config, engine.pool, engine.scheduler
+    figures = {"layers": c.n_layers, "dim": c.dim, "heads": f"{c.n_heads} ({c.n_kv_heads} KV)",
+               "vocab": fmt(c.vocab_size), "dtype": str(engine.model.dtype).removeprefix("torch."),
+               "pool": f"{fmt(pool.num_blocks)} blocks x {pool.block_size} tokens ({fmt(pool.num_free_blocks)} free)",
+               "running": len(sched.running), "waiting": len(sched.waiting)}
+    return card("LLMEngine", [scheduler_html(sched), config_html(engine.config)], figures)

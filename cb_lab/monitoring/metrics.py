@@ -278,8 +278,11 @@ class MetricsCollector:
             "total_padding_tokens": sum(s.padding_tokens for s in self.steps),
         }
 
-    def start_request_tracking(self, req_id: str, total_tokens: int, *, step: int | None = None) -> None:
-        """Start the request's clock; ``step``: the step it arrives at (added while ``step_id == step``)."""
+    def start_request_tracking(self, req_id: str, total_tokens: int = 0, *, step: int | None = None) -> None:
+        """Start the request's clock; ``step``: the step it arrives at (added while ``step_id == step``).
+
+        ``total_tokens`` is what the request is expected to take (prompt + new tokens); 0 when unknown.
+        """
         if req_id in self.requests:
             raise ValidationError(f"request {req_id!r} is already tracked; request ids must be unique")
         _check_int("total_tokens", total_tokens)
@@ -290,7 +293,7 @@ class MetricsCollector:
     def _get_open(self, req_id: str, step: int | None = None) -> RequestMetrics:
         if req_id not in self.requests:
             raise ValidationError(
-                f"unknown request id {req_id!r}: call start_request_tracking({req_id!r}, total_tokens) first"
+                f"unknown request id {req_id!r}: call start_request_tracking({req_id!r}) first"
             )
         request = self.requests[req_id]
         if request.is_finished:
@@ -338,12 +341,18 @@ class MetricsCollector:
         request.finish_step = step
         return request
 
-    def get_request_summary(self) -> dict[str, Any]:
+    def get_request_summary(self, req_id: str | None = None) -> dict[str, Any]:
         """Counts, latency percentiles over completed requests (None if none), and preemptions.
 
         For each of ``queueing, ttft, tpot, e2e`` (defined in the module docstring) in ``steps``
         and in seconds (``s``): ``{name}_{mean,p50,p90,p99}_{unit}``, e.g. ``ttft_p99_steps``.
+        With ``req_id``, that one request instead (finished or not): ``req_id``, ``completed``,
+        ``duration`` (seconds so far, or to its finish), ``prefill_tokens``, ``decode_tokens``,
+        ``total_tokens`` (their sum), ``expected_tokens`` (what tracking started with),
+        ``tokens_per_second``, ``preemptions`` and its latencies (``ttft_steps``, ``ttft_s``, ...).
         """
+        if req_id is not None:
+            return self._one_request_summary(req_id)
         done = [r for r in self.requests.values() if r.is_finished]
         latencies = [r.latency for r in done if r.latency is not None]
         ttfts = [r.time_to_first_token for r in done if r.time_to_first_token is not None]
@@ -362,6 +371,22 @@ class MetricsCollector:
                 values = [getattr(r, f"{name}_{unit}") for r in done]
                 summary.update(_distribution(name, unit, [float(v) for v in values if v is not None]))
         summary["percentile_method"] = PERCENTILE_METHOD
+        return summary
+
+    def _one_request_summary(self, req_id: str) -> dict[str, Any]:
+        if req_id not in self.requests:
+            raise ValidationError(f"unknown request id {req_id!r}; tracked: {sorted(self.requests)}")
+        r = self.requests[req_id]
+        duration = (r.end_time if r.end_time is not None else self._clock()) - r.start_time
+        processed = r.prefill_tokens + r.decode_tokens
+        summary: dict[str, Any] = {
+            "req_id": req_id, "completed": r.is_finished, "duration": duration,
+            "prefill_tokens": r.prefill_tokens, "decode_tokens": r.decode_tokens, "total_tokens": processed,
+            "expected_tokens": r.total_tokens, "tokens_per_second": processed / duration if duration > 0 else 0.0,
+            "preemptions": r.preemptions,
+        }
+        for name in LATENCIES:
+            summary.update({f"{name}_{unit}": getattr(r, f"{name}_{unit}") for unit in ("steps", "s")})
         return summary
 
     def get_run_summary(self, num_blocks: int | None = None) -> dict[str, Any]:

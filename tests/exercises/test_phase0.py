@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from given import given
+from given import check, given
 
 from cb_lab.__main__ import parse_args, run
 from cb_lab.core.request import Request
@@ -22,11 +22,16 @@ def main_job_quick() -> tuple[list[Request], list[dict[str, Any]]]:
 
 def test_phase0_read_output(answers: ModuleType) -> None:
     _, steps = main_job_quick()
-    assert given(answers, "QUICK_STEPS") == len(steps), "the number of step lines (and the 'steps:' figure)"
-    assert given(answers, "QUICK_PREFILL_TOKENS") == sum(s["prefill_tokens"] for s in steps)
-    assert given(answers, "QUICK_DECODE_TOKENS") == sum(s["decode_tokens"] for s in steps)
+    check(given(answers, "QUICK_STEPS") == len(steps),
+          "QUICK_STEPS: count the step lines of python -m cb_lab --quick (the summary line says it too)")
+    check(given(answers, "QUICK_PREFILL_TOKENS") == sum(s["prefill_tokens"] for s in steps),
+          "QUICK_PREFILL_TOKENS: the P's of every step, summed; the summary line splits its tokens in two")
+    check(given(answers, "QUICK_DECODE_TOKENS") == sum(s["decode_tokens"] for s in steps),
+          "QUICK_DECODE_TOKENS: the D's of every step, summed; the summary line splits its tokens in two")
 
 
 def test_phase0_generated(answers: ModuleType) -> None:
     requests, _ = main_job_quick()
-    assert given(answers, "QUICK_GENERATED_TOKENS") == sum(len(r.generated_tokens) for r in requests)
+    check(given(answers, "QUICK_GENERATED_TOKENS") == sum(len(r.generated_tokens) for r in requests),
+          "QUICK_GENERATED_TOKENS: every decode token is a generated token, but not every generated token comes "
+          "from a decode: where does a request's first token come from?")

@@ -6,7 +6,7 @@ from types import ModuleType
 
 import pytest
 import torch
-from given import call, given
+from given import call, check, given
 from helpers import make_model, make_request
 
 from cb_lab.core.block_pool import BlockPool
@@ -25,10 +25,15 @@ def test_phase10_who_gets(answers: ModuleType) -> None:
     sched.add_request(b)
     sched.step()
     sched.step()
-    assert a.finished and given(answers, "FREE_BLOCKS_AFTER_STEP_1") == pool.num_free_blocks
+    assert a.finished
+    check(given(answers, "FREE_BLOCKS_AFTER_STEP_1") == pool.num_free_blocks,
+          "FREE_BLOCKS_AFTER_STEP_1: which requests hold blocks after step 1, and how many rows each (block_size "
+          "rows a block)? what happens to the blocks of a request that finishes in a step?")
     sched.add_request(c)
     sched.step()
-    assert given(answers, "C_TABLE") == c.kv_cache.block_table
+    check(given(answers, "C_TABLE") == c.kv_cache.block_table,
+          "C_TABLE: free pushes a freed block on the END of free_block_ids and allocate pops from the end: the "
+          "block freed last is handed out first")
 
 
 def test_phase10_unused_slots(answers: ModuleType) -> None:
@@ -39,7 +44,9 @@ def test_phase10_unused_slots(answers: ModuleType) -> None:
             if num_rows:
                 cache.append(torch.zeros(num_rows, 4), torch.zeros(num_rows, 4))
             want = pool.stats()["unused_slots"]
-            assert call(answers, "unused_slots", num_rows, block_size) == want, (num_rows, block_size)
+            check(call(answers, "unused_slots", num_rows, block_size) == want,
+                  f"unused_slots({num_rows}, {block_size}): only the last block can have empty slots (and no "
+                  "rows take no block at all)")
 
 
 @pytest.mark.parametrize("cache_lens, new_rows, block_size", [
@@ -55,4 +62,6 @@ def test_phase10_new_blocks(answers: ModuleType, cache_lens: list[int], new_rows
     free_before = pool.num_free_blocks
     append_batch([(cache, torch.zeros(k, 4), torch.zeros(k, 4)) for cache, k in zip(caches, new_rows)])  # one step
     taken = free_before - pool.num_free_blocks
-    assert call(answers, "new_blocks", cache_lens, new_rows, block_size) == taken
+    check(call(answers, "new_blocks", cache_lens, new_rows, block_size) == taken,
+          f"new_blocks({cache_lens}, {new_rows}, {block_size}): per cache, the blocks it holds after the append "
+          "minus the blocks it held before")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from given import given
+from given import check, given
 from helpers import make_model, make_request
 
 from cb_lab.core.block_pool import BlockPool
@@ -33,10 +33,13 @@ def skipped_per_step(max_num_seqs: int, num_steps: int) -> list[list[tuple[str, 
 
 def test_phase11_skip(answers: ModuleType) -> None:
     step0, step1 = skipped_per_step(3, 2)
-    assert [tuple(pair) for pair in given(answers, "SKIPPED_STEP_0")] == step0
-    assert [tuple(pair) for pair in given(answers, "SKIPPED_STEP_1")] == step1
+    rules = ("admission asks max_num_seqs, then the budget, then the free blocks (the whole prefill must fit), "
+             "and a request behind one that waits waits for the same reason")
+    check([tuple(pair) for pair in given(answers, "SKIPPED_STEP_0")] == step0, f"SKIPPED_STEP_0: {rules}")
+    check([tuple(pair) for pair in given(answers, "SKIPPED_STEP_1")] == step1,
+          f"SKIPPED_STEP_1: step 0's requests now run; {rules}")
     reason_c = dict(skipped_per_step(2, 1)[0]).get("c")
-    assert given(answers, "C_REASON_WITH_2_SEQS") == reason_c
+    check(given(answers, "C_REASON_WITH_2_SEQS") == reason_c, f"C_REASON_WITH_2_SEQS: {rules}")
 
 
 def test_phase11_latency(answers: ModuleType) -> None:
@@ -49,9 +52,10 @@ def test_phase11_latency(answers: ModuleType) -> None:
     sched.add_request(make_request("b", 3, 2, 8))
     sched.run_until_complete()
     a, b = metrics.collector.requests["a"], metrics.collector.requests["b"]
-    assert given(answers, "B_TTFT_STEPS") == b.ttft_steps
-    assert given(answers, "B_E2E_STEPS") == b.e2e_steps
-    assert given(answers, "A_E2E_STEPS") == a.e2e_steps
+    counts = "count from the arrival step to the step of the first (TTFT) or last (e2e) token, both included"
+    check(given(answers, "B_TTFT_STEPS") == b.ttft_steps, f"B_TTFT_STEPS: write out the plans step by step; {counts}")
+    check(given(answers, "B_E2E_STEPS") == b.e2e_steps, f"B_E2E_STEPS: {counts}")
+    check(given(answers, "A_E2E_STEPS") == a.e2e_steps, f"A_E2E_STEPS: does b's arrival slow a down? {counts}")
 
 
 def test_phase11_reprefill(answers: ModuleType) -> None:
@@ -67,7 +71,9 @@ def test_phase11_reprefill(answers: ModuleType) -> None:
         rows += [c.length for c in plan.prefill]
         sched.step()
     assert tokens_then == 3 and req.num_preemptions == 1, "the checker's forced preemption came after 3 tokens"
-    assert given(answers, "REPREFILL_ROWS") == sum(rows)
+    check(given(answers, "REPREFILL_ROWS") == sum(rows),
+          "REPREFILL_ROWS: a preempted request keeps its tokens but drops its K/V; which rows must it run again, "
+          "and is its last token among them?")
 
 
 def test_phase11_min_blocks(answers: ModuleType) -> None:
@@ -75,4 +81,5 @@ def test_phase11_min_blocks(answers: ModuleType) -> None:
     need = max(-(-(n + k - 1) // d.BLOCK_SIZE) for _, _, n, k in d.QUICK_REQUESTS)  # the pool each request needs alone
     smallest = next(n for n in range(need, 64)
                     if d.run(demo_model(d.DIM, 0), d.QUICK_REQUESTS, n, 3)[0].num_preemptions == 0)
-    assert given(answers, "MIN_BLOCKS_NO_PREEMPTION") == smallest
+    check(given(answers, "MIN_BLOCKS_NO_PREEMPTION") == smallest,
+          "MIN_BLOCKS_NO_PREEMPTION: lower --num-blocks one at a time and read the 'preemptions:' line")

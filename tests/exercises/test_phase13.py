@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import ModuleType
 
 import torch
-from given import given
+from given import check, given
 from helpers import make_model
 
 from cb_lab.core.block_pool import BlockPool
@@ -41,7 +41,9 @@ def test_phase13_hits(answers: ModuleType) -> None:
     p = rows(14, 0)
     hit_rows(sched, pool, {"a": p})
     got = hit_rows(sched, pool, {"b": torch.cat([p[:10], rows(3, 1)]), "c": p.clone(), "d": p[:12].clone()})
-    assert {k: int(v) for k, v in given(answers, "HIT_ROWS").items()} == got
+    check({k: int(v) for k, v in given(answers, "HIT_ROWS").items()} == got,
+          "HIT_ROWS: only full blocks of 4 rows are cached, a hit is a chain of them from the first, and the "
+          "block holding a prompt's last row is always computed")
 
 
 def test_phase13_samples(answers: ModuleType) -> None:
@@ -56,9 +58,13 @@ def test_phase13_samples(answers: ModuleType) -> None:
                                   sampling=params))
         steps = sched.run_until_complete()
         counts[prompt_len] = (sum(s["prefill_tokens"] for s in steps), sum(s["kv_copies"] for s in steps))
-    assert given(answers, "PREFILL_ROWS_N3") == counts[10][0]
-    assert given(answers, "COPIES_N3") == counts[10][1]
-    assert given(answers, "COPIES_N3_9_ROWS") == counts[9][1]
+    check(given(answers, "PREFILL_ROWS_N3") == counts[10][0],
+          "PREFILL_ROWS_N3: the prompt runs once; what does each fork compute again to draw its own first token?")
+    check(given(answers, "COPIES_N3") == counts[10][1],
+          "COPIES_N3: a fork's write copies a block only if another table holds it too; where does row 9 land "
+          "(blocks of 4)?")
+    check(given(answers, "COPIES_N3_9_ROWS") == counts[9][1],
+          "COPIES_N3_9_ROWS: with 9 rows, the recomputed last row is row 8: is its block shared, and is it full?")
 
 
 def test_phase13_eviction(answers: ModuleType) -> None:
@@ -72,13 +78,17 @@ def test_phase13_eviction(answers: ModuleType) -> None:
                                                                          .block_hashes(BS))]
     evicted = gone[0] if len(gone) == 1 else gone
     again = hit_rows(sched, pool, {"a2": a.clone(), "b2": b.clone()})
-    assert given(answers, "EVICTED_FIRST") == evicted
-    assert given(answers, "HIT_ROWS_A_AGAIN") == again["a2"]
-    assert given(answers, "HIT_ROWS_B_AGAIN") == again["b2"]
+    check(given(answers, "EVICTED_FIRST") == evicted,
+          "EVICTED_FIRST: allocate takes free blocks first, then evicts the least recently used cached block")
+    check(given(answers, "HIT_ROWS_A_AGAIN") == again["a2"],
+          "HIT_ROWS_A_AGAIN: which of a's blocks are still cached, and is the last prompt row's block ever a hit?")
+    check(given(answers, "HIT_ROWS_B_AGAIN") == again["b2"], "HIT_ROWS_B_AGAIN: the same question for b")
 
 
 def test_phase13_system_len(answers: ModuleType) -> None:
     d = demo_prefix_caching
     model = LlamaStepModel(LlamaModel(LlamaConfig(vocab_size=d.VOCAB, dim=64, n_layers=2, ffn_dim=128), seed=0))
     summary = d.run(model, d.make_prompts(8, 16, 0), True, 256)[1]
-    assert given(answers, "SAVED_SYSTEM_LEN_16") == summary["prefill_tokens_saved"]
+    check(given(answers, "SAVED_SYSTEM_LEN_16") == summary["prefill_tokens_saved"],
+          "SAVED_SYSTEM_LEN_16: 16 tokens are two full blocks of 8; two requests arrive per step, and a block is "
+          "cached only after the step that fills it")

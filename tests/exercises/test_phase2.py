@@ -6,7 +6,7 @@ from collections.abc import Callable
 from types import ModuleType
 
 import torch
-from given import call, given
+from given import call, check, given
 from helpers import TOL, make_model
 
 from cb_lab.attention.dense_attention import causal_mask
@@ -20,10 +20,16 @@ MaskFn = Callable[[list[TokenMeta]], torch.Tensor]
 
 def test_phase2_token_table(answers: ModuleType) -> None:
     _, meta, mask = build_ragged_batch([(r, s, torch.zeros(n, 8)) for r, s, n in QUICK_CHUNKS])
-    assert given(answers, "POS_IN_SEQ") == [m.pos_in_seq for m in meta]
-    assert given(answers, "MASK_TRUE_CELLS") == int(mask.sum())
+    check(given(answers, "POS_IN_SEQ") == [m.pos_in_seq for m in meta],
+          "POS_IN_SEQ: one position per row of the flat batch; a chunk that starts at start_pos s numbers its "
+          "rows s, s + 1, ...")
+    check(given(answers, "MASK_TRUE_CELLS") == int(mask.sum()),
+          "MASK_TRUE_CELLS: the mask is one lower triangle per request, nothing between requests; how many "
+          "cells has a triangle of n rows?")
     b5 = next(m.global_idx for m in meta if (m.req_id, m.pos_in_seq) == ("b", 5))
-    assert given(answers, "KEYS_OF_B5") == mask[b5].nonzero().flatten().tolist()
+    check(given(answers, "KEYS_OF_B5") == mask[b5].nonzero().flatten().tolist(),
+          "KEYS_OF_B5: the global_idx (row of the flat batch, not the position) of every key b at position 5 "
+          "may see: same request, position not after its own")
 
 
 def test_phase2_ragged_mask(answers: ModuleType) -> None:
@@ -39,8 +45,11 @@ def test_phase2_ragged_mask(answers: ModuleType) -> None:
         seq_idx = torch.tensor([ids[m.req_id] for m in meta])
         pos = torch.tensor([m.pos_in_seq for m in meta])
         mask = call(answers, "ragged_mask", seq_idx, pos)
-        assert mask.dtype == torch.bool and tuple(mask.shape) == tuple(expected.shape), chunks
-        assert torch.equal(mask, expected), f"chunks {chunks}"
+        check(isinstance(mask, torch.Tensor) and mask.dtype == torch.bool
+              and tuple(mask.shape) == tuple(expected.shape), f"chunks {chunks}: ragged_mask should be [N, N] bool")
+        check(torch.equal(mask, expected),
+              f"chunks {chunks}: row i may attend row j only if both rules hold: same request, and a key "
+              "position not after the query's")
     # Used in a ragged forward, the mask gives each request exactly its own dense prefill.
     model = make_model(8)
     gen = torch.Generator().manual_seed(3)
@@ -51,7 +60,8 @@ def test_phase2_ragged_mask(answers: ModuleType) -> None:
     out, _, _ = model.forward_prefill_ragged(tokens, call(answers, "ragged_mask", seq_idx, pos))
     for r, p in prompts.items():
         rows = [m.global_idx for m in meta if m.req_id == r]
-        torch.testing.assert_close(out[rows], model.forward_prefill_dense(p)[0], **TOL)
+        check(torch.allclose(out[rows], model.forward_prefill_dense(p)[0], **TOL),
+              f"ragged_mask in a ragged prefill: request {r}'s rows differ from its own dense forward")
 
 
 def still_right(model: TinyLLM, prompts: dict[str, torch.Tensor], broken_mask: MaskFn) -> list[str]:
@@ -82,5 +92,9 @@ def test_phase2_break_mask(answers: ModuleType) -> None:
     abc = {r: prompts[r] for r in "abc"}
     position_only = still_right(model, abc, position_rule_only) + still_right(
         model, {"d": prompts["d"]}, position_rule_only)
-    assert sorted(given(answers, "STILL_RIGHT_POSITION_RULE_ONLY")) == position_only
-    assert sorted(given(answers, "STILL_RIGHT_FLAT_CAUSAL")) == still_right(model, abc, flat_causal)
+    check(sorted(given(answers, "STILL_RIGHT_POSITION_RULE_ONLY")) == position_only,
+          "STILL_RIGHT_POSITION_RULE_ONLY: read the per part line of python -m demos.demo_break_it --break mask; "
+          "a request still matches when no other request's row can leak into it")
+    check(sorted(given(answers, "STILL_RIGHT_FLAT_CAUSAL")) == still_right(model, abc, flat_causal),
+          "STILL_RIGHT_FLAT_CAUSAL: causal_mask(N, N) lets a row see every earlier row of the flat batch; "
+          "whose rows have no other request's rows before them?")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import ModuleType
 
 import torch
-from given import call, given
+from given import call, check, given
 from helpers import TOL, make_model, make_request
 
 from cb_lab.core.request import Request
@@ -31,9 +31,12 @@ def test_phase3_plan(answers: ModuleType) -> None:
         plans.append(([r.req_id for r in plan.decode], [(c.request.req_id, c.start, c.end) for c in plan.prefill]))
         sched.step()
     got = [(list(d), [tuple(c) for c in p]) for d, p in given(answers, "PLANS_BUDGET_6")]
-    assert len(got) == len(plans), "one (decode, prefill) pair for each of steps 0..3"
+    check(len(got) == len(plans), "PLANS_BUDGET_6: one (decode, prefill) pair for each of steps 0..3")
     for step, (answer, expected) in enumerate(zip(got, plans)):
-        assert answer == expected, f"step {step}"
+        check(answer == expected,
+              f"PLANS_BUDGET_6, step {step}: decode first (one token per request whose prompt is done), then the "
+              "running prefills, then admissions in arrival order, each chunk at most 4 rows and at most what is "
+              "left of the 6 tokens")
 
 
 def prefill_end_and_finish(budget: int, chunk: int) -> dict[str, tuple[int, int, int]]:
@@ -56,13 +59,15 @@ def prefill_end_and_finish(budget: int, chunk: int) -> dict[str, tuple[int, int,
 
 
 def test_phase3_finish(answers: ModuleType) -> None:
-    assert given(answers, "F_FINISH_STEP_BUDGET_16") == prefill_end_and_finish(16, 4)["f"][2]
+    check(given(answers, "F_FINISH_STEP_BUDGET_16") == prefill_end_and_finish(16, 4)["f"][2],
+          "F_FINISH_STEP_BUDGET_16: f's first token comes out of step 2; how many more does it need, and how many "
+          "does a decoding request get per step?")
     for budget in (3, 4, 6, 8, 16):
         for chunk in (2, 4, 16):
             for req_id, (end, n, finish) in prefill_end_and_finish(budget, chunk).items():
-                assert call(answers, "finish_step", end, n) == finish, (
-                    f"budget {budget}, chunk {chunk}: {req_id}'s prefill ends in step {end}, "
-                    f"max_new_tokens={n}, it finishes in step {finish}")
+                check(call(answers, "finish_step", end, n) == finish,
+                      f"finish_step({end}, {n}) (budget {budget}, chunk {chunk}, request {req_id}): does a "
+                      "decoding request ever wait? count the token of step prefill_end_step too")
 
 
 def test_phase3_break_refeed(answers: ModuleType) -> None:
@@ -80,4 +85,6 @@ def test_phase3_break_refeed(answers: ModuleType) -> None:
         feed = req.last_token
     want = naive_tokens(model, req)  # [n, D]: the oracle of the tokens it holds
     right = [i + 1 for i, tok in enumerate(req.generated_tokens) if torch.allclose(tok, want[i], **TOL)]
-    assert given(answers, "TOKENS_STILL_RIGHT") == right
+    check(given(answers, "TOKENS_STILL_RIGHT") == right,
+          "TOKENS_STILL_RIGHT: which tokens are made before the wrong row is fed back, and can a token after a "
+          "wrong one be right? python -m demos.demo_break_it --break refeed prints each token's error")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from types import ModuleType
 
 import pytest
-from given import given
+from given import check, given
 from helpers import make_model, make_request
 
 from cb_lab.core.request import Request
@@ -48,24 +48,32 @@ def replay(budget: int = 8, chunk: int = 4) -> Run:
 
 def test_phase4_ttft(answers: ModuleType) -> None:
     run = replay()
-    assert given(answers, "K_FIRST_TOKEN_STEP") == run.first_token_step["k"]
-    assert given(answers, "K_TTFT_STEPS") == run.ttft["k"]
+    check(given(answers, "K_FIRST_TOKEN_STEP") == run.first_token_step["k"],
+          "K_FIRST_TOKEN_STEP: k's first token comes out of its last prompt chunk: the step of k's last P")
+    check(given(answers, "K_TTFT_STEPS") == run.ttft["k"],
+          "K_TTFT_STEPS: from k's arrival step to its first-token step, counting both")
 
 
 def test_phase4_budget(answers: ModuleType) -> None:
     steps, util, ttft = (given(answers, n) for n in ("STEPS_BY_BUDGET", "UTILISATION_BY_BUDGET", "MEAN_TTFT_BY_BUDGET"))
     for answer in (steps, util, ttft):
-        assert set(answer) == {4, 8, 16}, f"one value for each budget 4, 8 and 16, got keys {sorted(answer)}"
+        check(set(answer) == {4, 8, 16}, f"one value for each budget 4, 8 and 16, got keys {sorted(answer)}")
     for budget in (4, 8, 16):
         run = replay(budget)
-        assert steps[budget] == run.steps, f"steps with budget {budget}"
-        assert util[budget] == pytest.approx(100 * run.utilisation, abs=0.5), f"utilisation with budget {budget}"
+        where = f"the last line of python -m demos.demo_scheduler_timeline --budget {budget}"
+        check(steps[budget] == run.steps, f"STEPS_BY_BUDGET[{budget}]: the steps figure of {where}")
+        check(util[budget] == pytest.approx(100 * run.utilisation, abs=0.5),
+              f"UTILISATION_BY_BUDGET[{budget}]: the mean budget utilisation (a percent) of {where}")
         mean_ttft = sum(run.ttft.values()) / len(run.ttft)
-        assert ttft[budget] == pytest.approx(mean_ttft, abs=0.005), f"mean steps to first token with budget {budget}"
+        check(ttft[budget] == pytest.approx(mean_ttft, abs=0.005),
+              f"MEAN_TTFT_BY_BUDGET[{budget}]: the mean steps to first token of {where}")
 
 
 def test_phase4_chunk(answers: ModuleType) -> None:
     base, big = replay(chunk=4), replay(chunk=16)
     earlier = [r for r in base.ttft if big.ttft[r] < base.ttft[r]]
-    assert sorted(given(answers, "EARLIER_WITH_CHUNK_16")) == sorted(earlier)
-    assert given(answers, "STEPS_WITH_CHUNK_16") == big.steps
+    check(sorted(given(answers, "EARLIER_WITH_CHUNK_16")) == sorted(earlier),
+          "EARLIER_WITH_CHUNK_16: compare each request's steps from arrival to first token (its row of the "
+          "timeline) with --chunk 16 and with the default; keep the ones that drop")
+    check(given(answers, "STEPS_WITH_CHUNK_16") == big.steps,
+          "STEPS_WITH_CHUNK_16: the steps figure on the last line of the --chunk 16 run")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import ModuleType
 
 import torch
-from given import call, given
+from given import call, check, given
 from helpers import make_model, make_request
 
 from cb_lab.core.block_pool import BlockPool
@@ -27,9 +27,12 @@ def test_phase5_paged_blocks(answers: ModuleType) -> None:
     sched.run_until_complete()
     cache = req.kv_cache
     assert isinstance(cache, PagedKVCache) and cache.pool is not None
-    assert given(answers, "PAGED_LEN_AT_FINISH") == len(cache)
-    assert given(answers, "PAGED_BLOCKS_AT_FINISH") == cache.num_blocks_used
-    assert given(answers, "PRIVATE_POOL_BLOCKS") == cache.pool.num_blocks
+    check(given(answers, "PAGED_LEN_AT_FINISH") == len(cache),
+          "PAGED_LEN_AT_FINISH: the layout does not change the rows; phase 1 says what a finished request holds")
+    check(given(answers, "PAGED_BLOCKS_AT_FINISH") == cache.num_blocks_used,
+          "PAGED_BLOCKS_AT_FINISH: blocks of 3 rows, only the last one partly filled")
+    check(given(answers, "PRIVATE_POOL_BLOCKS") == cache.pool.num_blocks,
+          "PRIVATE_POOL_BLOCKS: a private pool starts with 4 blocks; read how BlockPool grows when it runs out")
 
 
 def test_phase5_block_tables(answers: ModuleType) -> None:
@@ -41,8 +44,12 @@ def test_phase5_block_tables(answers: ModuleType) -> None:
     table_a = list(a.block_table)
     a.release()
     b.append(*rows(4))
-    assert given(answers, "TABLE_A_BEFORE_RELEASE") == table_a
-    assert given(answers, "TABLE_B_AT_END") == b.block_table
+    check(given(answers, "TABLE_A_BEFORE_RELEASE") == table_a,
+          "TABLE_A_BEFORE_RELEASE: allocate pops from the END of free_block_ids; follow the free list through "
+          "a's, b's and a's appends (a new block only when the last one is full)")
+    check(given(answers, "TABLE_B_AT_END") == b.block_table,
+          "TABLE_B_AT_END: release pushes a's blocks back on the end of the free list, in what order? "
+          "and which come off first?")
 
 
 def test_phase5_dense_capacity(answers: ModuleType) -> None:
@@ -50,8 +57,10 @@ def test_phase5_dense_capacity(answers: ModuleType) -> None:
     for i in range(40):
         one_by_one.append(*rows(1, seed=i))
     at_once.append(*rows(40))
-    assert given(answers, "DENSE_CAPACITY_40_ONE_BY_ONE") == one_by_one.capacity
-    assert given(answers, "DENSE_CAPACITY_40_AT_ONCE") == at_once.capacity
+    rule = "the first buffer holds max(initial_capacity, rows); a full one grows to max(needed, 2 * capacity)"
+    check(given(answers, "DENSE_CAPACITY_40_ONE_BY_ONE") == one_by_one.capacity,
+          f"DENSE_CAPACITY_40_ONE_BY_ONE: {rule}; follow it one row at a time")
+    check(given(answers, "DENSE_CAPACITY_40_AT_ONCE") == at_once.capacity, f"DENSE_CAPACITY_40_AT_ONCE: {rule}")
 
 
 def test_phase5_slot_of(answers: ModuleType) -> None:
@@ -68,9 +77,8 @@ def test_phase5_slot_of(answers: ModuleType) -> None:
         for c, cache in enumerate(caches):
             for p in range(len(cache)):
                 slot = call(answers, "slot_of", p, list(cache.block_table), block_size)
-                assert isinstance(slot, int), f"slot_of should return an int, got {type(slot).__name__}"
-                assert 0 <= slot < flat_k.shape[0], f"slot {slot} is outside the pool (block_size {block_size})"
-                got = flat_k[slot, 0].item()
-                assert got == 100 * c + p, (
-                    f"block_size {block_size}, block_table {cache.block_table}: position {p} is not at slot {slot}"
-                )
+                check(isinstance(slot, int), f"slot_of should return an int, got {type(slot).__name__}")
+                check(0 <= slot < flat_k.shape[0], f"slot {slot} is outside the pool (block_size {block_size})")
+                check(flat_k[slot, 0].item() == 100 * c + p,
+                      f"slot_of({p}, {cache.block_table}, {block_size}): position {p} is not at slot {slot}; which "
+                      "entry of the block table holds it, and at which offset in that block?")

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from given import call, given
+from given import call, check, given
 from helpers import TOL, make_model, make_request
 
 from cb_lab.core.kv_cache import DenseKVCache
@@ -34,24 +34,27 @@ def test_phase7_oracle(answers: ModuleType) -> None:
     model, reqs, _ = finished_run(budget=5, chunk=2)
     for req in reqs:
         got = call(answers, "oracle_of", model, req.prompt, list(req.generated_tokens))
-        assert tuple(got.shape) == (req.max_new_tokens, req.dim), f"{req.req_id}: expected one row per token"
-        torch.testing.assert_close(got, naive_tokens(model, req), **TOL)  # the library's oracle
-        torch.testing.assert_close(got, torch.stack(req.generated_tokens), **TOL)  # and what the batched run made
+        check(tuple(got.shape) == (req.max_new_tokens, req.dim), "oracle_of: one [D] row per generated token")
+        check(torch.allclose(got, naive_tokens(model, req), **TOL),  # the library's oracle
+              "oracle_of: the output row of the dense forward at position L - 1 + i is generated token i + 1; "
+              "which rows do you feed it (the last generated token is never fed back)?")
+        check(torch.allclose(got, torch.stack(req.generated_tokens), **TOL),  # and what the batched run made
+              "oracle_of: your rows differ from the tokens of a batched run")
 
 
 def test_phase7_within_budget(answers: ModuleType) -> None:
     for budget, chunk in [(1, 1), (3, 2), (8, 4)]:
         _, _, history = finished_run(budget, chunk)
-        assert call(answers, "within_budget", history, budget) is True, f"a real run at budget {budget}"
+        check(call(answers, "within_budget", history, budget) is True,
+              f"within_budget: a real run at budget {budget} keeps to it (return True or False, a bool)")
         busiest = max(s["total_tokens"] for s in history)
-        assert call(answers, "within_budget", history, busiest - 1) is False, (
-            f"the budget {busiest - 1} is below the busiest step ({busiest} tokens)"
-        )
+        check(call(answers, "within_budget", history, busiest - 1) is False,
+              f"within_budget: with the budget {busiest - 1}, the run's busiest step ({busiest} tokens) is over it")
     _, _, history = finished_run(8, 4)
     over = [dict(s) for s in history]
     over[-1].update(decode_tokens=9, total_tokens=9 + over[-1]["prefill_tokens"])  # one step over, at the end
-    assert call(answers, "within_budget", over, 8) is False, "the last step ran more than 8 tokens"
-    assert call(answers, "within_budget", [], 8) is True, "no steps, no violation"
+    check(call(answers, "within_budget", over, 8) is False, "within_budget: the last step ran more than 8 tokens")
+    check(call(answers, "within_budget", [], 8) is True, "within_budget: no steps, no violation")
 
 
 class FaultyModel:
@@ -91,8 +94,11 @@ def test_phase7_fault(answers: ModuleType) -> None:
     clean_steps, _, clean_tokens = steps_taken(model)
     faulty_steps, after_fault, faulty_tokens = steps_taken(FaultyModel(model, fail_call=2))
     assert after_fault is not None
-    assert given(answers, "STEP_ID_AFTER_FAULT") == after_fault
-    assert given(answers, "EXTRA_STEPS") == faulty_steps - clean_steps
+    check(given(answers, "STEP_ID_AFTER_FAULT") == after_fault,
+          "STEP_ID_AFTER_FAULT: a step whose compute raises writes nothing; is step_id written before or after "
+          "the compute? (Scheduler.step and commit)")
+    check(given(answers, "EXTRA_STEPS") == faulty_steps - clean_steps,
+          "EXTRA_STEPS: the failed step changed nothing, so what does the next step() run?")
     assert all(torch.equal(a, b) for a, b in zip(clean_tokens, faulty_tokens, strict=True))
 
 
@@ -118,8 +124,10 @@ BAD_CALLS: dict[str, Callable[[], object]] = {
 
 def test_phase7_bad_inputs(answers: ModuleType) -> None:
     named = given(answers, "EXCEPTIONS")
-    assert set(named) == set(BAD_CALLS), f"name one exception for each of {sorted(BAD_CALLS)}"
+    check(set(named) == set(BAD_CALLS), f"EXCEPTIONS: name one exception for each of {sorted(BAD_CALLS)}")
     for key, bad_call in BAD_CALLS.items():
         with pytest.raises(CBLabException) as info:
             bad_call()
-        assert named[key] == type(info.value).__name__, f"{key}: that call raises {type(info.value).__name__}"
+        check(named[key] == type(info.value).__name__,
+              f"EXCEPTIONS[{key!r}]: find the check that refuses this call (the constructor, add_request or "
+              "append) and the class it raises; cb_lab/exceptions.py lists them")

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from given import call, given
+from given import call, check, given
 from helpers import TOL, make_model, make_request
 
 from cb_lab.core.executor import SplitExecutor
@@ -35,8 +35,11 @@ def calls_of_one_step(executor: str, num_decode: int, chunk_rows: list[int]) -> 
 
 
 def test_phase9_calls(answers: ModuleType) -> None:
-    assert given(answers, "CALLS_SPLIT") == calls_of_one_step("split", 5, [4, 4])
-    assert given(answers, "CALLS_FUSED") == calls_of_one_step("fused", 5, [4, 4])
+    check(given(answers, "CALLS_SPLIT") == calls_of_one_step("split", 5, [4, 4]),
+          "CALLS_SPLIT: the split executor runs all of a step's prefill chunks in one call; how many calls do "
+          "its decode tokens take?")
+    check(given(answers, "CALLS_FUSED") == calls_of_one_step("fused", 5, [4, 4]),
+          "CALLS_FUSED: the fused executor puts every row of the step in one flat batch")
 
 
 def test_phase9_weight_bytes(answers: ModuleType) -> None:
@@ -44,7 +47,9 @@ def test_phase9_weight_bytes(answers: ModuleType) -> None:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # the four [D, D] matrices
     for name, executor in (("WEIGHT_BYTES_SPLIT", "split"), ("WEIGHT_BYTES_FUSED", "fused")):
         calls = calls_of_one_step(executor, 32, [])  # the calls do not depend on dim
-        assert given(answers, name) == calls * weight_bytes, name
+        check(given(answers, name) == calls * weight_bytes,
+              f"{name}: the model calls of that step x the bytes of the four [1024, 1024] float32 matrices "
+              "(4 bytes a value), which every call reads once")
 
 
 def test_phase9_split_output(answers: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -74,11 +79,16 @@ def test_phase9_split_output(answers: ModuleType, monkeypatch: pytest.MonkeyPatc
         lengths = [c.length for c in plan.prefill]
         decode_out, chunk_out = call(answers, "split_fused_output", out, len(plan.decode), lengths)
         decode_k, chunk_k = call(answers, "split_fused_output", k, len(plan.decode), lengths)
-        torch.testing.assert_close(decode_out, torch.stack([o.token for o in split.decode]), **TOL)
-        torch.testing.assert_close(decode_k, torch.cat([o.k for o in split.decode]), **TOL)
-        assert len(chunk_out) == len(chunk_k) == len(plan.prefill)
+        layout = "the fused batch is the decode rows first, then each prefill chunk's rows, in plan order"
+        check(same(decode_out, torch.stack([o.token for o in split.decode])), f"split_fused_output: {layout}")
+        check(same(decode_k, torch.cat([o.k for o in split.decode])), f"split_fused_output: {layout}")
+        check(len(chunk_out) == len(chunk_k) == len(plan.prefill), "split_fused_output: one tensor per prefill chunk")
         for chunk, rows_out, rows_k, want in zip(plan.prefill, chunk_out, chunk_k, split.prefill):
-            torch.testing.assert_close(rows_k, want.k, **TOL)
+            check(same(rows_k, want.k), f"split_fused_output: a chunk's rows; {layout}")
             if chunk.completes_prompt:  # its last row is the request's first token
                 assert want.token is not None
-                torch.testing.assert_close(rows_out[-1], want.token, **TOL)
+                check(same(rows_out[-1], want.token), f"split_fused_output: a chunk's rows; {layout}")
+
+
+def same(got: torch.Tensor, want: torch.Tensor) -> bool:
+    return isinstance(got, torch.Tensor) and got.shape == want.shape and torch.allclose(got, want, **TOL)

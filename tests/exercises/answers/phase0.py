@@ -1,4 +1,4 @@
-"""Phase 0 (docs/learning_materials/phase0_setup.md): your answers. Check: pytest tests/exercises -k phase0"""
+"""Phase 0 (docs/learning_materials/phase0_setup.md): your answers. Check: make check PHASE=0"""
 
 from __future__ import annotations
 

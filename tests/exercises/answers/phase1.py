@@ -1,4 +1,4 @@
-"""Phase 1 (docs/learning_materials/phase1_prefill.md): your answers. Check: pytest tests/exercises -k phase1"""
+"""Phase 1 (docs/learning_materials/phase1_prefill.md): your answers. Check: make check PHASE=1"""
 
 from __future__ import annotations
 

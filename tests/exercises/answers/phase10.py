@@ -1,4 +1,4 @@
-"""Phase 10 (docs/learning_materials/phase10_block_pool.md): your answers. Check: pytest tests/exercises -k phase10"""
+"""Phase 10 (docs/learning_materials/phase10_block_pool.md): your answers. Check: make check PHASE=10"""
 
 from __future__ import annotations
 

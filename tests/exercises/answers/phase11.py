@@ -1,4 +1,4 @@
-"""Phase 11 (docs/learning_materials/phase11_serving.md): your answers. Check: pytest tests/exercises -k phase11"""
+"""Phase 11 (docs/learning_materials/phase11_serving.md): your answers. Check: make check PHASE=11"""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Phase 12 (docs/learning_materials/phase12_static_vs_continuous.md): your answers.
 
-Check: pytest tests/exercises -k phase12
+Check: make check PHASE=12
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Phase 13 (docs/learning_materials/phase13_prefix_caching.md): your answers.
 
-Check: pytest tests/exercises -k phase13
+Check: make check PHASE=13
 """
 
 from __future__ import annotations

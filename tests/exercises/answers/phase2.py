@@ -1,4 +1,4 @@
-"""Phase 2 (docs/learning_materials/phase2_ragged.md): your answers. Check: pytest tests/exercises -k phase2"""
+"""Phase 2 (docs/learning_materials/phase2_ragged.md): your answers. Check: make check PHASE=2"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Phase 3 (docs/learning_materials/phase3_mix.md): your answers. Check: pytest tests/exercises -k phase3"""
+"""Phase 3 (docs/learning_materials/phase3_mix.md): your answers. Check: make check PHASE=3"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Phase 4 (docs/learning_materials/phase4_timeline.md): your answers. Check: pytest tests/exercises -k phase4"""
+"""Phase 4 (docs/learning_materials/phase4_timeline.md): your answers. Check: make check PHASE=4"""
 
 from __future__ import annotations
 

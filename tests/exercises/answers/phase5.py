@@ -1,4 +1,4 @@
-"""Phase 5 (docs/learning_materials/phase5_kv.md): your answers. Check: pytest tests/exercises -k phase5"""
+"""Phase 5 (docs/learning_materials/phase5_kv.md): your answers. Check: make check PHASE=5"""
 
 from __future__ import annotations
 

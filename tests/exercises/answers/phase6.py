@@ -1,4 +1,4 @@
-"""Phase 6 (docs/learning_materials/phase6_attention.md): your answers. Check: pytest tests/exercises -k phase6"""
+"""Phase 6 (docs/learning_materials/phase6_attention.md): your answers. Check: make check PHASE=6"""
 
 from __future__ import annotations
 

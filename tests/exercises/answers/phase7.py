@@ -1,4 +1,4 @@
-"""Phase 7 (docs/learning_materials/phase7_tests.md): your answers. Check: pytest tests/exercises -k phase7"""
+"""Phase 7 (docs/learning_materials/phase7_tests.md): your answers. Check: make check PHASE=7"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Phase 8 (docs/learning_materials/phase8_exploration.md): your answers. Check: pytest tests/exercises -k phase8"""
+"""Phase 8 (docs/learning_materials/phase8_exploration.md): your answers. Check: make check PHASE=8"""
 
 from __future__ import annotations
 

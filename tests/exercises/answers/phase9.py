@@ -1,4 +1,4 @@
-"""Phase 9 (docs/learning_materials/phase9_fused_step.md): your answers. Check: pytest tests/exercises -k phase9"""
+"""Phase 9 (docs/learning_materials/phase9_fused_step.md): your answers. Check: make check PHASE=9"""
 
 from __future__ import annotations
 
