@@ -38,6 +38,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cb_lab.model.registry import DEFAULT_MODEL, model_file
 from tests.test_doc_commands import entry_point
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +54,7 @@ class Run:
     command: str
     quotes: tuple[str, ...] = ()
     bounds: tuple[tuple[str, float], ...] = ()  # (regex whose group 1 is a number, limit)
+    real_model: bool = False  # runs SmolLM2 (make model): skipped where it is not installed
 
 
 def oracle(label: str) -> tuple[str, float]:
@@ -243,6 +245,15 @@ FIGURES: dict[str, list[Run]] = {
             "machine's clock",
         )),
     ],
+    "phase14_real_model": [
+        Run("python -m demos.demo_real_model --quick", real_model=True, quotes=(
+            "smollm2-135m-instruct: loaded in ... s; 6 questions, budget 128 tokens/step, prefix caching on",
+            "[q0] What is the capital of France?  (arrived at step 0; 45 prompt tokens)",
+            "8 tokens (stop)",
+            "prefix cache: 96 of 265 prompt tokens not computed again (the shared system prompt)",
+        )),
+        Run("python -m demos.demo_real_model --quick --no-prefix-caching", real_model=True, quotes=("0 of 265",)),
+    ],
     "phase13_prefix_caching": [
         Run("python -m demos.demo_prefix_caching --quick", quotes=(
             "8 requests: a 48-token system prompt + 4..12 tokens each, two arriving per step; blocks of 8 tokens",
@@ -274,6 +285,7 @@ NOT_OUTPUT: dict[str, set[str]] = {
     "phase3_mix": {"g1..g6"},
     "phase4_timeline": {"e 0:2", "2:6", "6:10", "10:11"},  # e's chunks, read off its row
     "phase7_tests": {"{1}", "{2}", "{3, 4}", "{2, 5, 7}", "scheduler/init-max_tokens_per_step=0"},  # test ids
+    "phase14_real_model": {f"q{i}" for i in range(6)},  # the demo's request ids, named in the prose
 }
 
 
@@ -351,6 +363,8 @@ def twins(page: str) -> list[Path]:
 
 @pytest.mark.parametrize(("page", "run"), CASES, ids=[f"{p}: {r.command}" for p, r in CASES])
 def test_the_page_quotes_what_the_run_prints(page: str, run: Run) -> None:
+    if run.real_model and model_file(DEFAULT_MODEL) is None:
+        pytest.skip(f"{DEFAULT_MODEL} is not installed: make model")
     for path in twins(page):
         spans = page_spans(path)
         missing = [q for q in run.quotes if normal(q) not in spans]

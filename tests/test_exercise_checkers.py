@@ -85,7 +85,7 @@ def one_thread() -> Iterator[None]:
 
 
 def test_every_phase_has_answers_to_check() -> None:
-    assert PHASES == list(range(14)) and all(answer_names(p) for p in PHASES)
+    assert PHASES == list(range(15)) and all(answer_names(p) for p in PHASES)
 
 
 @pytest.mark.parametrize(("phase", "name"), CASES, ids=[f"phase{p}-{n}" for p, n in CASES])

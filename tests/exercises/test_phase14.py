@@ -12,7 +12,7 @@ from types import ModuleType
 
 import pytest
 import torch
-from given import call, given
+from given import call, check, given
 
 from cb_lab.core.kv_cache import PagedKVCache
 from cb_lab.core.request import Request
@@ -30,11 +30,6 @@ PHASE = "phase14"
 SMOLLM2 = LlamaConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536,
                       rope_theta=100_000.0, norm_eps=1e-5, max_position=8192, head_dim=64)
 SMALL = LlamaConfig(vocab_size=300, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=48)
-
-
-def expect(ok: bool, hint: str) -> None:
-    """Fail with ``hint`` (what to reconsider), never with the expected value."""
-    assert ok, hint
 
 
 def smollm2_engine(config: EngineConfig) -> LLMEngine:
@@ -58,7 +53,7 @@ def test_phase14_kv_bytes(answers: ModuleType) -> None:
     for name, dtype in (("KV_BYTES_PER_TOKEN", "float32"), ("KV_BYTES_PER_TOKEN_BF16", "bfloat16")):
         pool = smollm2_engine(EngineConfig(num_blocks=1, block_size=1, dtype=dtype)).pool
         per_token = pool.key_cache.nbytes + pool.value_cache.nbytes  # one block of one token
-        expect(given(answers, name) == per_token, f"{name}: count what one token stores (keys AND values, of which "
+        check(given(answers, name) == per_token, f"{name}: count what one token stores (keys AND values, of which "
                                                   f"heads, in how many layers) and the bytes of a {dtype} number")
 
 
@@ -74,10 +69,10 @@ def blocks_held(prompt_len: int, max_tokens: int, block_size: int) -> int:
 
 def test_phase14_blocks(answers: ModuleType) -> None:
     pool = smollm2_engine(EngineConfig()).pool
-    expect(given(answers, "POOL_BLOCKS_DEFAULT") == pool.num_blocks,
+    check(given(answers, "POOL_BLOCKS_DEFAULT") == pool.num_blocks,
            "POOL_BLOCKS_DEFAULT: 64 MB is 64 * 2**20 bytes; a block holds 16 tokens; round down")
     for name, prompt_len, max_tokens in (("BLOCKS_45_PROMPT_48_TOKENS", 45, 48), ("BLOCKS_40_PROMPT_9_TOKENS", 40, 9)):
-        expect(given(answers, name) == blocks_held(prompt_len, max_tokens, 16),
+        check(given(answers, name) == blocks_held(prompt_len, max_tokens, 16),
                f"{name}: which tokens' K/V does the cache hold at the end? Is the last generated token ever fed back?")
 
 
@@ -99,9 +94,9 @@ def saved(arrive_together: bool) -> int:
 
 
 def test_phase14_prefix_saving(answers: ModuleType) -> None:
-    expect(given(answers, "SAVED_ONE_PER_STEP") == saved(arrive_together=False),
+    check(given(answers, "SAVED_ONE_PER_STEP") == saved(arrive_together=False),
            "SAVED_ONE_PER_STEP: which blocks of the system prompt are full? Who computes them, who finds them cached?")
-    expect(given(answers, "SAVED_ALL_AT_ONCE") == saved(arrive_together=True),
+    check(given(answers, "SAVED_ALL_AT_ONCE") == saved(arrive_together=True),
            "SAVED_ALL_AT_ONCE: when is a block cached: when it is planned, or after the step that fills it?")
 
 
@@ -110,6 +105,6 @@ def test_phase14_rows(answers: ModuleType) -> None:
         stored = torch.arange(head_dim)[:, None]  # one head; each stored row holds its own index
         hf_order = unpermute_rotary_rows(stored, n_heads=1)[:, 0].tolist()  # HF row i <- stored row hf_order[i]
         for hf, row in enumerate(hf_order):
-            expect(call(answers, "hf_row", row, head_dim) == hf,
+            check(call(answers, "hf_row", row, head_dim) == hf,
                    f"hf_row(stored_row, {head_dim}): rows 2j and 2j + 1 are a rotated pair in llama.cpp; which "
                    f"pair is that in HF's order (dims j and j + head_dim / 2)?")
