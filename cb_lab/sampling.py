@@ -103,9 +103,7 @@ def sample_batch(logits: torch.Tensor, params: Sequence[SamplingParams], req_ids
     chosen = [params[r] for r in sampled]
     temperature = torch.tensor([p.temperature for p in chosen], device=logits.device)
     scores = logits[rows].float() / temperature[:, None]  # [S, V]
-    scores = _top_k(scores, [p.top_k for p in chosen])
-    if any(p.top_p < 1 for p in chosen):
-        scores = _top_p(scores, torch.tensor([p.top_p for p in chosen], device=logits.device))
+    scores = _cut(scores, [p.top_k for p in chosen], [p.top_p for p in chosen])
     cdf = torch.softmax(scores, dim=-1).cumsum(-1)  # [S, V]
     draws = torch.cat([torch.rand(1, generator=params[r].generator(req_ids[r], indices[r])) for r in sampled])
     # The first id whose cumulative probability passes the draw (clamped: the last cdf value may round below 1).
@@ -114,20 +112,25 @@ def sample_batch(logits: torch.Tensor, params: Sequence[SamplingParams], req_ids
     return tokens
 
 
-def _top_k(scores: torch.Tensor, ks: list[int]) -> torch.Tensor:
-    """Keep each row's ``k`` best scores (``k = 0``: all); ``scores [S, V]``."""
+def _cut(scores: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """Each row of ``scores [S, V]`` cut to its ``top_k`` best ids (0: all), then to the smallest set of
+    those whose probability reaches its ``top_p``. Only a threshold value per row comes out of the
+    sorted candidates (``topk`` of the widest cut, not a sort of the whole vocabulary unless a row
+    asks for top-p alone), so what a row keeps depends on its own scores and params only."""
     vocab = scores.shape[1]
-    ks = [k if 0 < k < vocab else vocab for k in ks]
-    if min(ks) == vocab:
+    ks = [k if 0 < k < vocab else vocab for k in top_k]
+    has_cut = [k < vocab or p < 1 for k, p in zip(ks, top_p)]
+    if not any(has_cut):
         return scores
-    top = torch.topk(scores, max(ks), dim=-1).values  # [S, kmax], best first
-    kth = top.gather(1, torch.tensor(ks, device=scores.device)[:, None] - 1)  # [S, 1]: each row's k-th best
-    return scores.masked_fill(scores < kth, float("-inf"))
-
-
-def _top_p(scores: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Keep each row's smallest set of best ids whose probability reaches ``top_p [S]``."""
-    ordered, order = torch.sort(scores, dim=-1, descending=True)
-    probs = torch.softmax(ordered, dim=-1)
-    beyond = probs.cumsum(-1) - probs >= top_p[:, None]  # the ids after the nucleus is complete
-    return scores.scatter(1, order, ordered.masked_fill(beyond, float("-inf")))
+    width = max(k for k, cut in zip(ks, has_cut) if cut)
+    best = torch.topk(scores, width, dim=-1).values  # [S, width], best first
+    k = torch.tensor(ks, device=scores.device).clamp(max=width)[:, None]
+    p = torch.tensor([q if q < 1 else math.inf for q in top_p], device=scores.device)[:, None]
+    position = torch.arange(width, device=scores.device)[None, :]
+    best = best.masked_fill(position >= k, float("-inf"))  # the row's own top-k
+    probs = torch.softmax(best, dim=-1)
+    beyond = (probs.cumsum(-1) - probs >= p) | (position >= k)  # after the nucleus is complete, or past k
+    kept = (~beyond).sum(-1, keepdim=True)  # >= 1: the best id is never beyond
+    threshold = best.gather(1, kept - 1)  # [S, 1]: the last value kept
+    threshold = threshold.masked_fill(~torch.tensor(has_cut, device=scores.device)[:, None], float("-inf"))
+    return scores.masked_fill(scores < threshold, float("-inf"))

@@ -135,7 +135,7 @@ def _gather(workspace: GatherWorkspace | None, name: str, cache: torch.Tensor, b
 
 # A bucket is worth its own gather and attention call when it saves this many padding blocks per row set:
 # below it, the extra calls (a few per layer) cost more than attending over the padding.
-BUCKET_OVERHEAD_BLOCKS = 8
+BUCKET_OVERHEAD_BLOCKS = 32
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,7 @@ from cb_lab.model.checkpoint import save_llama
 from cb_lab.model.llama import LlamaModel
 from cb_lab.model.llama_config import LlamaConfig
 from cb_lab.model.tokenizer import ByteTokenizer
-from cb_lab.sampling import SamplingParams
+from cb_lab.sampling import SamplingParams, sample_batch
 
 __all__ = ["add_parser"]
 
@@ -166,11 +166,32 @@ def bench(args: argparse.Namespace, dim: int, layers: int, num_prompts: int, new
           f"(attention, gathers, sampling, scheduler bookkeeping) {ours.seconds - proj:.2f} s\n")
 
 
+def sampling_seconds(rows: int, vocab: int, params: SamplingParams, device: torch.device) -> float:
+    """Seconds for ``sample_batch`` of ``rows`` logits rows by ``params`` (median of 5)."""
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)).to(device)
+    ids, indices = [f"r{i}" for i in range(rows)], [0] * rows
+    times = []
+    for _ in range(5):
+        start = now(device)
+        sample_batch(logits, [params] * rows, ids, indices)
+        times.append(now(device) - start)
+    return statistics.median(times)
+
+
+def bench_sampling(rows: int, vocab: int, device: torch.device) -> None:
+    greedy = sampling_seconds(rows, vocab, SamplingParams(temperature=0.0), device)
+    cut = sampling_seconds(rows, vocab, SamplingParams(temperature=0.8, top_k=50, top_p=0.9, seed=1), device)
+    print(f"sampling {rows} rows of {vocab:,} logits: greedy {greedy * 1e3:.2f} ms, temperature + top-k 50 + "
+          f"top-p 0.9 {cut * 1e3:.2f} ms ({ratio(cut, greedy):.1f}x greedy)")
+
+
 def llama_main(args: argparse.Namespace) -> int:
     print(f"cb-lab bench llama: torch {torch.__version__}, {torch.get_num_threads()} threads, seed {args.seed}, "
           f"device {args.device}\n")
     for dim, layers, num_prompts, new in args.configs:
         bench(args, dim, layers, num_prompts, new)
+    for vocab in (258, 49_152):  # the byte tokenizer's vocabulary, and SmolLM2's
+        bench_sampling(args.configs[0][2], vocab, args.device)
     return 0
 
 

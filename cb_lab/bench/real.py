@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -34,6 +35,7 @@ import torch
 from cb_lab.bench.common import ratio
 from cb_lab.bench.llama import Row, matmul_rate
 from cb_lab.engine import EngineConfig, LLMEngine
+from cb_lab.model.checkpoint import load_llama
 from cb_lab.model.gguf import convert_gguf
 from cb_lab.model.registry import DEFAULT_MODEL, MODELS, default_cache_dir, model_file
 from cb_lab.sampling import SamplingParams
@@ -205,6 +207,25 @@ def bench_workload(name: str, engine: LLMEngine, hf: Any, prompts: list[list[int
     report(name, rows, ours, floor)
 
 
+def load_times(gguf: Path) -> None:
+    """Seconds to load the model: converting the GGUF into an empty cache folder, then from that
+    folder, and HF transformers reading the GGUF itself."""
+    import transformers
+
+    with tempfile.TemporaryDirectory() as cache:
+        start = time.perf_counter()
+        load_llama(gguf, cache_dir=cache)
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        load_llama(gguf, cache_dir=cache)
+        later = time.perf_counter() - start
+    start = time.perf_counter()
+    transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    hf = time.perf_counter() - start
+    print(f"loading: first load {first:.1f} s (the GGUF converted into a cache folder), later loads {later:.1f} s; "
+          f"HF transformers from the GGUF {hf:.1f} s\n")
+
+
 def real_main(args: argparse.Namespace) -> int:
     import transformers
 
@@ -226,6 +247,8 @@ def real_main(args: argparse.Namespace) -> int:
     print(f"cb-lab bench real: {DEFAULT_MODEL} (float32), torch {torch.__version__}, {torch.get_num_threads()} "
           f"threads; {len(prompts)} chat prompts of {min(map(len, prompts))}..{max(map(len, prompts))} tokens; "
           f"cb-lab budget {args.budget}, chunk {args.chunk}; loaded in {time.perf_counter() - start:.1f} s\n")
+    if not args.quick:  # two more loads and HF's own: seconds the quick run does not need
+        load_times(gguf)
     warm = SamplingParams(max_tokens=2, temperature=0.0)
     with torch.no_grad():
         engine.generate(prompts[:2], warm, progress=False)  # warm-ups, untimed
