@@ -165,6 +165,8 @@ class LLMEngine:
         before it is queued: a ``ValidationError`` leaves the engine as it was."""
         (prompt,) = as_prompts([prompt])
         (params,) = as_params(sampling_params, 1)
+        if prompt == "":
+            raise ValidationError("the prompt is empty text; give some text (a BOS alone is not a prompt)")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise ValidationError(f"prompt {prompt!r} has no tokens; give at least one")

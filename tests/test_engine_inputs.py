@@ -40,7 +40,7 @@ def untouched(engine: LLMEngine) -> bool:
     (["hi"], {"max_tokens": 3}, "must be a SamplingParams"), (["hi"], "greedy", "must be a SamplingParams"),
     (["hi", "yo"], [GREEDY], "1 sampling params for 2 prompts"),
     (["hi"], SamplingParams(max_tokens=4, stop_token_ids=(258,)), "stop_token_ids of req-.*: token id 258"),
-    (["a\udcff"], GREEDY, "invalid character"),
+    (["a\udcff"], GREEDY, "invalid character"), (["ok", ""], GREEDY, "the prompt is empty text"),
     (["x" * 20], SamplingParams(max_tokens=60), "need 20 KV blocks but the pool has 16"),
     (["x"], SamplingParams(max_tokens=5000), "exceed the model's context of 2048"),
 ])
