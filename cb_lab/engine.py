@@ -30,7 +30,7 @@ from cb_lab.core.kv_cache import PagedKVCache
 from cb_lab.core.request import Request
 from cb_lab.core.scheduler import EXECUTORS, Scheduler
 from cb_lab.detokenizer import IncrementalDetokenizer
-from cb_lab.engine_inputs import Prompt, as_params, as_prompts, check_ids
+from cb_lab.engine_inputs import Prompt, as_params, as_prompt, as_prompts, check_ids
 from cb_lab.exceptions import CBLabException, ConfigurationError, ValidationError
 from cb_lab.model.chat import Message
 from cb_lab.model.checkpoint import load_llama
@@ -163,7 +163,7 @@ class LLMEngine:
                     request_id: str | None = None) -> str:
         """Queue one prompt (text, or token ids); returns its request id. Everything is checked
         before it is queued: a ``ValidationError`` leaves the engine as it was."""
-        (prompt,) = as_prompts([prompt])
+        prompt = as_prompt(prompt)
         (params,) = as_params(sampling_params, 1)
         if prompt == "":
             raise ValidationError("the prompt is empty text; give some text (a BOS alone is not a prompt)")

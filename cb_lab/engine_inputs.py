@@ -14,7 +14,7 @@ from typing import Any
 from cb_lab.exceptions import ValidationError
 from cb_lab.sampling import SamplingParams
 
-__all__ = ["Prompt", "as_params", "as_prompts", "check_ids"]
+__all__ = ["Prompt", "as_params", "as_prompt", "as_prompts", "check_ids"]
 
 Prompt = str | Sequence[int]
 
@@ -41,12 +41,16 @@ def as_prompts(prompts: Any) -> list[Prompt]:
     if not isinstance(prompts, Sequence) or isinstance(prompts, (bytes, bytearray)):
         raise ValidationError(f"prompts must be text, a list of int token ids, or a list of those; "
                               f"got {_show(prompts)}")
-    for i, prompt in enumerate(prompts):
-        if isinstance(prompt, Mapping):
-            raise ValidationError(f"prompt {i} is a dict ({prompt!r:.60}); chat messages go to LLMEngine.chat")
-        if not (isinstance(prompt, str) or _is_ids(prompt)):
-            raise ValidationError(f"prompt {i} must be text or a list of int token ids, got {_show(prompt)}")
-    return [p if isinstance(p, str) else list(p) for p in prompts]
+    return [as_prompt(p, f"prompt {i}") for i, p in enumerate(prompts)]
+
+
+def as_prompt(prompt: Any, what: str = "the prompt") -> Prompt:
+    """One prompt: text, or a list of int token ids (as a new list)."""
+    if isinstance(prompt, Mapping):
+        raise ValidationError(f"{what} is a dict ({prompt!r:.60}); chat messages go to LLMEngine.chat")
+    if not (isinstance(prompt, str) or _is_ids(prompt)):
+        raise ValidationError(f"{what} must be text or a list of int token ids, got {_show(prompt)}")
+    return prompt if isinstance(prompt, str) else list(prompt)
 
 
 def as_params(params: Any, count: int) -> list[SamplingParams]:

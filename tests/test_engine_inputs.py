@@ -54,6 +54,13 @@ def test_bad_input_is_named_and_leaves_the_engine_usable(engine: LLMEngine, prom
     assert engine.generate(["ok"], GREEDY)[0].token_ids == want
 
 
+def test_add_request_takes_one_prompt_and_nothing_else(engine: LLMEngine) -> None:
+    for bad in (5, None, [1.5], {"role": "user", "content": "hi"}, b"hi"):
+        with pytest.raises(ValidationError, match="the prompt"):
+            engine.add_request(bad)  # type: ignore[arg-type]
+        assert untouched(engine)
+
+
 def test_bad_constructor_arguments_are_named() -> None:
     with pytest.raises(ConfigurationError, match="takes a LlamaModel.*from_pretrained"):
         LLMEngine("path/to/model")  # type: ignore[arg-type]
