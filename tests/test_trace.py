@@ -203,3 +203,33 @@ def test_prefix_hits_samples_and_copies_are_traced(tmp_path: Path) -> None:
     assert sum(s.kv_copies for s in trace.steps) == 0  # p.1 holds rows 0..5, three full blocks: nothing to copy
     trace.to_json(tmp_path / "t.json")
     assert TracePlugin.load_json(tmp_path / "t.json") == trace.steps
+
+
+def test_an_aborted_request_leaves_the_queues_at_the_next_step() -> None:
+    """Scheduler.abort calls no hook; the next step's trace says who went, and its queues are the scheduler's."""
+    sched, trace = traced(4, 4, max_num_seqs=1)
+    for req_id in "ABC":
+        sched.add_request(make_request(req_id, 3, 4, DIM))
+    sched.step()  # A runs, B and C wait
+    sched.abort("A")  # running
+    sched.abort("C")  # waiting
+    sched.step()
+    last = trace.steps[-1]
+    assert last.aborted == ("A", "C") and trace.steps[0].aborted == ()
+    assert last.running == tuple(r.req_id for r in sched.running) == ("B",)
+    assert last.waiting == tuple(r.req_id for r in sched.waiting) == ()
+    assert StepTrace.from_dict(json.loads(json.dumps(last.to_dict()))) == last
+
+
+def test_a_subclass_keeps_its_steps_elsewhere() -> None:
+    """``record`` is where a step goes: a bounded window here, a live page in cb_lab.live."""
+
+    class LastTwo(TracePlugin):
+        def record(self, step: StepTrace) -> None:
+            self.steps = [*self.steps[-1:], step]
+
+    sched, reference = traced(4, 4)
+    window = LastTwo()
+    sched.plugins.register_scheduler_plugin(window)
+    run_checked(sched, reference, hand_schedule())
+    assert window.steps == reference.steps[-2:] and len(reference.steps) > 2

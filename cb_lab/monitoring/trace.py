@@ -15,7 +15,8 @@ Timeline characters, one per step: ``' '`` not arrived yet (or finished), ``'.'`
 ``'x'`` preempted in this step (its K/V is gone; it waits again from the next step).
 
 Idle steps (nothing active) call no hook and do not advance ``step_id``: they leave no trace.
-``Scheduler.abort`` calls no hook either: an aborted request stays in the trace's queues.
+``Scheduler.abort`` calls no hook either: the next step's trace lists the requests aborted
+since the step before in ``aborted`` and drops them from its queues (a server's clients hang up).
 """
 
 from __future__ import annotations
@@ -38,11 +39,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TIMELINE_CHARS", "StepTrace", "TracePlugin", "load_trace", "request_timeline"]
+__all__ = ["TIMELINE_CHARS", "TRACE_FORMAT", "StepTrace", "TracePlugin", "load_trace", "request_timeline"]
 
 TIMELINE_CHARS = {" ": "not arrived / finished", ".": "waiting", "P": "prefill chunk", "D": "decode",
                   "-": "running, skipped", "x": "preempted"}
-_FORMAT = "cb_lab.trace/1"
+TRACE_FORMAT = "cb_lab.trace/1"  # the "format" of a trace file
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +69,7 @@ class StepTrace:
     prefix_hits: tuple[tuple[str, int], ...] = ()  # (req_id, prefill rows taken from cached blocks) of admissions
     kv_evictions: int = 0  # cached blocks evicted in the step
     kv_copies: int = 0  # copy-on-write copies made in the step
+    aborted: tuple[str, ...] = ()  # removed by Scheduler.abort since the step before (gone from the queues)
 
     @property
     def decode_tokens(self) -> int:
@@ -98,6 +100,7 @@ class StepTrace:
             padding_tokens=data["padding_tokens"], duration_s=data["duration_s"], arrived=tuple(data["arrived"]),
             prefix_hits=tuple((r, n) for r, n in data.get("prefix_hits", ())),
             kv_evictions=data.get("kv_evictions", 0), kv_copies=data.get("kv_copies", 0),
+            aborted=tuple(data.get("aborted", ())),
         )
 
 
@@ -121,8 +124,9 @@ def request_timeline(steps: Sequence[StepTrace]) -> dict[str, list[str]]:
 def load_trace(path: str | Path) -> list[StepTrace]:
     """Read a file written by :meth:`TracePlugin.to_json`."""
     data = json.loads(Path(path).read_text())
-    if not isinstance(data, dict) or data.get("format") != _FORMAT:
-        raise ValidationError(f"{path} is not a cb-lab trace (format {_FORMAT!r}); write one with TracePlugin.to_json")
+    if not isinstance(data, dict) or data.get("format") != TRACE_FORMAT:
+        raise ValidationError(f"{path} is not a cb-lab trace (format {TRACE_FORMAT!r}); write one with "
+                              "TracePlugin.to_json")
     return [StepTrace.from_dict(step) for step in data["steps"]]
 
 
@@ -144,6 +148,8 @@ class TracePlugin(SchedulerPlugin):
         self._plan: StepPlan | None = None
         self._finished: list[str] = []
         self._forked: list[str] = []
+        self._queued: dict[str, Request] = {}  # the requests in _waiting or _running, to see aborts
+        self._aborted: list[str] = []
 
     def _watch_pool(self, request: Request) -> None:
         cache = request.kv_cache
@@ -158,10 +164,18 @@ class TracePlugin(SchedulerPlugin):
         else:  # a sample forked by this step's commit: it joins running after the step's admissions
             self._forked.append(request.req_id)
         self._arrived.append(request.req_id)
+        self._queued[request.req_id] = request
         self._watch_pool(request)
 
     def before_step(self, plan: StepPlan) -> None:
         self._plan, self._finished = plan, []  # a step that failed in compute is simply planned again
+        gone = [req_id for req_id, req in self._queued.items() if req.aborted]
+        if gone:
+            self._waiting = [r for r in self._waiting if r not in gone]
+            self._running = [r for r in self._running if r not in gone]
+            self._aborted += gone
+            for req_id in gone:
+                del self._queued[req_id]
 
     def on_request_completion(self, request: Request) -> None:
         self._finished.append(request.req_id)
@@ -179,11 +193,13 @@ class TracePlugin(SchedulerPlugin):
         done = set(self._finished)
         self._waiting = [r for r in self._waiting if r not in done]
         self._running = [r for r in self._running if r not in done]
+        for req_id in done:
+            self._queued.pop(req_id, None)
         ran = [*plan.decode, *(chunk.request for chunk in plan.prefill)]
         for req in ran:
             self._watch_pool(req)
         pools = list(self._pools.values())
-        self.steps.append(StepTrace(
+        self.record(StepTrace(
             step_id=plan.step_id,
             budget=stats.get("max_tokens_per_step", self.budget),
             decode=tuple(r.req_id for r in plan.decode),
@@ -205,15 +221,25 @@ class TracePlugin(SchedulerPlugin):
             prefix_hits=tuple((c.request.req_id, c.start) for c in plan.prefill if c.cached_blocks),
             kv_evictions=stats.get("kv_evictions", 0),
             kv_copies=stats.get("kv_copies", 0),
+            aborted=tuple(self._aborted),
         ))
-        self._plan, self._finished, self._arrived, self._forked = None, [], [], []
+        self._plan, self._finished, self._arrived, self._forked, self._aborted = None, [], [], [], []
+
+    def record(self, step: StepTrace) -> None:
+        """Keep one finished step (here: append it to ``steps``)."""
+        self.steps.append(step)
+
+    @property
+    def pools(self) -> list[BlockPool]:
+        """The shared block pools of the requests seen so far (usually one)."""
+        return list(self._pools.values())
 
     def request_timeline(self) -> dict[str, list[str]]:
         """Per request, one character per recorded step (see the module docstring)."""
         return request_timeline(self.steps)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": _FORMAT, "steps": [s.to_dict() for s in self.steps]}
+        return {"format": TRACE_FORMAT, "steps": [s.to_dict() for s in self.steps]}
 
     def to_json(self, path: str | Path | None = None) -> str:
         """The trace as JSON text; also written to ``path`` when given."""
