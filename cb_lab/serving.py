@@ -236,13 +236,15 @@ def simulate(
     dim: int = 16,
     seed: int = 0,
     progress: Progress | None = None,
+    plugins: Sequence[SchedulerPlugin] = (),
 ) -> RunResult:
     """Run ``specs`` under one policy (a ServingConfig or a preset name) to completion.
 
     The model's weights and the prompts depend only on ``(dim, seed)``, so runs of the same
     specs under different policies see the same numbers. Dense caches are emptied after the
     run (the generated tokens stay, which is all the oracle needs); a shared pool gives its
-    blocks back as requests finish.
+    blocks back as requests finish. ``plugins``: more scheduler plugins, called after the
+    run's own trace and metrics (a live page's, a trace file's).
     """
     if isinstance(config, str):
         name, config = name or config, make_config(config)
@@ -262,13 +264,15 @@ def simulate(
                               block_size=config.block_size, seed=seed, pool=pool)
     trace = TracePlugin(budget=config.max_tokens_per_step)
     metrics = MetricsPlugin(MetricsCollector(enable_memory_profiling=False))  # RSS per step is not free
-    plugins = PluginManager()
-    plugins.register_scheduler_plugin(trace)
-    plugins.register_scheduler_plugin(metrics)
+    manager = PluginManager()
+    manager.register_scheduler_plugin(trace)
+    manager.register_scheduler_plugin(metrics)
     if progress is not None:
-        plugins.register_scheduler_plugin(_Progress(progress))
+        manager.register_scheduler_plugin(_Progress(progress))
+    for plugin in plugins:
+        manager.register_scheduler_plugin(plugin)
     scheduler = Scheduler(
-        model, config.max_tokens_per_step, config.prefill_chunk_size, plugins=plugins, executor=config.executor,
+        model, config.max_tokens_per_step, config.prefill_chunk_size, plugins=manager, executor=config.executor,
         max_num_seqs=config.max_num_seqs, policy=config.policy, enable_chunked_prefill=config.enable_chunked_prefill,
         preempt_every=config.preempt_every, enable_prefix_caching=config.enable_prefix_caching,
     )

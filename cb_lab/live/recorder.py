@@ -1,0 +1,70 @@
+"""``LiveTracePlugin``: the per-step trace, as one small JSON object per step, for the live page.
+
+It is a :class:`~cb_lab.monitoring.trace.TracePlugin` (the same ``StepTrace`` per step, built
+from the same hooks) that keeps no list: each step is encoded once, on the engine thread,
+and published to a :class:`~cb_lab.live.hub.StepHub`, which keeps a bounded window of them (a
+server runs for days) and hands them to the pages that watch. An event is
+``StepTrace.to_dict()`` (so a saved window is a trace file ``load_trace`` reads) plus what only
+the live pool can tell::
+
+    {"step_id": 41, "decode": ["r3", "r7"], "prefill": [["r9", 32, 32]], "skipped": [["r11", "no_blocks"]],
+     "waiting": ["r11"], "running": ["r3", "r7", "r9"], "block_tables": [["r3", [0, 4]], ...],
+     "pool_used_blocks": 9, "pool_num_blocks": 64, "duration_s": 0.0021, ...,   # the StepTrace
+     "t": 12.504,                  # seconds since the plugin was made (the page's clock for rates)
+     "pool_cached_blocks": 5,      # evictable prefix-cache blocks (rows kept, nobody holds them)
+     "blocks": "uus.cc...."}       # one character per block: u in use, s shared, c cached, . free
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from cb_lab.core.block_pool import BlockPool
+from cb_lab.live.hub import StepHub
+from cb_lab.monitoring.trace import StepTrace, TracePlugin
+
+__all__ = ["BLOCK_CHARS", "MAX_GRID_BLOCKS", "LiveTracePlugin", "pool_blocks", "step_event"]
+
+BLOCK_CHARS = {"u": "in use (one block table)", "s": "shared (two or more block tables)",
+               "c": "cached, evictable (no table holds it; its rows wait for a prefix hit)", ".": "free"}
+MAX_GRID_BLOCKS = 4096  # a larger pool is sent as counts only: a grid that big says nothing more
+
+
+def pool_blocks(pools: Sequence[BlockPool]) -> str | None:
+    """One :data:`BLOCK_CHARS` character per block of ``pools`` (one after the other); None without a
+    pool or over :data:`MAX_GRID_BLOCKS` blocks."""
+    if not pools or sum(p.num_blocks for p in pools) > MAX_GRID_BLOCKS:
+        return None
+    text = []
+    for pool in pools:
+        chars = ["s" if n > 1 else "u" if n else "." for n in pool.ref_counts]
+        for block_id in pool.evictable:
+            chars[block_id] = "c"
+        text += chars
+    return "".join(text)
+
+
+def step_event(step: StepTrace, pools: Sequence[BlockPool], t: float) -> dict[str, Any]:
+    """What the page gets for one step: the ``StepTrace`` as a dict, the clock and the pool's blocks."""
+    cached = sum(p.num_evictable_blocks for p in pools) if pools else None
+    return step.to_dict() | {"t": round(t, 4), "pool_cached_blocks": cached, "blocks": pool_blocks(pools)}
+
+
+class LiveTracePlugin(TracePlugin):
+    """Publishes every step to ``hub`` as compact JSON (:func:`step_event`); keeps no steps itself.
+
+    Register it like any scheduler plugin (``engine.scheduler.plugins.register_scheduler_plugin``);
+    its work runs on the thread that steps the scheduler and never waits for a page.
+    """
+
+    def __init__(self, hub: StepHub, budget: int | None = None) -> None:
+        super().__init__(budget)
+        self.hub = hub
+        self._start = time.monotonic()
+
+    def record(self, step: StepTrace) -> None:
+        event = step_event(step, self.pools, time.monotonic() - self._start)
+        self.hub.publish(step.step_id, json.dumps(event, separators=(",", ":")))
