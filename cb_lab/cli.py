@@ -28,6 +28,8 @@ import torch
 from cb_lab import viz
 from cb_lab.core.scheduler import EXECUTORS
 from cb_lab.exceptions import CBLabException
+from cb_lab.live.hub import StepHub
+from cb_lab.live.recorder import LiveTracePlugin
 from cb_lab.progress import ProgressBar
 from cb_lab.serving import (
     DEFAULT_COMPARE,
@@ -105,6 +107,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
+    return value
+
+
 def _policy_list(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",")]
     if bad := [n for n in names if n not in POLICY_PRESETS]:
@@ -159,6 +171,12 @@ def serving_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("simulate", parents=[common], help="run one policy and draw its steps")
     s.add_argument("--policy", choices=list(POLICY_PRESETS), default="continuous", help="default %(default)s")
+    s.add_argument("--trace", metavar="FILE", help="write every step to FILE, a trace the live page replays")
+    s.add_argument("--live", action="store_true",
+                   help="serve a page on 127.0.0.1 that draws every step as it runs (--quick: check it and stop)")
+    s.add_argument("--pace", type=_seconds, default=0.1, help="--live: seconds per step (default %(default)s)")
+    s.add_argument("--port", type=_int_at_least(0), default=8001, help="--live: the port (default %(default)s; 0: a "
+                   "free one; --quick always takes a free one)")
     c = sub.add_parser("compare", parents=[common], help="run several policies on one workload, ratios to static")
     c.add_argument("--policies", type=_policy_list, default=list(DEFAULT_COMPARE), metavar="A,B,...",
                    help=f"default {','.join(DEFAULT_COMPARE)}")
@@ -285,12 +303,20 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             check_fits(specs, config)
     except CBLabException as e:
         parser.error(str(e))
+    if args.command == "simulate" and args.live:
+        from cb_lab.cli_live import live_main  # uvicorn and FastAPI: imported only to serve
+
+        return live_main(args, specs, about, *next(iter(configs.items())))
     warm_up(specs, next(iter(configs.values())), dim=args.dim, seed=args.seed)
     results = []
+    hub = StepHub(window=None) if args.command == "simulate" and args.trace else None
     for name, config in configs.items():
         bar = ProgressBar(name, len(specs))
-        results.append(simulate(specs, config, name=name, dim=args.dim, seed=args.seed, progress=bar))
+        extra = [LiveTracePlugin(hub, config.max_tokens_per_step)] if hub is not None else []
+        results.append(simulate(specs, config, name=name, dim=args.dim, seed=args.seed, progress=bar, plugins=extra))
         bar.close()
+    if hub is not None:
+        Path(args.trace).write_text(hub.trace_json())
     errors = {r.name: r.oracle_error() for r in results}
     plots: dict[str, list[str]] = {}
     if args.plot:
@@ -316,6 +342,9 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             print(f"oracle {name}: max |batched - naive recompute| = {error:.1e} ({verdict})")
         for name, paths in plots.items():
             print(f"plots {name}: {', '.join(paths) or 'none (matplotlib is not installed)'}")
+        if hub is not None:
+            print(f"trace: {len(hub.window)} steps in {args.trace}; the live page (simulate --live, or serve) "
+                  "replays it: Replay, choose the file")
     return 0 if max(errors.values()) < 1e-4 else 1
 
 
