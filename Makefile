@@ -13,7 +13,7 @@ LAB_STAMP := $(VENV)/.jupyterlab-installed
 MODEL_STAMP := $(VENV)/.model-installed
 LAB_ARGS ?=  # e.g. make notebooks LAB_ARGS="--allow-root --no-browser" in a container
 
-.PHONY: venv model demo demos test cov typecheck lint bench check notebooks clean
+.PHONY: venv model chromium demo demos test cov typecheck lint bench check notebooks clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,13 @@ $(MODEL_STAMP): $(STAMP)
 
 model: $(MODEL_STAMP)
 
+# The live page's browser tests: Playwright (requirements.txt) drives Debian's Chromium, never a browser it
+# downloads. Installed here when missing, where apt-get is and we are root; elsewhere those tests skip and say how.
+chromium:
+	@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update && apt-get install -y chromium; \
+	fi
+
 demo: venv
 	$(PY) -m cb_lab
 
@@ -39,7 +46,7 @@ demos: venv model
 	$(PY) -m cb_lab --quick
 	$(PY) -m cb_lab.bench --quick
 
-cov: venv model
+cov: venv model chromium
 	CB_LAB_EXERCISES=solutions $(PY) -m pytest --cov=cb_lab --cov-report=term-missing --cov-fail-under=90 tests
 
 typecheck: venv

@@ -1,0 +1,158 @@
+"""The live page in a real browser (Playwright driving Debian's Chromium), over simulated runs: it
+follows a run to the end, replays one (a saved file or the server's window), starts over when the
+server restarts, and keeps its backlog bounded when it cannot draw as fast as steps come.
+
+Never downloads a browser: without ``/usr/bin/chromium`` (``apt-get install -y chromium``; ``make
+test`` installs it where it can) these tests skip. Waits are Playwright's, with timeouts."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cb_lab.live.simulation import LiveSimulation
+from cb_lab.monitoring.trace import TRACE_FORMAT
+from cb_lab.serving import make_config
+from cb_lab.workload import LengthDist, WorkloadConfig, generate_workload
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.exists():
+    pytest.skip("the live page's browser tests need Debian's Chromium at /usr/bin/chromium: apt-get install -y chromium "
+                "(make test installs it when it runs as root with apt-get)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (it is in requirements.txt)")
+
+SPECS = generate_workload(WorkloadConfig(24, LengthDist.uniform(12, 20), LengthDist.uniform(2, 16), num_prefixes=2,
+                                         prefix_len=8, seed=3))
+CONFIG = make_config("continuous", max_num_seqs=6, max_tokens_per_step=32, prefill_chunk_size=8, num_blocks=16,
+                     block_size=4, enable_prefix_caching=True)
+WAIT_MS = 30_000
+FINISHED = "document.querySelectorAll('#timeline-rows [data-state=finished]').length"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM))
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[tuple[Any, list[str]]]:
+    """A fresh page and the console errors it logs (uncaught exceptions included)."""
+    errors: list[str] = []
+    p = browser.new_page(viewport={"width": 1400, "height": 900})
+    p.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    p.on("pageerror", lambda e: errors.append(str(e)))
+    yield p, errors
+    p.close()
+
+
+def stats(page: Any) -> dict[str, Any]:
+    result: dict[str, Any] = page.evaluate("window.cbLive.stats")
+    return result
+
+
+def test_the_page_follows_a_run_to_its_end(page: tuple[Any, list[str]]) -> None:
+    p, errors = page
+    sim = LiveSimulation(SPECS, CONFIG, pace=0.0)
+    try:
+        p.goto(sim.url + "/")
+        result = sim.wait(timeout=60)
+        p.wait_for_function(f"{FINISHED} === {len(SPECS)}", timeout=WAIT_MS)
+        p.wait_for_function("document.getElementById('pool-used').textContent === '0'", timeout=WAIT_MS)
+        assert p.inner_text("#step-id") == str(result.steps[-1].step_id)
+        assert p.inner_text("#pool-total") == str(CONFIG.num_blocks)
+        assert p.get_attribute("#send", "disabled") is not None  # a simulated run has no model to prompt
+        assert stats(p)["droppedByPage"] == 0 and not errors
+    finally:
+        sim.stop()
+
+
+def test_replay_stops_on_a_preemption_and_shows_that_step(page: tuple[Any, list[str]], tmp_path: Path) -> None:
+    p, errors = page
+    sim = LiveSimulation(SPECS, CONFIG, pace=0.0)
+    try:
+        p.goto(sim.url + "/")
+        result = sim.wait(timeout=60)
+        p.wait_for_function(f"{FINISHED} === {len(SPECS)}", timeout=WAIT_MS)
+        p.click("#replay-server")  # this run, from GET /trace
+        p.wait_for_function("document.getElementById('replay-pos').textContent.startsWith('step 0 ')", timeout=WAIT_MS)
+        p.click("#next-preempt")
+        k = next(i for i, s in enumerate(result.steps) if s.preempted)
+        step = result.steps[k]
+        p.wait_for_function(f"document.getElementById('budget-step').textContent === '{step.step_id}'", timeout=WAIT_MS)
+        assert f"preempted {' '.join(step.preempted)}" in p.inner_text("#budget-text")
+        assert p.inner_text("#pool-used") == str(step.pool_used_blocks)
+        assert p.input_value("#replay-slider") == str(k)
+        p.click("#back")
+        p.wait_for_function(f"document.getElementById('budget-step').textContent === '{step.step_id - 1}'",
+                            timeout=WAIT_MS)
+        assert p.inner_text("#pool-used") == str(result.steps[k - 1].pool_used_blocks)
+        p.screenshot(path=str(tmp_path / "replay.png"))
+    finally:
+        sim.stop()
+    # A plain trace file (TracePlugin.to_json: no "blocks", no "t"): the page rebuilds the grid from the tables.
+    plain = {"format": TRACE_FORMAT, "steps": [s.to_dict() for s in result.steps]}
+    (tmp_path / "plain.json").write_text(json.dumps(plain))
+    p.set_input_files("#trace-file", str(tmp_path / "plain.json"))
+    p.wait_for_function(f"document.getElementById('replay-pos').textContent.endsWith('of {len(result.steps)})')",
+                        timeout=WAIT_MS)
+    p.fill("#replay-slider", str(k))  # a range input: fill sets its value and fires "input"
+    p.wait_for_function(f"document.getElementById('budget-step').textContent === '{step.step_id}'", timeout=WAIT_MS)
+    assert p.inner_text("#pool-used") == str(step.pool_used_blocks)
+    assert not errors
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def test_a_restarted_server_is_a_new_run(page: tuple[Any, list[str]]) -> None:
+    p, _ = page  # the console logs the refused reconnections while the server is down: expected here
+    port = free_port()
+    first = LiveSimulation(SPECS[:6], CONFIG, pace=0.0, port=port)
+    p.goto(first.url + "/")
+    first.wait(timeout=60)
+    p.wait_for_function(f"{FINISHED} === 6", timeout=WAIT_MS)
+    run_id = p.inner_text("#run-id")
+    first.stop()
+    second = LiveSimulation(SPECS[:10], CONFIG, pace=0.0, port=port)  # same address: EventSource reconnects
+    try:
+        second.wait(timeout=60)
+        p.wait_for_function(f"{FINISHED} === 10", timeout=WAIT_MS)
+        assert p.inner_text("#run-id") == second.hub.run_id != run_id
+        assert stats(p)["runs"] == 2 and stats(p)["reconnects"] >= 1
+    finally:
+        second.stop()
+
+
+def test_a_page_that_cannot_keep_up_merges_steps_instead_of_queueing_them(page: tuple[Any, list[str]]) -> None:
+    p, errors = page
+    specs = generate_workload(WorkloadConfig(200, LengthDist.uniform(8, 64), LengthDist.uniform(4, 64), seed=5))
+    config = make_config("continuous", max_num_seqs=200, max_tokens_per_step=256, num_blocks=1024, block_size=8)
+    sim = LiveSimulation(specs, config, pace=0.0)
+    cdp = p.context.new_cdp_session(p)
+    cdp.send("Emulation.setCPUThrottlingRate", {"rate": 8})  # a slow machine: frames take longer than steps
+    try:
+        p.goto(sim.url + "/")
+        result = sim.wait(timeout=120)
+        p.wait_for_function(f"window.cbLive.live().last && window.cbLive.live().last.step_id === "
+                            f"{result.steps[-1].step_id}", timeout=60_000)
+        s = stats(p)
+        assert s["maxBacklog"] <= p.evaluate("window.cbLive.MAX_PENDING")
+        assert s["applied"] + s["droppedByServer"] + s["droppedByPage"] >= len(result.steps)
+        p.wait_for_function("document.getElementById('pool-used').textContent === '0'", timeout=WAIT_MS)
+        assert p.evaluate("[...window.cbLive.live().reqs.values()].every(r => r.state === 'finished')")
+        assert not errors
+    finally:
+        cdp.send("Emulation.setCPUThrottlingRate", {"rate": 1})
+        sim.stop()
