@@ -27,7 +27,7 @@ from cb_lab.live.simulation import LiveSimulation
 from cb_lab.serving import RunResult, ServingConfig
 from cb_lab.workload_io import RequestSpec
 
-__all__ = ["live_main"]
+__all__ = ["live_main", "quick_check", "watch"]
 
 
 def live_main(args: argparse.Namespace, specs: list[RequestSpec], about: str, name: str,
