@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+from live_helpers import PlanLog, assert_events_are_the_plans, assert_pool_adds_up, sse
 
 from cb_lab.cli import serve
 from cb_lab.core.plan import StepPlan
@@ -22,7 +23,6 @@ from cb_lab.live.recorder import LiveTracePlugin
 from cb_lab.live.routes import dashboard_html
 from cb_lab.live.simulation import BackgroundServer, LiveSimulation, live_app
 from cb_lab.monitoring.trace import StepTrace, load_trace
-from cb_lab.plugins.base import SchedulerPlugin
 from cb_lab.serving import RunResult, make_config, simulate
 from cb_lab.workload import LengthDist, WorkloadConfig, generate_workload
 
@@ -31,35 +31,6 @@ SPECS = generate_workload(WorkloadConfig(24, LengthDist.uniform(12, 20), LengthD
                                          prefix_len=8, seed=3))
 CONFIG = make_config("continuous", max_num_seqs=6, max_tokens_per_step=32, prefill_chunk_size=8, num_blocks=16,
                      block_size=4, enable_prefix_caching=True)
-
-
-class PlanLog(SchedulerPlugin):
-    """The scheduler's own plans, the reference the events are compared with."""
-
-    def __init__(self) -> None:
-        self.plans: list[StepPlan] = []
-
-    def before_step(self, plan: StepPlan) -> None:
-        self.plans.append(plan)
-
-
-def assert_events_are_the_plans(events: list[dict[str, Any]], plans: list[StepPlan]) -> None:
-    assert [e["step_id"] for e in events] == [p.step_id for p in plans]
-    for e, plan in zip(events, plans):
-        assert e["decode"] == [r.req_id for r in plan.decode]
-        assert e["prefill"] == [[c.request.req_id, c.start, c.length] for c in plan.prefill]
-        assert e["admitted"] == [r.req_id for r in plan.admitted]
-        assert e["preempted"] == [r.req_id for r in plan.preempted]
-        assert e["skipped"] == [list(pair) for pair in plan.skipped]
-
-
-def assert_pool_adds_up(e: dict[str, Any]) -> None:
-    blocks = e["blocks"]
-    assert len(blocks) == e["pool_num_blocks"]
-    assert blocks.count("u") + blocks.count("s") == e["pool_used_blocks"]
-    assert blocks.count("c") == e["pool_cached_blocks"]
-    shared = {b for _, table in e["block_tables"] for b in table if sum(b in t for _, t in e["block_tables"]) > 1}
-    assert shared <= {i for i, c in enumerate(blocks) if c == "s"}
 
 
 @pytest.fixture(scope="module")
@@ -125,18 +96,6 @@ def test_steps_published_from_another_thread_arrive_in_order() -> None:
         return got
 
     assert asyncio.run(main()) == list(range(500))
-
-
-def sse(lines: Iterator[str]) -> Iterator[dict[str, str]]:
-    """Server-sent events as dicts of their fields (comments skipped)."""
-    message: dict[str, str] = {}
-    for line in lines:
-        if not line and message:
-            yield message
-            message = {}
-        elif line and not line.startswith(":"):
-            key, _, value = line.partition(": ")
-            message[key] = value
 
 
 @pytest.fixture

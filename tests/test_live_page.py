@@ -22,8 +22,8 @@ from cb_lab.workload import LengthDist, WorkloadConfig, generate_workload
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
-    pytest.skip("the live page's browser tests need Debian's Chromium at /usr/bin/chromium: apt-get install -y chromium "
-                "(make test installs it when it runs as root with apt-get)", allow_module_level=True)
+    pytest.skip("the live page's browser tests need Debian's Chromium at /usr/bin/chromium: apt-get install -y "
+                "chromium (make test installs it when it runs as root with apt-get)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (it is in requirements.txt)")
 
 SPECS = generate_workload(WorkloadConfig(24, LengthDist.uniform(12, 20), LengthDist.uniform(2, 16), num_prefixes=2,

@@ -12,6 +12,7 @@ A page that reconnects sends that id back (``Last-Event-ID``): the same run goes
 step after it; another run (the server restarted) starts over. A comment line every
 ``keepalive_s`` seconds of silence lets the server notice a page that has gone.
 ``/trace`` is the hub's window as a trace file (``load_trace`` reads it; the page replays it).
+:func:`attach_live` wires it all into a server: the plugin on the scheduler, the routes on the app.
 """
 
 from __future__ import annotations
@@ -21,15 +22,20 @@ import json
 import logging
 from collections.abc import AsyncIterator, Sequence
 from importlib import resources
+from typing import TYPE_CHECKING
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 
 from cb_lab.live.hub import Encoded, StepHub
+from cb_lab.live.recorder import LiveTracePlugin
+
+if TYPE_CHECKING:
+    from cb_lab.core.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["dashboard_html", "live_router"]
+__all__ = ["attach_live", "dashboard_html", "live_router"]
 
 RETRY_MS = 1000  # how soon a page reconnects after the stream broke (the SSE "retry" field)
 
@@ -92,3 +98,17 @@ def live_router(hub: StepHub, model_name: str | None = None, *, keepalive_s: flo
         return Response(hub.trace_json(), media_type="application/json")
 
     return router
+
+
+def attach_live(app: FastAPI, scheduler: Scheduler, model_name: str | None = None, *, window: int = 2000) -> StepHub:
+    """Serve the live page from ``app`` and publish every step of ``scheduler`` to it; returns the hub
+    (close it before the server stops: open pages would hold the shutdown).
+
+    Call it before the scheduler has any request: the trace rebuilds the queues from the
+    requests it saw arrive. The hub keeps the latest ``window`` steps (a server runs for days).
+    """
+    assert not scheduler.active, "attach the live page before any request arrives"
+    hub = StepHub(window)
+    scheduler.plugins.register_scheduler_plugin(LiveTracePlugin(hub, scheduler.max_tokens_per_step))
+    app.include_router(live_router(hub, model_name))
+    return hub
