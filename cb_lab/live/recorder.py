@@ -17,6 +17,7 @@ the live pool can tell::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ __all__ = ["BLOCK_CHARS", "MAX_GRID_BLOCKS", "LiveTracePlugin", "pool_blocks", "
 BLOCK_CHARS = {"u": "in use (one block table)", "s": "shared (two or more block tables)",
                "c": "cached, evictable (no table holds it; its rows wait for a prefix hit)", ".": "free"}
 MAX_GRID_BLOCKS = 4096  # a larger pool is sent as counts only: a grid that big says nothing more
+_STEP_FIELDS = tuple(f.name for f in dataclasses.fields(StepTrace))
 
 
 def pool_blocks(pools: Sequence[BlockPool]) -> str | None:
@@ -48,9 +50,15 @@ def pool_blocks(pools: Sequence[BlockPool]) -> str | None:
 
 
 def step_event(step: StepTrace, pools: Sequence[BlockPool], t: float) -> dict[str, Any]:
-    """What the page gets for one step: the ``StepTrace`` as a dict, the clock and the pool's blocks."""
+    """What the page gets for one step: the ``StepTrace``'s fields, the clock and the pool's blocks.
+
+    The fields are taken as they are (tuples, which JSON writes as lists, so the text equals
+    that of ``step.to_dict()``): ``asdict``'s deep copy cost a millisecond a step with 200
+    requests running, on the engine thread.
+    """
     cached = sum(p.num_evictable_blocks for p in pools) if pools else None
-    return step.to_dict() | {"t": round(t, 4), "pool_cached_blocks": cached, "blocks": pool_blocks(pools)}
+    fields = {name: getattr(step, name) for name in _STEP_FIELDS}
+    return fields | {"t": round(t, 4), "pool_cached_blocks": cached, "blocks": pool_blocks(pools)}
 
 
 class LiveTracePlugin(TracePlugin):
