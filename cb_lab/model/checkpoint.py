@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from cb_lab.exceptions import ConfigurationError
 from cb_lab.model.gguf import convert_gguf
-from cb_lab.model.hf_config import config_from_hf, config_to_hf
+from cb_lab.model.hf_config import config_from_hf, config_to_hf, read_json_object
 from cb_lab.model.llama import LlamaModel
 from cb_lab.model.registry import default_cache_dir, resolve_model
 from cb_lab.model.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
@@ -37,42 +38,75 @@ def _hf_name(name: str) -> str:
     return f"model.{name}"
 
 
+def _read_shards(shards: list[Path]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        try:
+            tensors.update(load_file(str(shard)))
+        except SafetensorError as e:  # a truncated or overwritten file
+            raise ConfigurationError(f"{shard} is not a readable safetensors file ({e}); it may be truncated: "
+                                     "copy or save it again") from None
+    return tensors
+
+
+def _checked_state(model: LlamaModel, tensors: dict[str, torch.Tensor], folder: Path,
+                   shards: list[Path]) -> dict[str, torch.Tensor]:
+    """cb-lab's state dict from the checkpoint's tensors: each present, of the shape config.json implies,
+    and finite (a NaN or inf weight would turn every logit into NaN: refused once, here)."""
+    tied = model.config.tie_embeddings
+    state = {}
+    for name, param in model.state_dict().items():
+        key = "model.embed_tokens.weight" if tied and name == "lm_head.weight" else _hf_name(name)
+        if key not in tensors:
+            raise ConfigurationError(f"{folder}: the tensor {key!r} is missing from {[s.name for s in shards]}")
+        tensor = tensors[key]
+        if tensor.shape != param.shape:
+            raise ConfigurationError(f"{folder}: the tensor {key!r} has shape {tuple(tensor.shape)} but config.json "
+                                     f"says {tuple(param.shape)}; the config and the weights are of different models")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ConfigurationError(f"{folder}: the tensor {key!r} holds NaN or inf values; the checkpoint is "
+                                     "corrupt (or was saved after a diverged training step)")
+        state[name] = tensor
+    return state
+
+
+def _tokenizer(folder: Path, hf: dict[str, Any]) -> Tokenizer:
+    tokenizer_file = folder / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        return ByteTokenizer()
+    if "model" not in read_json_object(tokenizer_file):
+        raise ConfigurationError(f"{tokenizer_file} has no 'model' section, so it is not a tokenizers file; "
+                                 "copy tokenizer.json again or remove it")
+    return HFTokenizer(tokenizer_file, hf.get("bos_token_id"), hf.get("eos_token_id"))
+
+
 def load_llama(path: str | Path, *, dtype: torch.dtype = torch.float32,
                cache_dir: str | Path | None = None) -> tuple[LlamaModel, Tokenizer]:
     """The model in ``path`` and its tokenizer (``tokenizer.json`` if present, else the byte tokenizer).
 
     ``path`` is a checkpoint folder, a ``.gguf`` file or a name from ``MODELS``; a GGUF is converted
     into a folder under ``cache_dir`` (default ``default_cache_dir()``) the first time, then read from it.
+    A broken folder (a file that is not JSON or safetensors, weights of another shape than config.json
+    says, NaN or inf weights) is a ``ConfigurationError`` that names the file.
     """
-    from safetensors.torch import load_file
-
     folder = resolve_model(path)
     if folder.suffix == ".gguf":
         folder = convert_gguf(folder, default_cache_dir() if cache_dir is None else cache_dir)
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ConfigurationError(f"{config_file} is missing: a checkpoint folder holds config.json and *.safetensors")
-    hf = json.loads(config_file.read_text())
+    hf = read_json_object(config_file)
     config = config_from_hf(hf, str(config_file))
     shards = sorted(folder.glob("*.safetensors"))
     if not shards:
         raise ConfigurationError(f"{folder} has no *.safetensors file; save the weights with safetensors")
-    tensors: dict[str, torch.Tensor] = {}
-    for shard in shards:
-        tensors.update(load_file(str(shard)))
     model = LlamaModel(config)
-    state = {}
-    for name in model.state_dict():
-        key = "model.embed_tokens.weight" if config.tie_embeddings and name == "lm_head.weight" else _hf_name(name)
-        if key not in tensors:
-            raise ConfigurationError(f"{folder}: the tensor {key!r} is missing from {[s.name for s in shards]}")
-        state[name] = tensors[key]
-    model.load_state_dict(state)
+    model.load_state_dict(_checked_state(model, _read_shards(shards), folder, shards))
     model.to(dtype).eval()
-    tokenizer_file = folder / "tokenizer.json"
-    tokenizer: Tokenizer = (HFTokenizer(tokenizer_file, hf.get("bos_token_id"), hf.get("eos_token_id"))
-                            if tokenizer_file.is_file() else ByteTokenizer())
-    return model, tokenizer
+    return model, _tokenizer(folder, hf)
 
 
 def save_llama(model: LlamaModel, path: str | Path, tokenizer: Tokenizer | None = None) -> Path:

@@ -8,12 +8,14 @@ other than SiLU) is refused with the key that says so. ``checkpoint.py`` (folder
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from cb_lab.exceptions import ConfigurationError
 from cb_lab.model.llama_config import LlamaConfig
 
-__all__ = ["ARCHITECTURES", "config_from_hf", "config_to_hf"]
+__all__ = ["ARCHITECTURES", "config_from_hf", "config_to_hf", "read_json_object"]
 
 ARCHITECTURES = ("LlamaForCausalLM",)
 
@@ -56,3 +58,18 @@ def config_to_hf(
         "max_position_embeddings": config.max_position, "tie_word_embeddings": config.tie_embeddings,
         "bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "torch_dtype": "float32",
     }
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; a file that is not one is a ConfigurationError that names it."""
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ConfigurationError(f"{path} is empty; it should hold a JSON object (save the checkpoint again)")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigurationError(f"{path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
+                                 "save the checkpoint again") from None
+    if not isinstance(data, dict):
+        raise ConfigurationError(f"{path} must hold a JSON object of settings, got a {type(data).__name__}")
+    return data
