@@ -20,7 +20,7 @@ import copy
 import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -122,6 +122,9 @@ class LLMEngine:
         if self.tokenizer.vocab_size > model.config.vocab_size:
             raise ConfigurationError(f"the tokenizer has {self.tokenizer.vocab_size} ids but the model's vocab_size "
                                      f"is {model.config.vocab_size}")
+        # Every id that ends a generation: the tokenizer's EOS and config.json's / generation_config.json's.
+        eos = self.tokenizer.eos_token_id
+        self.eos_token_ids = frozenset(model.config.eos_token_ids) | ({eos} if eos is not None else set())
         dtype = DTYPES[self.config.dtype]
         # Another dtype means a converted copy: the caller's model stays as it was.
         self.model = LlamaStepModel(model if model.dtype == dtype else copy.deepcopy(model).to(dtype))
@@ -183,13 +186,21 @@ class LLMEngine:
         self._check_room(request_id, len(ids), params.max_tokens)
         cache = PagedKVCache(self.config.block_size, pool=self.pool)
         req = Request(request_id, torch.tensor(ids, device=self.model.device), params.max_tokens, cache,
-                      sampling=params, eos_token_id=self.tokenizer.eos_token_id)
+                      sampling=self._with_eos(params), eos_token_id=self.tokenizer.eos_token_id)
         self.scheduler.add_request(req)
         self._requests[request_id] = req
         self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer)
         self.outputs[request_id] = RequestOutput(request_id, prompt if isinstance(prompt, str) else list(ids), ids,
                                                  arrival_time=time.perf_counter(), finished=req.finished)
         return request_id
+
+    def _with_eos(self, params: SamplingParams) -> SamplingParams:
+        """``params`` that also stop at the EOS ids beyond the tokenizer's (unless ``ignore_eos``), as vLLM's
+        ``update_from_generation_config`` adds a Llama 3 generation config's end-of-turn ids to the stop ids."""
+        more = self.eos_token_ids - {self.tokenizer.eos_token_id} - set(params.stop_token_ids)
+        if params.ignore_eos or not more:
+            return params
+        return replace(params, stop_token_ids=params.stop_token_ids + tuple(sorted(more)))
 
     def _check_room(self, request_id: str, prompt_len: int, max_tokens: int) -> None:
         """The request fits the model's context and, alone, the block pool."""

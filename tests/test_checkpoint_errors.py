@@ -54,6 +54,10 @@ BROKEN: list[tuple[str, Callable[[Path], None], str]] = [
      r"'model.layers.0.mlp.up_proj.weight'.*NaN or inf"),
     ("inf weight", lambda f: rewrite_tensors(f, poison("model.embed_tokens.weight", float("inf"))),
      r"'model.embed_tokens.weight'.*NaN or inf"),
+    ("bad generation config", lambda f: (f / "generation_config.json").write_text("{"),
+     r"generation_config.json.*not valid JSON"),
+    ("eos of text", lambda f: (f / "generation_config.json").write_text('{"eos_token_id": "</s>"}'),
+     r"generation_config.json: eos_token_id must be an id, a list of ids or null, got '</s>'"),
 ]
 
 

@@ -233,3 +233,21 @@ def test_generate_cli_n_samples_and_the_cache_stats(capsys: pytest.CaptureFixtur
               "--block-size", "4"]
     assert run_cli(shared, capsys)["prefill_tokens_saved"] == 16
     assert run_cli([*shared, "--no-prefix-caching"], capsys)["prefill_tokens_saved"] == 0
+
+
+@pytest.mark.parametrize("where", ["config.json", "generation_config.json"])
+def test_a_list_of_eos_ids_stops_at_any_of_them(tmp_path: Path, where: str) -> None:
+    m = model(seed=4)
+    save_llama(m, tmp_path)
+    ids = ByteTokenizer().encode("KV")
+    want = greedy_reference(m, ids, 8)
+    stop_at = next(i for i, t in enumerate(want) if t != 257 and i >= 2)
+    file = tmp_path / where
+    settings = json.loads(file.read_text()) if file.is_file() else {}
+    file.write_text(json.dumps(settings | {"eos_token_id": [257, want[stop_at]]}))  # Llama 3 style
+    engine = LLMEngine.from_pretrained(tmp_path)
+    assert {257, want[stop_at]} <= engine.eos_token_ids
+    out = engine.generate([ids], SamplingParams(max_tokens=8, temperature=0.0))[0]
+    assert out.token_ids == want[: want.index(want[stop_at]) + 1] and out.finish_reason == "stop"
+    ignored = engine.generate([ids], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]
+    assert ignored.token_ids == want and ignored.finish_reason == "length"

@@ -12,6 +12,7 @@ than SiLU) is refused with the config key that says so, and a missing file or te
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,9 @@ import torch
 
 from cb_lab.exceptions import ConfigurationError
 from cb_lab.model.gguf import convert_gguf
-from cb_lab.model.hf_config import config_from_hf, config_to_hf, read_json_object
+from cb_lab.model.hf_config import config_from_hf, config_to_hf, eos_token_ids, read_json_object
 from cb_lab.model.llama import LlamaModel
+from cb_lab.model.llama_config import LlamaConfig
 from cb_lab.model.registry import default_cache_dir, resolve_model
 from cb_lab.model.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
@@ -73,14 +75,24 @@ def _checked_state(model: LlamaModel, tensors: dict[str, torch.Tensor], folder: 
     return state
 
 
-def _tokenizer(folder: Path, hf: dict[str, Any]) -> Tokenizer:
+def _with_generation_eos(config: LlamaConfig, folder: Path) -> LlamaConfig:
+    """``config`` with the EOS ids of ``generation_config.json`` too (where Llama 3 lists its end-of-turn ids)."""
+    file = folder / "generation_config.json"
+    if not file.is_file():
+        return config
+    more = eos_token_ids(read_json_object(file).get("eos_token_id"), str(file))
+    return replace(config, eos_token_ids=tuple(dict.fromkeys(config.eos_token_ids + more)))
+
+
+def _tokenizer(folder: Path, hf: dict[str, Any], config: LlamaConfig) -> Tokenizer:
     tokenizer_file = folder / "tokenizer.json"
     if not tokenizer_file.is_file():
         return ByteTokenizer()
     if "model" not in read_json_object(tokenizer_file):
         raise ConfigurationError(f"{tokenizer_file} has no 'model' section, so it is not a tokenizers file; "
                                  "copy tokenizer.json again or remove it")
-    return HFTokenizer(tokenizer_file, hf.get("bos_token_id"), hf.get("eos_token_id"))
+    eos = config.eos_token_ids[0] if config.eos_token_ids else None  # config.json's first: the tokenizer's own EOS
+    return HFTokenizer(tokenizer_file, hf.get("bos_token_id"), eos)
 
 
 def load_llama(path: str | Path, *, dtype: torch.dtype = torch.float32,
@@ -99,14 +111,14 @@ def load_llama(path: str | Path, *, dtype: torch.dtype = torch.float32,
     if not config_file.is_file():
         raise ConfigurationError(f"{config_file} is missing: a checkpoint folder holds config.json and *.safetensors")
     hf = read_json_object(config_file)
-    config = config_from_hf(hf, str(config_file))
+    config = _with_generation_eos(config_from_hf(hf, str(config_file)), folder)
     shards = sorted(folder.glob("*.safetensors"))
     if not shards:
         raise ConfigurationError(f"{folder} has no *.safetensors file; save the weights with safetensors")
     model = LlamaModel(config)
     model.load_state_dict(_checked_state(model, _read_shards(shards), folder, shards))
     model.to(dtype).eval()
-    return model, _tokenizer(folder, hf)
+    return model, _tokenizer(folder, hf, config)
 
 
 def save_llama(model: LlamaModel, path: str | Path, tokenizer: Tokenizer | None = None) -> Path:
