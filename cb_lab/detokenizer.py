@@ -10,7 +10,7 @@ been shown; ``prefix`` marks where the last shown piece began. Each step decodes
 
 A byte-level token can end inside a multi-byte character (an emoji is often two tokens); its
 text then ends with U+FFFD, so the piece is held back until a later token completes it, or the
-request finishes.
+request finishes. A model without a tokenizer (token ids only) has no text: ``text`` stays "".
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ __all__ = ["IncrementalDetokenizer"]
 class IncrementalDetokenizer:
     """The text of one request's generated ids, grown a step at a time."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer | None) -> None:
         self.tokenizer = tokenizer
         self.text = ""
         self.prefix = 0  # where the last shown piece starts
@@ -32,6 +32,8 @@ class IncrementalDetokenizer:
     def add(self, ids: list[int], finished: bool = False) -> str:
         """``ids``: all the request's generated ids so far. Returns the new text (maybe ""), also added
         to ``text``. When ``finished``, whatever is held back is shown as it decodes."""
+        if self.tokenizer is None:
+            return ""
         shown = self.tokenizer.decode(ids[self.prefix : self.read])
         grown = self.tokenizer.decode(ids[self.prefix :])
         if len(grown) <= len(shown) or (grown.endswith("\ufffd") and not finished):

@@ -36,7 +36,7 @@ from cb_lab.model.chat import Message
 from cb_lab.model.checkpoint import load_llama
 from cb_lab.model.llama import LlamaModel
 from cb_lab.model.llama_step import LlamaStepModel
-from cb_lab.model.tokenizer import ByteTokenizer, Tokenizer
+from cb_lab.model.tokenizer import Tokenizer, default_tokenizer
 from cb_lab.progress import ProgressBar
 from cb_lab.sampling import SamplingParams
 
@@ -118,12 +118,13 @@ class LLMEngine:
         if config is not None and not isinstance(config, EngineConfig):
             raise ConfigurationError(f"config must be an EngineConfig, got {type(config).__name__}")
         self.config = config or EngineConfig()
-        self.tokenizer: Tokenizer = tokenizer or ByteTokenizer()
-        if self.tokenizer.vocab_size > model.config.vocab_size:
+        # None: the byte tokenizer if the vocabulary holds it, else no tokenizer (token-id prompts only).
+        self.tokenizer = tokenizer if tokenizer is not None else default_tokenizer(model.config.vocab_size)
+        if self.tokenizer is not None and self.tokenizer.vocab_size > model.config.vocab_size:
             raise ConfigurationError(f"the tokenizer has {self.tokenizer.vocab_size} ids but the model's vocab_size "
                                      f"is {model.config.vocab_size}")
         # Every id that ends a generation: the tokenizer's EOS and config.json's / generation_config.json's.
-        eos = self.tokenizer.eos_token_id
+        eos = self._eos_token_id
         self.eos_token_ids = frozenset(model.config.eos_token_ids) | ({eos} if eos is not None else set())
         dtype = DTYPES[self.config.dtype]
         # Another dtype means a converted copy: the caller's model stays as it was.
@@ -170,7 +171,7 @@ class LLMEngine:
         (params,) = as_params(sampling_params, 1)
         if prompt == "":
             raise ValidationError("the prompt is empty text; give some text (a BOS alone is not a prompt)")
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = self._tokenizer_for(prompt).encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise ValidationError(f"prompt {prompt!r} has no tokens; give at least one")
         if request_id is None:
@@ -186,7 +187,7 @@ class LLMEngine:
         self._check_room(request_id, len(ids), params.max_tokens)
         cache = PagedKVCache(self.config.block_size, pool=self.pool)
         req = Request(request_id, torch.tensor(ids, device=self.model.device), params.max_tokens, cache,
-                      sampling=self._with_eos(params), eos_token_id=self.tokenizer.eos_token_id)
+                      sampling=self._with_eos(params), eos_token_id=self._eos_token_id)
         self.scheduler.add_request(req)
         self._requests[request_id] = req
         self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer)
@@ -194,10 +195,22 @@ class LLMEngine:
                                                  arrival_time=time.perf_counter(), finished=req.finished)
         return request_id
 
+    @property
+    def _eos_token_id(self) -> int | None:
+        return None if self.tokenizer is None else self.tokenizer.eos_token_id
+
+    def _tokenizer_for(self, prompt: str) -> Tokenizer:
+        """The tokenizer, for a text prompt; a model without one takes token ids only."""
+        if self.tokenizer is None:
+            raise ValidationError(f"there is no tokenizer for this model's vocabulary of "
+                                  f"{self.model.model.config.vocab_size} ids, so it cannot encode {prompt!r:.40}; "
+                                  "pass token ids (a list of ints), or give the model a tokenizer.json")
+        return self.tokenizer
+
     def _with_eos(self, params: SamplingParams) -> SamplingParams:
         """``params`` that also stop at the EOS ids beyond the tokenizer's (unless ``ignore_eos``), as vLLM's
         ``update_from_generation_config`` adds a Llama 3 generation config's end-of-turn ids to the stop ids."""
-        more = self.eos_token_ids - {self.tokenizer.eos_token_id} - set(params.stop_token_ids)
+        more = self.eos_token_ids - {self._eos_token_id} - set(params.stop_token_ids)
         if params.ignore_eos or not more:
             return params
         return replace(params, stop_token_ids=params.stop_token_ids + tuple(sorted(more)))
@@ -324,7 +337,8 @@ class LLMEngine:
         if isinstance(conversations, (str, bytes)) or not isinstance(conversations, Sequence) or not conversations:
             raise ValidationError(f"chat takes a conversation (a list of message dicts) or a list of them, "
                                   f"got {messages!r:.80}")
-        return [self.tokenizer.apply_chat_template(c) for c in conversations]  # type: ignore[arg-type]
+        tokenizer = self._tokenizer_for("a chat")
+        return [tokenizer.apply_chat_template(c) for c in conversations]  # type: ignore[arg-type]
 
     def stream(self, prompts: Prompt | Sequence[Prompt],
                sampling_params: SamplingParams | None = None) -> Iterator[tuple[str, str]]:

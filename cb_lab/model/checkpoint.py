@@ -24,7 +24,7 @@ from cb_lab.model.hf_config import config_from_hf, config_to_hf, eos_token_ids, 
 from cb_lab.model.llama import LlamaModel
 from cb_lab.model.llama_config import LlamaConfig
 from cb_lab.model.registry import default_cache_dir, resolve_model
-from cb_lab.model.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from cb_lab.model.tokenizer import HFTokenizer, Tokenizer, default_tokenizer
 
 __all__ = ["load_llama", "save_llama"]
 
@@ -84,10 +84,10 @@ def _with_generation_eos(config: LlamaConfig, folder: Path) -> LlamaConfig:
     return replace(config, eos_token_ids=tuple(dict.fromkeys(config.eos_token_ids + more)))
 
 
-def _tokenizer(folder: Path, hf: dict[str, Any], config: LlamaConfig) -> Tokenizer:
+def _tokenizer(folder: Path, hf: dict[str, Any], config: LlamaConfig) -> Tokenizer | None:
     tokenizer_file = folder / "tokenizer.json"
     if not tokenizer_file.is_file():
-        return ByteTokenizer()
+        return default_tokenizer(config.vocab_size)
     if "model" not in read_json_object(tokenizer_file):
         raise ConfigurationError(f"{tokenizer_file} has no 'model' section, so it is not a tokenizers file; "
                                  "copy tokenizer.json again or remove it")
@@ -96,8 +96,9 @@ def _tokenizer(folder: Path, hf: dict[str, Any], config: LlamaConfig) -> Tokeniz
 
 
 def load_llama(path: str | Path, *, dtype: torch.dtype = torch.float32,
-               cache_dir: str | Path | None = None) -> tuple[LlamaModel, Tokenizer]:
-    """The model in ``path`` and its tokenizer (``tokenizer.json`` if present, else the byte tokenizer).
+               cache_dir: str | Path | None = None) -> tuple[LlamaModel, Tokenizer | None]:
+    """The model in ``path`` and its tokenizer: ``tokenizer.json`` if present, else the byte tokenizer
+    when the vocabulary holds its 258 ids, else None (a model of token ids only).
 
     ``path`` is a checkpoint folder, a ``.gguf`` file or a name from ``MODELS``; a GGUF is converted
     into a folder under ``cache_dir`` (default ``default_cache_dir()``) the first time, then read from it.
@@ -127,9 +128,9 @@ def save_llama(model: LlamaModel, path: str | Path, tokenizer: Tokenizer | None 
 
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    tok = tokenizer or ByteTokenizer()
-    (folder / "config.json").write_text(json.dumps(config_to_hf(model.config, tok.bos_token_id, tok.eos_token_id),
-                                                   indent=2))
+    tok = tokenizer or default_tokenizer(model.config.vocab_size)
+    bos, eos = (tok.bos_token_id, tok.eos_token_id) if tok is not None else (None, None)
+    (folder / "config.json").write_text(json.dumps(config_to_hf(model.config, bos, eos), indent=2))
     tied = model.config.tie_embeddings
     state = {_hf_name(n): t.detach().contiguous() for n, t in model.state_dict().items()
              if not (tied and n == "lm_head.weight")}

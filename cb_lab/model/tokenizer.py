@@ -18,7 +18,7 @@ from cb_lab.exceptions import ConfigurationError, ValidationError
 from cb_lab.model.chat import FALLBACK_CHAT_TEMPLATE, Message, render_chat
 from cb_lab.model.hf_config import read_json_object
 
-__all__ = ["ByteTokenizer", "HFTokenizer", "Tokenizer"]
+__all__ = ["ByteTokenizer", "HFTokenizer", "Tokenizer", "default_tokenizer"]
 
 
 class Tokenizer(Protocol):
@@ -121,3 +121,9 @@ class HFTokenizer:
         text = render_chat(self.chat_template or FALLBACK_CHAT_TEMPLATE, messages,
                            add_generation_prompt=add_generation_prompt, **self.special_tokens)
         return self.encode(text, add_bos=False)
+
+
+def default_tokenizer(vocab_size: int) -> Tokenizer | None:
+    """The tokenizer of a model that comes without one: the byte tokenizer when the vocabulary holds its
+    258 ids, else None (the model then takes token ids only)."""
+    return ByteTokenizer() if vocab_size >= ByteTokenizer.vocab_size else None
