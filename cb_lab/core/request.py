@@ -193,6 +193,16 @@ class Request:
         child._prefill_rows, child.prefill_pos = rows, rows.shape[0] - 1
         return child
 
+    def new_sample(self, req_id: str, sampling: SamplingParams) -> Request:
+        """A new request over this one's prompt, from scratch, on an empty cache of the same pool: a
+        sample of ``SamplingParams.n`` that waits for room to run (``Scheduler`` forks the others)."""
+        cache = self.kv_cache
+        if not (isinstance(cache, PagedKVCache) and cache.shares_pool):
+            raise RequestError(f"request {self.req_id!r} has a private cache; its samples need a PagedKVCache on a "
+                               "shared BlockPool")
+        return Request(req_id, self.prompt, self.max_new_tokens, cache.fork(0), sampling=sampling,
+                       eos_token_id=self.eos_token_id, parent_id=self.req_id)
+
     def append_kv(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         """Store new K/V rows ``[n, dim]`` in this request's cache."""
         self.kv_cache.append(k_new, v_new)

@@ -247,11 +247,25 @@ class Scheduler:
         return child
 
     def _fork_samples(self, req: Request) -> list[Request]:
-        """``SamplingParams.n``: once a request has drawn its first token, fork its other samples."""
+        """``SamplingParams.n``: once a request has drawn its first token, fork its other samples.
+
+        As many as ``max_num_seqs`` leaves room for run at once, sharing the prompt's blocks; the
+        others wait at the head of the queue as fresh requests over the same prompt (an empty fork of
+        the cache) and are admitted as requests leave, their prompt's full blocks found by prefix
+        caching. A sample draws the same tokens either way: its own params, its own random stream.
+        """
         params = req.sampling
         if params is None or params.n == 1 or req.parent_id is not None or len(req.generated_tokens) != 1:
             return []
-        return [self._fork(req, f"{req.req_id}.{i}", params.sample_params(i)) for i in range(1, params.n)]
+        running = sum(not r.finished for r in self.running)  # those finishing this step leave
+        room = params.n - 1 if self.max_num_seqs is None else max(self.max_num_seqs - running, 0)
+        samples = [(f"{req.req_id}.{i}", params.sample_params(i)) for i in range(1, params.n)]
+        forks = [self._fork(req, child_id, sampling) for child_id, sampling in samples[:room]]
+        waiting = [req.new_sample(child_id, sampling) for child_id, sampling in samples[room:]]
+        for child in waiting:
+            child.kv_cache.hooks = self.plugins.cache_plugins
+        self.waiting.extendleft(reversed(waiting))  # in sample order, before requests that came later
+        return forks + waiting
 
     def abort(self, req_id: str) -> Request:
         """Remove a waiting or running request at once and free its KV memory."""
