@@ -366,8 +366,10 @@ class Scheduler:
         if self.enable_prefix_caching:
             register_full_blocks(plan.prefill)
         for req, out in zip(requests, outputs):
+            if out.prompt_logprobs is not None:
+                req.prompt_logprobs.append(out.prompt_logprobs)
             if out.token is not None:
-                req.append_token(out.token)
+                req.append_token(out.token, out.logprobs)
         forks = [child for c in plan.prefill if c.completes_prompt for child in self._fork_samples(c.request)]
         for req in plan.decode:
             self._decode_turn[req.req_id] = self._next_turn
