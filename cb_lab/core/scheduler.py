@@ -269,18 +269,29 @@ class Scheduler:
 
     def abort(self, req_id: str) -> Request:
         """Remove a waiting or running request at once and free its KV memory."""
+        return self.finish_request(req_id, "abort")
+
+    def finish_request(self, req_id: str, finish_reason: str) -> Request:
+        """End a waiting or running request now and free its KV memory (vLLM's ``finish_requests``):
+        ``"abort"``, or ``"stop"`` when its caller found a stop string in its text; a stop counts as a
+        finished request (``on_request_completion`` fires), an abort does not."""
+        if finish_reason not in ("abort", "stop"):
+            raise SchedulerError(f"finish_reason must be 'abort' or 'stop', got {finish_reason!r}")
         req = next((r for r in self.active if r.req_id == req_id), None)
         if req is None:
-            raise SchedulerError(f"no active request {req_id!r} to abort; active: {[r.req_id for r in self.active]}")
+            raise SchedulerError(f"no active request {req_id!r} to {finish_reason}; active: "
+                                 f"{[r.req_id for r in self.active]}")
         if req in self.running:
             self.running.remove(req)
         else:
             self.waiting.remove(req)
         req.kv_cache.release()
-        req.aborted = req.finished = True
-        req.finish_reason = "abort"
+        req.aborted, req.finished, req.finish_reason = finish_reason == "abort", True, finish_reason
         self._decode_turn.pop(req_id, None)
-        logger.info("aborted %r", req)
+        logger.info("%s %r", "aborted" if req.aborted else "stopped", req)
+        if not req.aborted:
+            self.num_finished += 1
+            self.plugins.on_request_completion(req)
         return req
 
     def step(self) -> StepStats:
