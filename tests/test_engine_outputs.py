@@ -201,3 +201,43 @@ def test_stop_strings_need_a_tokenizer(tmp_path: Path) -> None:
         engine.add_request([3, 4], SamplingParams(stop="x"))
     out = engine.generate([[3, 4]], SamplingParams(max_tokens=3, temperature=0.0, logprobs=1))[0]
     assert out.text == "" and all(e.decoded_token is None for d in out.outputs[0].logprobs or [] for e in d.values())
+
+
+def test_the_split_executor_gives_the_same_outputs(tokenizer: HFTokenizer) -> None:
+    params = SamplingParams(max_tokens=6, temperature=0.7, seed=2, n=2, logprobs=2, prompt_logprobs=1, min_tokens=2,
+                            frequency_penalty=0.8, stop=" w9", include_stop_str_in_output=True)
+    runs = [LLMEngine(word_model(), tokenizer, EngineConfig(block_size=4, num_blocks=64, max_tokens_per_step=6,
+                                                            prefill_chunk_size=3, executor=executor))
+            .generate([PROMPT, "w3 w4 w5"], params) for executor in ("fused", "split")]
+    for fused, split in zip(*runs):
+        assert [c.token_ids for c in fused.outputs] == [c.token_ids for c in split.outputs]
+        assert [c.text for c in fused.outputs] == [c.text for c in split.outputs]
+        for a, b in zip(fused.outputs, split.outputs):
+            assert a.logprobs is not None and b.logprobs is not None
+            assert [list(d) for d in a.logprobs] == [list(d) for d in b.logprobs]
+            assert a.cumulative_logprob == pytest.approx(b.cumulative_logprob, abs=1e-4)
+        assert fused.prompt_logprobs is not None and split.prompt_logprobs is not None
+        assert [None if d is None else list(d) for d in fused.prompt_logprobs] == [
+            None if d is None else list(d) for d in split.prompt_logprobs]
+
+
+def test_logprobs_survive_preemption(tokenizer: HFTokenizer) -> None:
+    prompts = [PROMPT, "w3 w4 w5 w6 w8 w10 w12 w14 w16", "w30 w31", "w40 w41 w42 w43 w44 w45"]
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=1, prompt_logprobs=1, n=2)
+
+    def run(num_blocks: int) -> tuple[list[RequestOutput], int]:
+        engine = LLMEngine(word_model(), tokenizer, EngineConfig(block_size=2, num_blocks=num_blocks,
+                                                                 max_tokens_per_step=8, prefill_chunk_size=3))
+        return engine.generate(prompts, params), engine.scheduler.num_preemptions
+
+    (roomy, none), (tight, preempted) = run(200), run(14)
+    assert none == 0 and preempted > 0
+    for a, b in zip(roomy, tight):
+        assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
+        assert [[list(d) for d in c.logprobs or []] for c in a.outputs] == [
+            [list(d) for d in c.logprobs or []] for c in b.outputs]
+        assert a.prompt_logprobs is not None and b.prompt_logprobs is not None
+        assert len(a.prompt_logprobs) == len(b.prompt_logprobs) == len(a.prompt_token_ids)
+        for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+            assert x is not None and y is not None and list(x) == list(y)
+            assert [v.logprob for v in x.values()] == pytest.approx([v.logprob for v in y.values()], abs=1e-5)
