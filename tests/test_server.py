@@ -10,17 +10,21 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from helpers import make_llama
 
+from cb_lab import bench
 from cb_lab.engine import EngineConfig, LLMEngine
 from cb_lab.sampling import SamplingParams
 from cb_lab.server import RunningServer, start_server
+from cb_lab.workload_io import RequestSpec, save_workload
 
 MODEL = make_llama(vocab_size=258)
 CONFIG = EngineConfig(max_num_seqs=8, block_size=4, num_blocks=512, max_tokens_per_step=64, prefill_chunk_size=16)
@@ -108,9 +112,14 @@ def test_token_id_prompts_stop_strings_and_logprobs(client: openai.OpenAI) -> No
     answer = client.completions.create(model=NAME, prompt=ids, max_tokens=8, temperature=0, logprobs=2)
     choice = answer.choices[0]
     assert choice.text == expected.outputs[0].text and choice.logprobs is not None
-    chosen = [lp[t] for t, lp in zip(expected.outputs[0].token_ids, expected.outputs[0].logprobs or [])]
-    assert choice.logprobs.token_logprobs == pytest.approx([x.logprob if hasattr(x, "logprob") else x
-                                                            for x in chosen], abs=1e-5)
+    chosen = [lp[t].logprob for t, lp in zip(expected.outputs[0].token_ids, expected.outputs[0].logprobs or [])]
+    assert choice.logprobs.token_logprobs == pytest.approx(chosen, abs=1e-5) and len(chosen) == 8
+    assert all(1 <= len(top) <= 2 for top in choice.logprobs.top_logprobs or [])  # keyed by text: may collide
+    chat = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                          temperature=0, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content if chat.choices[0].logprobs else None
+    assert content is not None and len(content) == 4
+    assert all(len(t.top_logprobs) == 3 and t.top_logprobs[0].logprob >= t.logprob for t in content)
     stop = expected.outputs[0].text[3:5]
     cut = client.completions.create(model=NAME, prompt=ids, max_tokens=8, temperature=0, stop=[stop])
     assert cut.choices[0].text == expected.outputs[0].text[:expected.outputs[0].text.index(stop)]
@@ -136,7 +145,8 @@ def test_bad_bodies_get_openai_shaped_400s(server: RunningServer, body: dict[str
 
 
 def test_bad_json_another_model_and_the_client_error_class(server: RunningServer, client: openai.OpenAI) -> None:
-    r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json",
+                   headers={"content-type": "application/json"})
     assert r.status_code == 400 and "error" in r.json()
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.completions.create(model="gpt-9", prompt="x")
@@ -191,21 +201,24 @@ def test_a_hundred_requests_at_once_none_lost(server: RunningServer) -> None:
     assert server.engine.engine.pool.num_used_blocks == 0
 
 
-def test_a_full_queue_answers_503() -> None:
-    s = start_server(new_engine(EngineConfig(max_num_seqs=1, block_size=4, num_blocks=128)), NAME, max_waiting=1)
-    body = {"model": NAME, "prompt": "long", "max_tokens": 100, "temperature": 0, "ignore_eos": True, "stream": True}
+def test_a_full_queue_answers_503(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = start_server(new_engine(), NAME, max_waiting=1)
+    gate, real_step = threading.Event(), s.engine.engine.step
+    monkeypatch.setattr(s.engine.engine, "step", lambda: gate.wait(60) and real_step())  # the engine holds still
+    body = {"model": NAME, "prompt": "queued", "max_tokens": 4, "temperature": 0, "stream": True}
     try:
-        with httpx.stream("POST", s.url + "/v1/completions", json=body) as running:
-            next(line for line in running.iter_lines() if line.startswith("data: "))  # it runs: the batch is full
-            with httpx.stream("POST", s.url + "/v1/completions", json=body) as waiting:
-                assert waiting.status_code == 200
-                r = httpx.post(s.url + "/v1/completions", json={**body, "stream": False})
-                assert r.status_code == 503 and "max_waiting=1" in r.json()["error"]["message"]
+        with httpx.stream("POST", s.url + "/v1/completions", json=body) as queued:
+            assert queued.status_code == 200  # taken: it waits in the queue while the step is held
+            r = httpx.post(s.url + "/v1/completions", json={**body, "stream": False})
+            assert r.status_code == 503 and "max_waiting=1" in r.json()["error"]["message"]
+            gate.set()
+            assert any(line == "data: [DONE]" for line in queued.iter_lines())
     finally:
+        gate.set()
         s.stop()
 
 
-def test_the_serve_command_starts_and_answers(tmp_path: object) -> None:
+def test_the_serve_command_starts_and_answers() -> None:
     proc = subprocess.Popen([sys.executable, "-m", "cb_lab", "serve", "--model", "random", "--port", "0",
                              "--log-level", "warning", "--kv-memory-mb", "8"],
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -221,3 +234,42 @@ def test_the_serve_command_starts_and_answers(tmp_path: object) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+VLLM_KEYS = {"completed", "failed", "request_throughput", "output_throughput", "mean_ttft_ms", "median_ttft_ms",
+             "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "median_itl_ms",
+             "p99_itl_ms"}
+
+
+def bench_json(argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict[str, object]:
+    assert bench.main(["serve", *argv, "--json"]) == 0
+    result: dict[str, object] = json.loads(capsys.readouterr().out)
+    return result
+
+
+def test_bench_serve_measures_a_running_server(server: RunningServer, capsys: pytest.CaptureFixture[str]) -> None:
+    before = metric(server, "cb_lab:generation_tokens_total")
+    result = bench_json(["--base-url", server.url, "--num-prompts", "6", "--max-tokens", "5", "--ignore-eos",
+                         "--endpoint", "completions", "--request-rate", "50", "--goodput", "e2el:600000"], capsys)
+    assert VLLM_KEYS <= set(result)
+    assert (result["completed"], result["failed"], result["total_output_tokens"]) == (6, 0, 30)
+    assert metric(server, "cb_lab:generation_tokens_total") == before + 30  # what the server counted
+    assert result["request_goodput"] == pytest.approx(result["request_throughput"])  # every request within the SLO
+
+
+def test_bench_serve_replays_a_workload_file(server: RunningServer, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    specs = [RequestSpec(f"r{i}", i, 6 + i, 3 + i, prefix_id=0 if i % 2 else None, prefix_len=4 if i % 2 else 0)
+             for i in range(4)]
+    save_workload(specs, tmp_path / "w.json")
+    result = bench_json(["--base-url", server.url, "--workload", str(tmp_path / "w.json"), "--step-seconds", "0.01",
+                         "--ignore-eos", "--endpoint", "chat"], capsys)
+    assert (result["completed"], result["total_output_tokens"]) == (4, sum(s.max_new_tokens for s in specs))
+
+
+def test_bench_serve_counts_failures_and_exits_1_when_none_completed(server: RunningServer,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["serve", "--base-url", server.url, "--model", "not-served", "--num-prompts", "2", "--json"]
+    assert bench.main(argv) == 1
+    result = json.loads(capsys.readouterr().out)
+    assert (result["completed"], result["failed"]) == (0, 2) and "NotFoundError" in result["errors"][0]

@@ -36,10 +36,10 @@ import psutil
 
 from cb_lab.cli_generate import build_engine
 from cb_lab.engine import RequestOutput
-from cb_lab.sampling import SamplingParams
-from cb_lab.server.cli import start_server
 from cb_lab.exceptions import ValidationError
 from cb_lab.progress import ProgressBar
+from cb_lab.sampling import SamplingParams
+from cb_lab.server.cli import start_server
 from cb_lab.workload_io import load_workload
 
 __all__ = ["add_parser"]
@@ -223,29 +223,34 @@ def parse_slos(items: list[str]) -> dict[str, float]:
     return slos
 
 
+def _row(label: str, value: float, fmt: str = ">12.2f") -> str:
+    return f"{label + ':':<40}{value:{fmt}}"
+
+
 def report(summary: dict[str, Any]) -> str:
-    lines = [f"{'Successful requests:':<34}{summary['completed']:>12}", f"{'Failed requests:':<34}{summary['failed']:>12}",
-             f"{'Benchmark duration (s):':<34}{summary['duration']:>12.2f}",
-             f"{'Total input tokens:':<34}{summary['total_input_tokens']:>12}",
-             f"{'Total generated tokens:':<34}{summary['total_output_tokens']:>12}",
-             f"{'Request throughput (req/s):':<34}{summary['request_throughput']:>12.2f}",
-             f"{'Output token throughput (tok/s):':<34}{summary['output_throughput']:>12.2f}",
-             f"{'Total token throughput (tok/s):':<34}{summary['total_token_throughput']:>12.2f}"]
+    """The figures as ``vllm bench serve`` prints them."""
+    lines = [_row("Successful requests", summary["completed"], ">12"),
+             _row("Failed requests", summary["failed"], ">12"),
+             _row("Benchmark duration (s)", summary["duration"]),
+             _row("Total input tokens", summary["total_input_tokens"], ">12"),
+             _row("Total generated tokens", summary["total_output_tokens"], ">12"),
+             _row("Request throughput (req/s)", summary["request_throughput"]),
+             _row("Output token throughput (tok/s)", summary["output_throughput"]),
+             _row("Total token throughput (tok/s)", summary["total_token_throughput"])]
     if summary["request_goodput"] is not None:
-        lines.append(f"{'Request goodput (req/s):':<34}{summary['request_goodput']:>12.2f}")
+        lines.append(_row("Request goodput (req/s)", summary["request_goodput"]))
     for key, label in (("ttft", "Time to First Token"), ("tpot", "Time per Output Token (excl. 1st token)"),
                        ("itl", "Inter-token Latency"), ("e2el", "End-to-end Latency")):
-        lines.append(f"{'-' * 15}{label}{'-' * 15}")
-        for stat in ("mean", "median", "p99"):
-            lines.append(f"{f'{stat.capitalize()} {key.upper()} (ms):':<34}{summary[f'{stat}_{key}_ms']:>12.2f}")
+        lines.append(f"{label:-^52}")
+        lines += [_row(f"{stat.capitalize()} {key.upper()} (ms)", summary[f"{stat}_{key}_ms"])
+                  for stat in ("mean", "median", "p99")]
     if "server_vs_offline" in summary:
-        lines += [f"{'-' * 15}Against offline generate ({summary['model']}){'-' * 15}",
-                  f"{'Offline output throughput (tok/s):':<34}{summary['offline_output_throughput']:>12.2f}",
-                  f"{'Server / offline:':<34}{summary['server_vs_offline']:>12.2f}",
-                  f"{'RSS growth after warm-up (MB):':<34}{summary['rss_growth_mb']:>12.1f}",
-                  f"{'KV blocks in use after:':<34}{summary['blocks_in_use_after']:>12}"]
-    lines += [f"error: {e}" for e in summary["errors"]]
-    return "\n".join(lines)
+        lines += [f"{' Against offline generate ':-^52}", f"model: {summary['model']}",
+                  _row("Offline output throughput (tok/s)", summary["offline_output_throughput"]),
+                  _row("Server / offline", summary["server_vs_offline"]),
+                  _row("RSS growth after warm-up (MB)", summary["rss_growth_mb"], ">12.1f"),
+                  _row("KV blocks in use after", summary["blocks_in_use_after"], ">12")]
+    return "\n".join(lines + [f"error: {e}" for e in summary["errors"]])
 
 
 def main(args: argparse.Namespace) -> int:

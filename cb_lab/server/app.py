@@ -29,14 +29,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from cb_lab.async_engine import AsyncLLMEngine, EngineStepError, QueueFullError, RequestStream
-from cb_lab.outputs import RequestOutput
 from cb_lab.engine_inputs import Prompt
 from cb_lab.exceptions import CBLabException
+from cb_lab.outputs import RequestOutput
 from cb_lab.sampling import SamplingParams
 from cb_lab.server.metrics import ServerMetrics
 from cb_lab.server.protocol import ChatCompletionRequest, CompletionRequest, error_body
-from cb_lab.server.wire import (Delta, chat_chunk, chat_response, completion_chunk, completion_response, new_delta,
-                                usage)
+from cb_lab.server.wire import Delta, chat_chunk, chat_response, completion_chunk, completion_response, new_delta, usage
 
 __all__ = ["build_app"]
 
@@ -90,7 +89,7 @@ def build_app(engine: AsyncLLMEngine, model_name: str, metrics: ServerMetrics | 
         _check_model(body.model, model_name)
         params = _params(lambda: body.sampling_params(body.max_tokens, body.logprobs))
         top = body.logprobs or 0
-        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+        meta: dict[str, Any] = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         streams = await _add(engine, body.prompts(), params, meta["id"])
         if body.stream:
             return _sse(streams, params.n, lambda d: completion_chunk(meta, d, tokenizer, top), body.include_usage,
@@ -103,8 +102,9 @@ def build_app(engine: AsyncLLMEngine, model_name: str, metrics: ServerMetrics | 
         _check_model(body.model, model_name)
         top = (body.top_logprobs or 0) if body.logprobs else None
         params = _params(lambda: body.sampling_params(body.max_completion_tokens or body.max_tokens, top))
-        prompt = _params(lambda: tokenizer.apply_chat_template(body.conversation()))
-        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+        (prompt,) = _params(lambda: engine.engine.chat_prompts(body.conversation()))
+        meta: dict[str, Any] = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
+                                "model": model_name}
         streams = await _add(engine, [prompt], params, meta["id"])
         if body.stream:
             return _sse(streams, params.n, lambda d: chat_chunk(meta, d, tokenizer, top or 0), body.include_usage,

@@ -95,7 +95,8 @@ def serve_main(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     if args.max_waiting < 1:
         parser.error(f"--max-waiting must be >= 1, got {args.max_waiting}")
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    level = "WARNING" if args.quick else args.log_level.upper()  # --quick prints its own lines only
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     engine, about = build_engine(args)
     name = args.served_model_name or (args.model or about).split("/")[-1]
     if args.quick:
