@@ -12,8 +12,10 @@ Two subcommands run the serving simulation instead (``cb_lab/cli.py``, ``cb_lab/
     python -m cb_lab compare --quick --json          # one JSON object; --plot DIR writes PNGs
 
 Their flags: ``python -m cb_lab simulate --help``. ``python -m cb_lab generate "prompt" ...``
-runs a Llama-architecture model through ``LLMEngine`` (``cb_lab/cli_generate.py``), and
-``python -m cb_lab chat`` talks to it (``cb_lab/cli_chat.py``). Without a subcommand, the flags below.
+runs a Llama-architecture model through ``LLMEngine`` (``cb_lab/cli_generate.py``),
+``python -m cb_lab chat`` talks to it (``cb_lab/cli_chat.py``), ``python -m cb_lab serve`` serves it
+over an OpenAI-compatible HTTP API (``cb_lab/server/``), and ``python -m cb_lab bench ...`` is
+``python -m cb_lab.bench ...`` (``bench serve`` loads any such server). Without a subcommand, the flags below.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 import torch
 
+from cb_lab.bench import main as bench_main
 from cb_lab.cli import serve
 from cb_lab.cli_chat import chat_main
 from cb_lab.cli_generate import generate_main
@@ -34,6 +37,7 @@ from cb_lab.model.oracle import oracle_error
 from cb_lab.model.tiny_llm import TinyLLM
 from cb_lab.plugins.base import PluginManager
 from cb_lab.plugins.builtin import CacheCompressionPlugin, LoggingPlugin, MetricsPlugin
+from cb_lab.server.cli import serve_main
 from cb_lab.workload import random_requests, run_workload
 
 
@@ -41,7 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m cb_lab", description=__doc__.splitlines()[0],
         epilog="subcommands: simulate (one serving policy), compare (several, with ratios to static batching), "
-               "generate (text through LLMEngine), chat (talk to the model); see python -m cb_lab simulate --help",
+               "generate (text through LLMEngine), chat (talk to the model), serve (an OpenAI-compatible server), "
+               "bench (python -m cb_lab.bench); see python -m cb_lab simulate --help",
     )
     p.add_argument("--requests", type=int, default=12, help="number of requests (default 12)")
     p.add_argument("--dim", type=int, default=16, help="model / token dim (default 16)")
@@ -98,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         return generate_main(argv[1:])
     if argv[:1] == ["chat"]:
         return chat_main(argv[1:])
+    if argv[:1] == ["serve"]:
+        return serve_main(argv[1:])
+    if argv[:1] == ["bench"]:
+        return bench_main(argv[1:])
     args = parse_args(argv)
     plugins = PluginManager()
     metrics = MetricsPlugin()

@@ -291,7 +291,17 @@ def serve(argv: Sequence[str]) -> int:
         torch.set_num_threads(threads)
 
 
+def make_plot_dir(path: str, parser: argparse.ArgumentParser) -> None:
+    """Create ``--plot DIR`` before the run, so a folder that cannot be made fails now, not after the run."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        parser.error(f"--plot {path}: cannot create the folder ({e.strerror}); give a folder you can write to")
+
+
 def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.plot:
+        make_plot_dir(args.plot, parser)
     specs, about = load_specs(args, parser)
     names = [args.policy] if args.command == "simulate" else args.policies
     knobs = {"max_tokens_per_step": args.budget, "prefill_chunk_size": args.chunk, "max_num_seqs": args.max_num_seqs,

@@ -12,8 +12,9 @@ random weights and the byte tokenizer, whose text is noise but which runs every 
 second. ``--chat`` sends each prompt as a user message (after ``--system``, if given) through the
 model's chat template. ``--json`` prints one object:
 ``outputs`` (one per sample, in prompt order: ``request_id``, ``prompt``, ``token_ids``, ``text``,
-``finish_reason``, ``ttft_s``), ``tokens_per_s`` for the run and the prefix cache's
-``prefill_tokens_saved`` and ``prefix_hit_rate`` (``LLMEngine.cache_stats``).
+``finish_reason``, ``ttft_s``; with ``--n`` the samples of request ``id`` are ``id``, ``id.1`` ...),
+``tokens_per_s`` for the run and the prefix cache's ``prefill_tokens_saved`` and ``prefix_hit_rate``
+(``LLMEngine.cache_stats``).
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def generate_main(argv: Sequence[str]) -> int:
     max_tokens = min(args.max_tokens, 8) if args.quick else args.max_tokens
     if args.system is not None and not args.chat:
         parser.error("--system needs --chat")
-    texts = [p for p in prompts for _ in range(args.n if max_tokens > 0 else 1)]  # one per output, in order
+    texts = list(prompts)  # as given, before a chat template turns them into ids
     try:
         engine, model_name = build_engine(args)
         if args.chat:
@@ -133,11 +134,12 @@ def generate_main(argv: Sequence[str]) -> int:
     except (CBLabException, FileNotFoundError) as e:  # a bad value or file: a usage error that names it
         parser.error(str(e))
     wall = time.perf_counter() - start
-    tokens = sum(len(o.token_ids) for o in outputs)
+    tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
     report: dict[str, Any] = {
         "model": model_name,
-        "outputs": [{"request_id": o.request_id, "prompt": text, "token_ids": o.token_ids, "text": o.text,
-                     "finish_reason": o.finish_reason, "ttft_s": o.ttft_s} for o, text in zip(outputs, texts)],
+        "outputs": [{"request_id": o.request_id if c.index == 0 else f"{o.request_id}.{c.index}", "prompt": text,
+                     "token_ids": c.token_ids, "text": c.text, "finish_reason": c.finish_reason, "ttft_s": o.ttft_s}
+                    for o, text in zip(outputs, texts) for c in o.outputs],
         "steps": engine.scheduler.step_id, "wall_s": wall, "tokens_per_s": tokens / wall if wall > 0 else 0.0,
         **engine.cache_stats(),
     }

@@ -4,23 +4,23 @@
 
     engine = LLMEngine.from_pretrained("smollm2-135m-instruct")   # a name, a .gguf or a folder; or LLMEngine(model)
     outputs = engine.generate(["Hello", "Continuous batching is"], SamplingParams(max_tokens=32))
-    outputs[0].text, outputs[0].token_ids, outputs[0].finish_reason
+    outputs[0].outputs[0].text, outputs[0].outputs[0].token_ids   # vLLM's shape; outputs[0].text is the same
     engine.chat([{"role": "user", "content": "What is a KV cache?"}])[0].text   # through the chat template
 
 Underneath, every prompt becomes a token-id ``Request`` on one shared ``BlockPool`` (sized by
 ``EngineConfig.num_blocks``, or by a memory budget), and ``Scheduler.step()`` runs them all:
 chunked prefill, decode-first batching, admission and preemption, one fused forward per step.
-Drive it yourself with ``add_request`` / ``step`` / ``has_unfinished_requests``, or stream the
-text as it grows with ``stream``.
+``OutputProcessor`` turns the tokens into ``RequestOutput`` s (text, stop strings, logprobs, the
+``n`` samples of a request under one output). Drive it yourself with ``add_request`` / ``step`` /
+``has_unfinished_requests`` / ``abort``, or stream the text as it grows with ``stream``.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,20 +29,21 @@ from cb_lab.core.block_pool import BlockPool
 from cb_lab.core.kv_cache import PagedKVCache
 from cb_lab.core.request import Request
 from cb_lab.core.scheduler import EXECUTORS, Scheduler
-from cb_lab.detokenizer import IncrementalDetokenizer
 from cb_lab.engine_inputs import Prompt, as_params, as_prompt, as_prompts, check_ids
 from cb_lab.exceptions import CBLabException, ConfigurationError, ValidationError
 from cb_lab.model.chat import Message
 from cb_lab.model.checkpoint import load_llama
 from cb_lab.model.llama import LlamaModel
 from cb_lab.model.llama_step import LlamaStepModel
-from cb_lab.model.tokenizer import ByteTokenizer, Tokenizer
+from cb_lab.model.tokenizer import Tokenizer, default_tokenizer
+from cb_lab.output_processor import OutputProcessor
+from cb_lab.outputs import CompletionOutput, RequestOutput
 from cb_lab.progress import ProgressBar
 from cb_lab.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DTYPES", "EngineConfig", "LLMEngine", "RequestOutput"]
+__all__ = ["DTYPES", "CompletionOutput", "EngineConfig", "LLMEngine", "RequestOutput"]
 
 _CACHE_COUNTS = ("prefix_hit_tokens", "admitted_prompt_tokens", "kv_evictions", "kv_copies")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -86,26 +87,6 @@ class EngineConfig:
         return config_html(self)
 
 
-@dataclass(slots=True)
-class RequestOutput:
-    """One request's result so far (``finished`` once it has all its tokens)."""
-
-    request_id: str
-    prompt: str | list[int]
-    prompt_token_ids: list[int]
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None  # "length", "stop" or "abort"
-    finished: bool = False
-    arrival_time: float = 0.0  # time.perf_counter() when it was added
-    token_times: list[float] = field(default_factory=list)  # seconds after arrival, one per token
-
-    @property
-    def ttft_s(self) -> float | None:
-        """Time to the first token, in seconds."""
-        return self.token_times[0] if self.token_times else None
-
-
 class LLMEngine:
     """A Llama-architecture model, a tokenizer and a scheduler over one shared block pool."""
 
@@ -118,10 +99,14 @@ class LLMEngine:
         if config is not None and not isinstance(config, EngineConfig):
             raise ConfigurationError(f"config must be an EngineConfig, got {type(config).__name__}")
         self.config = config or EngineConfig()
-        self.tokenizer: Tokenizer = tokenizer or ByteTokenizer()
-        if self.tokenizer.vocab_size > model.config.vocab_size:
+        # None: the byte tokenizer if the vocabulary holds it, else no tokenizer (token-id prompts only).
+        self.tokenizer = tokenizer if tokenizer is not None else default_tokenizer(model.config.vocab_size)
+        if self.tokenizer is not None and self.tokenizer.vocab_size > model.config.vocab_size:
             raise ConfigurationError(f"the tokenizer has {self.tokenizer.vocab_size} ids but the model's vocab_size "
                                      f"is {model.config.vocab_size}")
+        # Every id that ends a generation: the tokenizer's EOS and config.json's / generation_config.json's.
+        eos = self._eos_token_id
+        self.eos_token_ids = frozenset(model.config.eos_token_ids) | ({eos} if eos is not None else set())
         dtype = DTYPES[self.config.dtype]
         # Another dtype means a converted copy: the caller's model stays as it was.
         self.model = LlamaStepModel(model if model.dtype == dtype else copy.deepcopy(model).to(dtype))
@@ -132,9 +117,7 @@ class LLMEngine:
                               device=self.model.device)
         self.scheduler = Scheduler(self.model, c.max_tokens_per_step, c.prefill_chunk_size, executor=c.executor,
                                    max_num_seqs=c.max_num_seqs, enable_prefix_caching=c.enable_prefix_caching)
-        self.outputs: dict[str, RequestOutput] = {}  # of the requests not finished yet
-        self._requests: dict[str, Request] = {}
-        self._detokenizers: dict[str, IncrementalDetokenizer] = {}  # of the requests not finished yet
+        self.output_processor = OutputProcessor(self.tokenizer)
         self._next_id = 0
         self._counts = dict.fromkeys(_CACHE_COUNTS, 0)  # prefix-cache counts summed over the steps
         logger.info("LLMEngine: %d KV blocks of %d tokens (%.1f MB)", num_blocks, c.block_size,
@@ -159,6 +142,11 @@ class LLMEngine:
         model, tokenizer = load_llama(path, cache_dir=cache_dir)
         return cls(model, tokenizer, config)
 
+    @property
+    def outputs(self) -> dict[str, RequestOutput]:
+        """The outputs of the requests not finished yet, by request id."""
+        return self.output_processor.outputs
+
     def add_request(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
         """Queue one prompt (text, or token ids); returns its request id. Everything is checked
@@ -167,29 +155,63 @@ class LLMEngine:
         (params,) = as_params(sampling_params, 1)
         if prompt == "":
             raise ValidationError("the prompt is empty text; give some text (a BOS alone is not a prompt)")
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = self._tokenizer_for(prompt).encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise ValidationError(f"prompt {prompt!r} has no tokens; give at least one")
         if request_id is None:
-            while f"req-{self._next_id}" in self.outputs:  # skip ids the caller chose themselves
+            while self.output_processor.is_used(f"req-{self._next_id}"):  # skip ids the caller chose themselves
                 self._next_id += 1
             request_id = f"req-{self._next_id}"
             self._next_id += 1
-        if request_id in self.outputs:
-            raise ValidationError(f"request id {request_id!r} is already used; give another")
+        self._check_ids(request_id, params)
         vocab = self.model.model.config.vocab_size
         check_ids(ids, vocab, f"prompt of {request_id}")
-        check_ids(params.stop_token_ids, vocab, f"stop_token_ids of {request_id}")
+        self._check_params(request_id, params, vocab)
         self._check_room(request_id, len(ids), params.max_tokens)
         cache = PagedKVCache(self.config.block_size, pool=self.pool)
         req = Request(request_id, torch.tensor(ids, device=self.model.device), params.max_tokens, cache,
-                      sampling=params, eos_token_id=self.tokenizer.eos_token_id)
+                      sampling=self._with_eos(params), eos_token_id=self._eos_token_id)
         self.scheduler.add_request(req)
-        self._requests[request_id] = req
-        self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer)
-        self.outputs[request_id] = RequestOutput(request_id, prompt if isinstance(prompt, str) else list(ids), ids,
-                                                 arrival_time=time.perf_counter(), finished=req.finished)
+        self.output_processor.add_request(req, prompt if isinstance(prompt, str) else list(ids), params)
         return request_id
+
+    def _check_ids(self, request_id: str, params: SamplingParams) -> None:
+        """The id, and those its samples will take (``id.1`` ...), are free."""
+        taken = [i for i in [request_id, *(f"{request_id}.{j}" for j in range(1, params.n))]
+                 if self.output_processor.is_used(i)]
+        if taken:
+            raise ValidationError(f"request id {taken[0]!r} is already used; give another")
+
+    def _check_params(self, request_id: str, params: SamplingParams, vocab: int) -> None:
+        check_ids(params.stop_token_ids, vocab, f"stop_token_ids of {request_id}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > vocab:
+                raise ValidationError(f"{request_id}: {name}={k} asks for more ids than the vocabulary's {vocab}; "
+                                      f"give at most {vocab}")
+        if params.stop and self.tokenizer is None:
+            raise ValidationError(f"{request_id}: stop strings {list(params.stop)} need a tokenizer to read the text, "
+                                  "and this model has none; give stop_token_ids instead")
+
+    @property
+    def _eos_token_id(self) -> int | None:
+        return None if self.tokenizer is None else self.tokenizer.eos_token_id
+
+    def _tokenizer_for(self, prompt: str) -> Tokenizer:
+        """The tokenizer, for a text prompt; a model without one takes token ids only."""
+        if self.tokenizer is None:
+            raise ValidationError(f"there is no tokenizer for this model's vocabulary of "
+                                  f"{self.model.model.config.vocab_size} ids, so it cannot encode {prompt!r:.40}; "
+                                  "pass token ids (a list of ints), or give the model a tokenizer.json")
+        return self.tokenizer
+
+    def _with_eos(self, params: SamplingParams) -> SamplingParams:
+        """``params`` that also stop at the EOS ids beyond the tokenizer's (unless ``ignore_eos``), as vLLM's
+        ``update_from_generation_config`` adds a Llama 3 generation config's end-of-turn ids to the stop ids."""
+        more = self.eos_token_ids - {self._eos_token_id} - set(params.stop_token_ids)
+        if params.ignore_eos or not more:
+            return params
+        return replace(params, stop_token_ids=params.stop_token_ids + tuple(sorted(more)))
 
     def _check_room(self, request_id: str, prompt_len: int, max_tokens: int) -> None:
         """The request fits the model's context and, alone, the block pool."""
@@ -205,8 +227,7 @@ class LLMEngine:
                                   "kv_memory_mb or num_blocks, or lower max_tokens")
 
     def _add_all(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[str]:
-        """Queue every prompt or none: if one is refused, those already queued are aborted. Returns the
-        ids of every sample to wait for (``n`` per prompt)."""
+        """Queue every prompt or none: if one is refused, those already queued are aborted. Returns their ids."""
         added: list[str] = []
         try:
             for prompt, sp in zip(prompts, params):
@@ -215,51 +236,30 @@ class LLMEngine:
             for request_id in added:
                 self.abort(request_id)
             raise
-        return [i for request_id, sp in zip(added, params) for i in _sample_ids(request_id, sp)]
+        return added
 
     def _abort_unfinished(self, request_ids: Sequence[str]) -> None:
         """Abort what is left of ``request_ids`` (a caller that stopped waiting for them)."""
         for request_id in request_ids:
-            if request_id in self._requests:
+            if request_id in self.outputs:
                 self.abort(request_id)
-
-    def _track_forks(self) -> None:
-        """Give an output to each sample the scheduler has just forked (``SamplingParams.n``)."""
-        for req in self.scheduler.running:
-            parent = self.outputs.get(req.parent_id or "")
-            if parent is not None and req.req_id not in self._requests:
-                self._requests[req.req_id] = req
-                self._detokenizers[req.req_id] = IncrementalDetokenizer(self.tokenizer)
-                self.outputs[req.req_id] = RequestOutput(req.req_id, parent.prompt, parent.prompt_token_ids,
-                                                         arrival_time=parent.arrival_time)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.scheduler.active)
 
     def step(self) -> list[RequestOutput]:
-        """One scheduler step; the outputs of the requests that got a token or finished in it.
+        """One scheduler step; the outputs of the requests (one per request id, with all its samples) that
+        got a token or finished in it.
 
         A finished request is reported once, then the engine forgets it (the caller has its output).
+        A sample whose text has reached a stop string is stopped here, before the next step runs.
         """
         stats = self.scheduler.step()
         for key in _CACHE_COUNTS:
             self._counts[key] += stats[key]
-        self._track_forks()
-        now, changed = time.perf_counter(), []
-        for request_id, req in list(self._requests.items()):
-            out = self.outputs[request_id]
-            if len(req.generated_tokens) == len(out.token_ids) and not req.finished:
-                continue
-            new = [int(t) for t in req.generated_tokens[len(out.token_ids):]]
-            out.token_ids += new
-            out.token_times += [now - out.arrival_time] * len(new)
-            detokenizer = self._detokenizers[request_id]
-            detokenizer.add(out.token_ids, finished=req.finished)  # only the new ids' text: O(new) per step
-            out.text = detokenizer.text
-            out.finished, out.finish_reason = req.finished, req.finish_reason
-            changed.append(out)
-            if req.finished:
-                del self._requests[request_id], self.outputs[request_id], self._detokenizers[request_id]
+        changed, stopped = self.output_processor.process_outputs(self.scheduler.active)
+        for sample_id in stopped:
+            self.scheduler.finish_request(sample_id, "stop")
         return changed
 
     def cache_stats(self) -> dict[str, int | float | None]:
@@ -272,19 +272,17 @@ class LLMEngine:
                 "kv_evictions": c["kv_evictions"], "kv_copies": c["kv_copies"]}
 
     def abort(self, request_id: str) -> RequestOutput:
-        """Stop a request now (its blocks go back to the pool); returns its output so far."""
-        if request_id not in self._requests:
-            raise ValidationError(f"no unfinished request {request_id!r}; unfinished: {sorted(self._requests)}")
-        self.scheduler.abort(request_id)
-        out = self.outputs.pop(request_id)
-        del self._requests[request_id], self._detokenizers[request_id]
-        out.finished, out.finish_reason = True, "abort"
-        return out
+        """Stop a request and all its samples now (their blocks go back to the pool); returns its output so far."""
+        if request_id not in self.outputs:
+            raise ValidationError(f"no unfinished request {request_id!r}; unfinished: {sorted(self.outputs)}")
+        for req in [r for r in self.scheduler.active if request_id in (r.req_id, r.parent_id)]:
+            self.scheduler.abort(req.req_id)
+        return self.output_processor.abort(request_id)
 
     def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams |
                  Sequence[SamplingParams] | None = None, *, progress: bool | None = None) -> list[RequestOutput]:
-        """Run every prompt to the end; outputs in prompt order (``n`` samples: ``n`` outputs, ids
-        ``id``, ``id.1``, ...). ``progress``: a bar (None: on a terminal)."""
+        """Run every prompt to the end; one output per prompt, in prompt order, each with its ``n`` samples
+        in ``outputs``. ``progress``: a bar (None: on a terminal)."""
         batch = as_prompts(prompts)
         ids = self._add_all(batch, as_params(sampling_params, len(batch)))
         done: dict[str, RequestOutput] = {}
@@ -313,32 +311,33 @@ class LLMEngine:
         if isinstance(conversations, (str, bytes)) or not isinstance(conversations, Sequence) or not conversations:
             raise ValidationError(f"chat takes a conversation (a list of message dicts) or a list of them, "
                                   f"got {messages!r:.80}")
-        return [self.tokenizer.apply_chat_template(c) for c in conversations]  # type: ignore[arg-type]
+        tokenizer = self._tokenizer_for("a chat")
+        return [tokenizer.apply_chat_template(c) for c in conversations]  # type: ignore[arg-type]
 
     def stream(self, prompts: Prompt | Sequence[Prompt],
                sampling_params: SamplingParams | None = None) -> Iterator[tuple[str, str]]:
-        """``(request_id, new text)`` as tokens come, until every prompt is done.
+        """``(id, new text)`` as tokens come, until every prompt is done. With ``n > 1`` each sample
+        streams under its own id: the request id for the first, then ``id.1``, ``id.2`` ...
 
-        Text that ends inside a multi-byte character waits for the rest of it. Leaving the loop
-        early (``break``, or closing the iterator) aborts the requests still running.
+        Text that ends inside a multi-byte character waits for the rest of it (and text that may be
+        the start of a stop string, for the next tokens). Leaving the loop early (``break``, or
+        closing the iterator) aborts the requests still running.
         """
         batch = as_prompts(prompts)
         ids = self._add_all(batch, as_params(sampling_params, len(batch)))
-        shown, finished = dict.fromkeys(ids, ""), set[str]()
+        shown: dict[str, int] = {}  # sample id -> characters yielded
+        finished = set[str]()
         try:
             while len(finished) < len(ids):
                 for out in self.step():
-                    if out.finished and out.request_id in shown:
+                    if out.request_id not in ids:
+                        continue
+                    if out.finished:
                         finished.add(out.request_id)
-                    if out.request_id in shown and len(out.text) > len(shown[out.request_id]):
-                        yield out.request_id, out.text[len(shown[out.request_id]):]
-                        shown[out.request_id] = out.text
+                    for c in out.outputs:
+                        name = out.request_id if c.index == 0 else f"{out.request_id}.{c.index}"
+                        if len(c.text) > shown.get(name, 0):
+                            yield name, c.text[shown.get(name, 0):]
+                            shown[name] = len(c.text)
         finally:
             self._abort_unfinished(ids)
-
-
-def _sample_ids(request_id: str, params: SamplingParams | None) -> list[str]:
-    """The ids of a request's samples: itself, then its forks ``id.1`` ... (``SamplingParams.n``)."""
-    n = 1 if params is None or params.max_tokens == 0 else params.n  # nothing drawn: nothing to fork
-    return [request_id] + [f"{request_id}.{i}" for i in range(1, n)]
-

@@ -112,7 +112,12 @@ def save_workload(specs: Sequence[RequestSpec], path: str | Path) -> None:
     specs = check_specs(specs)
     path, suffix = _workload_path(path)
     rows = [{f: getattr(s, f) for f in FIELDS} for s in specs]
-    with path.open("w", encoding="utf-8", newline="") as f:
+    try:
+        f = path.open("w", encoding="utf-8", newline="")
+    except OSError as e:  # a missing folder, a read-only place: named here, not as a traceback
+        raise ConfigurationError(f"cannot write the workload file {path}: {e.strerror}; give a path in a folder "
+                                 "you can write to") from None
+    with f:
         if suffix == ".json":
             f.write(json.dumps(rows, indent=1) + "\n")
         else:

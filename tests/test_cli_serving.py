@@ -199,3 +199,22 @@ def test_a_small_model_runs_on_one_thread_and_the_caller_keeps_its_own(
     out = capsys.readouterr().out
     assert f", {expected} torch thread{'s' if expected > 1 else ''}; latencies in steps" in out
     assert "tok/s and wall s are this machine's clock" in out  # the wall-clock figures carry their caveat
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["simulate", "--plot", "/proc/x"], "--plot /proc/x"),
+    (["simulate", "--save-workload", "/nope/x.json"], "/nope/x.json"),
+])
+def test_unwritable_output_paths_are_refused_before_the_run(argv: list[str], named: str,
+                                                             capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_run(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the run started before its output paths were checked")
+
+    monkeypatch.setattr(cli, "simulate", no_run)
+    monkeypatch.setattr(cli, "warm_up", no_run)
+    with pytest.raises(SystemExit) as exc:
+        cli.serve(argv + ["--quick"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err

@@ -172,19 +172,45 @@ def test_n_samples_prefill_once_and_each_equals_its_params_run_alone(prompt_len:
     assert pool.num_used_blocks == 0
 
 
+@pytest.mark.parametrize("max_num_seqs", [1, 2, 3])
+def test_samples_beyond_max_num_seqs_wait_for_room_and_still_equal_their_params_run_alone(max_num_seqs: int) -> None:
+    model = LlamaStepModel(make_llama(VOCAB))
+    prompt = torch.randint(0, VOCAB, (9,), generator=torch.Generator().manual_seed(2))
+    params = SamplingParams(max_tokens=5, temperature=1.0, seed=21, n=3)
+    other = SamplingParams(max_tokens=4, temperature=0.0)
+    pool = BlockPool(32, BS, model.kv_dim)
+    sched = Scheduler(model, 64, 64, max_num_seqs=max_num_seqs, check_invariants=True, enable_prefix_caching=True)
+    parent = Request("q", prompt, 5, PagedKVCache(BS, pool=pool), sampling=params)
+    late = Request("late", prompt[:5], 4, PagedKVCache(BS, pool=pool), sampling=other)
+    for req in (parent, late):
+        sched.add_request(req)
+    seen: dict[str, Request] = {}
+    while sched.active:
+        sched.step()
+        assert len(sched.running) <= max_num_seqs
+        seen |= {r.req_id: r for r in sched.active}
+    assert sorted(seen) == ["late", "q", "q.1", "q.2"]
+    for i, name in enumerate(["q", "q.1", "q.2"]):
+        assert [int(t) for t in seen[name].generated_tokens] == run_alone(model, prompt, params.sample_params(i))
+    assert [int(t) for t in late.generated_tokens] == run_alone(model, prompt[:5], other)
+    assert pool.num_used_blocks == 0
+
+
 def test_the_engine_returns_n_outputs_per_prompt_each_equal_to_its_params_run_alone() -> None:
     m = make_llama(258)  # the byte tokenizer's ids
     engine = LLMEngine(m, config=EngineConfig(block_size=BS, num_blocks=64, max_tokens_per_step=32,
                                               prefill_chunk_size=16))
     params = SamplingParams(max_tokens=6, temperature=0.9, seed=3, n=3, ignore_eos=True)
     outs = engine.generate([[5, 6, 7, 8, 9, 10, 11], [1, 2, 3]], params, progress=False)
-    assert [o.request_id for o in outs] == ["req-0", "req-0.1", "req-0.2", "req-1", "req-1.1", "req-1.2"]
+    assert [o.request_id for o in outs] == ["req-0", "req-1"]  # one output per prompt, its samples inside
     alone = LlamaStepModel(m)
-    for out, i in zip(outs, [0, 1, 2, 0, 1, 2]):
-        assert out.token_ids == run_alone(alone, torch.tensor(out.prompt_token_ids), params.sample_params(i))
-        assert out.finished and out.prompt_token_ids == ([5, 6, 7, 8, 9, 10, 11] if out.request_id < "req-1" else
-                                                          [1, 2, 3])
-    assert len({tuple(o.token_ids) for o in outs[:3]}) > 1, "different seeds draw different samples"
+    for out, prompt in zip(outs, [[5, 6, 7, 8, 9, 10, 11], [1, 2, 3]]):
+        assert out.finished and out.prompt_token_ids == prompt and [c.index for c in out.outputs] == [0, 1, 2]
+        for c in out.outputs:
+            assert c.token_ids == run_alone(alone, torch.tensor(prompt), params.sample_params(c.index))
+            assert c.finish_reason == "length" and c.text == engine.tokenizer.decode(c.token_ids)  # type: ignore[union-attr]
+        assert out.token_ids == out.outputs[0].token_ids and out.text == out.outputs[0].text  # the first sample's
+    assert len({tuple(c.token_ids) for c in outs[0].outputs}) > 1, "different seeds draw different samples"
     assert engine.pool.num_used_blocks == 0
     streamed: dict[str, str] = {}
     for request_id, text in engine.stream("abc", SamplingParams(max_tokens=3, n=2, seed=1, ignore_eos=True)):

@@ -259,7 +259,7 @@ def test_the_engine_and_its_configs_show_their_state() -> None:
     params = SamplingParams(temperature=0, stop_token_ids=[7, 8])
     shown = params._repr_html_()
     changed = [field for field, value, default in tables(shown)["fields"].texts() if value != default]
-    assert changed == ["temperature", "stop_token_ids"] and "set <b>2 of 8 fields (bold)</b>" in shown
+    assert changed == ["temperature", "stop_token_ids"] and "set <b>2 of 16 fields (bold)</b>" in shown
     assert shown.count("<b>") == 2 + len(changed)  # the title, the count, and each changed value
     assert "(7, 8)" in shown  # a value is shown as its repr (stop ids refuse anything but ints, so no markup)
     assert repr(params).startswith("SamplingParams(max_tokens=16, temperature=0,")  # the dataclass's, as before

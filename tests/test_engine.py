@@ -134,7 +134,8 @@ def test_bad_requests_and_configs(engine: LLMEngine) -> None:
             EngineConfig(**bad)  # type: ignore[arg-type]
     small_vocab = LlamaModel(LlamaConfig(vocab_size=100, dim=16, n_heads=2, n_kv_heads=1, ffn_dim=24))
     with pytest.raises(ConfigurationError, match="258 ids but the model's vocab_size is 100"):
-        LLMEngine(small_vocab)
+        LLMEngine(small_vocab, ByteTokenizer())
+    assert LLMEngine(small_vocab).tokenizer is None  # none given, none that fits: token ids only
 
 
 # --- python -m cb_lab generate ----------------------------------------------------------------------
@@ -233,3 +234,39 @@ def test_generate_cli_n_samples_and_the_cache_stats(capsys: pytest.CaptureFixtur
               "--block-size", "4"]
     assert run_cli(shared, capsys)["prefill_tokens_saved"] == 16
     assert run_cli([*shared, "--no-prefix-caching"], capsys)["prefill_tokens_saved"] == 0
+
+
+@pytest.mark.parametrize("where", ["config.json", "generation_config.json"])
+def test_a_list_of_eos_ids_stops_at_any_of_them(tmp_path: Path, where: str) -> None:
+    m = model(seed=4)
+    save_llama(m, tmp_path)
+    ids = ByteTokenizer().encode("KV")
+    want = greedy_reference(m, ids, 8)
+    stop_at = next(i for i, t in enumerate(want) if t != 257 and i >= 2)
+    file = tmp_path / where
+    settings = json.loads(file.read_text()) if file.is_file() else {}
+    file.write_text(json.dumps(settings | {"eos_token_id": [257, want[stop_at]]}))  # Llama 3 style
+    engine = LLMEngine.from_pretrained(tmp_path)
+    assert {257, want[stop_at]} <= engine.eos_token_ids
+    out = engine.generate([ids], SamplingParams(max_tokens=8, temperature=0.0))[0]
+    assert out.token_ids == want[: want.index(want[stop_at]) + 1] and out.finish_reason == "stop"
+    ignored = engine.generate([ids], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]
+    assert ignored.token_ids == want and ignored.finish_reason == "length"
+
+
+def test_a_checkpoint_without_a_tokenizer_takes_token_ids(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    m = LlamaModel(LlamaConfig(vocab_size=256, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=48), seed=1)
+    save_llama(m, tmp_path / "ckpt")  # a byte-level model's plain save: config.json + weights, no tokenizer.json
+    assert not (tmp_path / "ckpt" / "tokenizer.json").exists()
+    engine = LLMEngine.from_pretrained(tmp_path / "ckpt")
+    assert engine.tokenizer is None
+    out = engine.generate([[72, 105, 33]], GREEDY)[0]
+    assert out.token_ids == greedy_reference(m, [72, 105, 33], 8) and out.text == ""
+    with pytest.raises(ValidationError, match="no tokenizer for this model's vocabulary of 256 ids.*pass token ids"):
+        engine.generate("Hi", GREEDY)
+    with pytest.raises(ValidationError, match="no tokenizer"):
+        engine.chat([{"role": "user", "content": "Hi"}])
+    prompts = tmp_path / "ids.json"
+    prompts.write_text(json.dumps([[72, 105, 33], [1, 2]]))
+    data = run_cli(["--model", str(tmp_path / "ckpt"), "--prompts", str(prompts), "--max-tokens", "4"], capsys)
+    assert [o["token_ids"] for o in data["outputs"]] == [greedy_reference(m, p, 4) for p in ([72, 105, 33], [1, 2])]

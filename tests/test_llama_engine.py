@@ -24,6 +24,7 @@ from cb_lab.core.block_pool import BlockPool  # noqa: E402
 from cb_lab.core.kv_cache import BaseKVCache, DenseKVCache, PagedKVCache  # noqa: E402
 from cb_lab.core.request import Request  # noqa: E402
 from cb_lab.core.scheduler import Scheduler  # noqa: E402
+from cb_lab.engine import EngineConfig, LLMEngine  # noqa: E402
 from cb_lab.model.checkpoint import load_llama  # noqa: E402
 from cb_lab.model.llama_step import LlamaStepModel  # noqa: E402
 from cb_lab.sampling import SamplingParams  # noqa: E402
@@ -169,3 +170,33 @@ def test_a_request_stops_at_eos_and_gives_its_blocks_back(hf_and_ours: tuple[Any
     assert [int(t) for t in ignore.generated_tokens] == want and ignore.finish_reason == "length"
     assert [int(t) for t in stop_ids.generated_tokens] == want[: want.index(want[1]) + 1]
     assert pool.num_used_blocks == 0
+
+
+def test_logprobs_equal_hf_log_softmax_under_chunks_prefix_hits_and_penalties(
+        hf_and_ours: tuple[Any, LlamaStepModel]) -> None:
+    hf, ours = hf_and_ours
+    engine = LLMEngine(ours.model, config=EngineConfig(block_size=4, num_blocks=200, max_tokens_per_step=16,
+                                                        prefill_chunk_size=5, max_num_seqs=6))
+    assert engine.tokenizer is None  # 97 ids: token-id prompts, numbers out
+    batch = prompts()[:8]
+    params = [SamplingParams(max_tokens=NEW, temperature=0.0, logprobs=4, prompt_logprobs=3),
+              SamplingParams(max_tokens=NEW, temperature=0.8, seed=7, logprobs=2, prompt_logprobs=1,
+                             repetition_penalty=1.3, frequency_penalty=0.5, n=2)]
+    for _ in range(2):  # the second round finds the first's blocks cached: the rows of prompt logprobs run anyway
+        asked = [params[i % 2] for i in range(len(batch))]
+        for out, p in zip(engine.generate(batch, asked, progress=False), asked):
+            ids = out.prompt_token_ids
+            for c in out.outputs:
+                with torch.no_grad():
+                    want = hf(torch.tensor([ids + c.token_ids[:-1]])).logits[0].log_softmax(-1)  # [L + NEW - 1, V]
+                k = p.logprobs or 0
+                assert c.logprobs is not None and len(c.logprobs) == len(c.token_ids)
+                for row, token, entry in zip(want[len(ids) - 1 :], c.token_ids, c.logprobs):  # the token, the k best
+                    assert list(entry)[0] == token and set(entry) == {token, *row.topk(k).indices.tolist()}
+                    torch.testing.assert_close(torch.tensor([e.logprob for e in entry.values()]), row[list(entry)],
+                                               rtol=0, atol=1e-4)
+            prompt_lp = out.prompt_logprobs or []
+            assert len(prompt_lp) == len(ids) and prompt_lp[0] is None
+            got_prompt = [e[ids[p]].logprob for p, e in enumerate(prompt_lp) if e is not None]
+            torch.testing.assert_close(torch.tensor(got_prompt), want[torch.arange(len(ids) - 1), ids[1:]],
+                                       rtol=0, atol=1e-4)

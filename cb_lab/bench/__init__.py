@@ -1,4 +1,4 @@
-"""``python -m cb_lab.bench [workload|fused|memory|soak|llama|real|prefix]``: benchmarks that print tables.
+"""``python -m cb_lab.bench [workload|fused|memory|soak|llama|real|prefix|serve]``: benchmarks that print tables.
 
 - ``workload`` (what runs without a subcommand, ``workload.py``): a seeded workload to
   completion: steps, wall time, tokens/s, RSS growth.
@@ -12,6 +12,8 @@
   equal-length answers, against the same HF ways, the floor, and where the step time goes.
 - ``prefix`` (``prefix.py``): prefix caching on vs off on a shared system prompt (prefill
   tokens, TTFT, total time), and its cost without a shared prefix.
+- ``serve`` (``serve.py``, also ``python -m cb_lab bench serve``): a load generator for any
+  OpenAI-compatible server, with ``vllm bench serve``'s figures.
 
 Every configuration runs in the same process, so compare them as ratios from one run.
 ``--quick`` shrinks each to a few seconds (tests run that). ``docs/benchmarks.md`` records them.
@@ -25,17 +27,17 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from cb_lab.bench import fused, llama, memory, prefix, real, soak, workload
+from cb_lab.bench import fused, llama, memory, prefix, real, serve, soak, workload
 
 __all__ = ["COMMANDS", "main", "parse_args"]
 
-COMMANDS = ("workload", "fused", "memory", "soak", "llama", "real", "prefix")
+COMMANDS = ("workload", "fused", "memory", "soak", "llama", "real", "prefix", "serve")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m cb_lab.bench", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
-    for command in (workload, fused, memory, soak, llama, real, prefix):
+    for command in (workload, fused, memory, soak, llama, real, prefix, serve):
         command.add_parser(sub)
     for parser in sub.choices.values():
         parser.add_argument("--seed", type=int, default=0)

@@ -187,7 +187,7 @@ def bench_workload(name: str, engine: LLMEngine, hf: Any, prompts: list[list[int
                    args: argparse.Namespace, rate: float) -> None:
     import transformers
 
-    eos = None if params.ignore_eos else engine.tokenizer.eos_token_id
+    eos = None if params.ignore_eos or engine.tokenizer is None else engine.tokenizer.eos_token_id
     config = transformers.GenerationConfig(  # type: ignore[no-untyped-call]
         max_new_tokens=params.max_tokens, do_sample=False, eos_token_id=eos, pad_token_id=2)
     ours, ttfts = run_ours(engine, prompts, params)

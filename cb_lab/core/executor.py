@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from itertools import accumulate
 from typing import Protocol
 
 import torch
@@ -27,15 +26,18 @@ import torch
 from cb_lab.attention.paged_attention import GatherWorkspace, PagedKV
 from cb_lab.core.batch_builder import cached_prefix_mask
 from cb_lab.core.kv_cache import BaseKVCache, PagedKVCache
+from cb_lab.core.output_rows import OutputRows, output_rows, prompt_logprobs
 from cb_lab.core.plan import PrefillChunk, SeqOutput, StepPlan, StepResult
 from cb_lab.core.request import Request
 from cb_lab.exceptions import ValidationError
+from cb_lab.logits_processors import TokenHistory, has_penalties
 from cb_lab.model.tiny_llm import KV, AttentionHook
-from cb_lab.sampling import sample_batch
+from cb_lab.sampling import LogprobsTensors, SamplingParams, compute_logprobs, sample_batch
 
-__all__ = ["Executor", "FusedExecutor", "Sampler", "SplitExecutor", "StepModel"]
+__all__ = ["Executor", "FusedExecutor", "Sampled", "Sampler", "SplitExecutor", "StepModel"]
 
 Sampler = Callable[[torch.Tensor], torch.Tensor]  # output row [D] -> token [D]
+Sampled = tuple[list[torch.Tensor], list[LogprobsTensors | None]]  # per row: its token, its logprobs (if asked)
 
 
 class StepModel(Protocol):
@@ -109,7 +111,7 @@ class Executor(ABC):
         a vector token is ``sampler(row)``, or the row itself without a sampler.
         """
         if req.sampling is not None:
-            return req.sampling.sample(row, req.req_id, len(req.generated_tokens))
+            return self.sample_rows(row[None], [req])[0][0]
         if self.sampler is None:
             return row.clone()  # a view would keep the step's whole [N, D] output alive as long as the token
         token = self.sampler(row)
@@ -136,31 +138,36 @@ class Executor(ABC):
         past = (torch.cat([k for k, _ in cached]), torch.cat([v for _, v in cached])) if cached else None
         return tokens, cached_prefix_mask(starts, lengths), past
 
-    def sample_rows(self, out: torch.Tensor, reqs: Sequence[Request]) -> list[torch.Tensor]:
-        """Row ``i`` of ``out`` -> request ``i``'s token. Token-id requests are sampled as one batch
-        (``sample_batch``: each still draws from its own generator); vector tokens row by row."""
+    def sample_rows(self, out: torch.Tensor, reqs: Sequence[Request]) -> Sampled:
+        """Row ``i`` of ``out`` -> request ``i``'s token and, if it asks, its logprobs. Token-id requests
+        are sampled as one batch (``sample_batch``: each still draws from its own generator, after its
+        own min_tokens and penalties); vector tokens row by row."""
         if reqs and all(r.sampling is not None for r in reqs):
             params = [r.sampling for r in reqs if r.sampling is not None]
-            return list(sample_batch(out, params, [r.req_id for r in reqs], [len(r.generated_tokens) for r in reqs]))
-        return [self.sample(row, req) for row, req in zip(out, reqs)]
+            history = [_history(r) if has_penalties(p) else None for r, p in zip(reqs, params)]
+            tokens = sample_batch(out, params, [r.req_id for r in reqs], [len(r.generated_tokens) for r in reqs],
+                                  history=history, eos_token_ids=[r.eos_token_id for r in reqs])
+            return list(tokens), _token_logprobs(out, tokens, params)
+        return [self.sample(row, req) for row, req in zip(out, reqs)], [None] * len(reqs)
 
-    def _output_rows(self, chunks: Sequence[PrefillChunk], first: int = 0) -> torch.Tensor:
-        """The rows whose output becomes a token: ``first`` decode rows, then the last row of each chunk
-        that ends its prompt. The other prefill rows only fill the cache, so the model skips their
-        outputs (for a real model, an LM head of ``[rows, vocab]``)."""
-        ends = accumulate(c.length for c in chunks)
-        rows = [*range(first), *(first + end - 1 for c, end in zip(chunks, ends) if c.completes_prompt)]
-        return torch.tensor(rows, dtype=torch.long, device=self.model.device)
+    def _output_rows(self, chunks: Sequence[PrefillChunk], first: int = 0) -> OutputRows:
+        """The rows whose output the model computes (``core/output_rows.py``): ``first`` decode rows, then
+        per chunk the rows whose prompt logprobs are asked for and its last row if it ends its prompt.
+        The other prefill rows only fill the cache, so the model skips their outputs (for a real model,
+        an LM head of ``[rows, vocab]``)."""
+        return output_rows(chunks, first, self.model.device)
 
     @staticmethod
-    def _outputs(
-        chunks: Sequence[PrefillChunk], tokens: Sequence[torch.Tensor], k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[SeqOutput, ...]:
-        """Split a prefill batch's K/V back per chunk; ``tokens`` holds one token per chunk that ends
-        its prompt, in chunk order."""
-        sizes, drawn = [c.length for c in chunks], iter(tokens)
-        return tuple(SeqOutput(k_c, v_c, next(drawn) if chunk.completes_prompt else None)
-                     for chunk, k_c, v_c in zip(chunks, torch.split(k, sizes), torch.split(v, sizes)))
+    def _outputs(chunks: Sequence[PrefillChunk], sampled: Sampled, prompt: Sequence[LogprobsTensors | None],
+                 k: torch.Tensor, v: torch.Tensor) -> tuple[SeqOutput, ...]:
+        """Split a prefill batch's K/V back per chunk; ``sampled`` holds one token (and its logprobs) per
+        chunk that ends its prompt, in chunk order; ``prompt`` one entry per chunk."""
+        sizes, tokens, logprobs = [c.length for c in chunks], iter(sampled[0]), iter(sampled[1])
+        outputs = []
+        for chunk, k_c, v_c, lp in zip(chunks, torch.split(k, sizes), torch.split(v, sizes), prompt):
+            ends = chunk.completes_prompt
+            outputs.append(SeqOutput(k_c, v_c, next(tokens) if ends else None, next(logprobs) if ends else None, lp))
+        return tuple(outputs)
 
     @staticmethod
     def _completing(chunks: Sequence[PrefillChunk]) -> list[Request]:
@@ -175,17 +182,22 @@ class SplitExecutor(Executor):
         prefill: tuple[SeqOutput, ...] = ()
         if plan.prefill:
             tokens, mask, past = self._prefill_inputs(plan.prefill)
+            rows = self._output_rows(plan.prefill)
             out, k, v = self.model.forward_prefill_ragged(tokens, mask, past, attention_hooks=self.attention_hooks,
-                                                          output_rows=self._output_rows(plan.prefill))
+                                                          output_rows=rows.rows)
             self.num_model_calls += 1
-            prefill = self._outputs(plan.prefill, self.sample_rows(out, self._completing(plan.prefill)), k, v)
+            sampled = self.sample_rows(rows.tokens(out), self._completing(plan.prefill))
+            prefill = self._outputs(plan.prefill, sampled, prompt_logprobs(out, rows, plan.prefill), k, v)
         decode = tuple(self._run_decode(req) for req in plan.decode)
         return StepResult(prefill, decode)
 
     def _run_decode(self, req: Request) -> SeqOutput:
         out, k, v = self.model.forward_decode(req.last_token, req.kv_cache, attention_hooks=self.attention_hooks)
         self.num_model_calls += 1
-        return SeqOutput(k, v, self.sample(out[0], req))
+        if req.sampling is None:  # a vector token
+            return SeqOutput(k, v, self.sample(out[0], req))
+        (token,), (logprobs,) = self.sample_rows(out[:1], [req])
+        return SeqOutput(k, v, token, logprobs)
 
 
 class FusedExecutor(Executor):
@@ -208,15 +220,38 @@ class FusedExecutor(Executor):
         if not parts:  # only zero-token requests finishing: nothing to compute
             return StepResult((), ())
         B = len(plan.decode)
+        rows = self._output_rows(plan.prefill, first=B)
         out, k, v = self.model.forward_fused(
-            torch.cat(parts), decode_kv, mask, past, attention_hooks=self.attention_hooks,
-            output_rows=self._output_rows(plan.prefill, first=B),
+            torch.cat(parts), decode_kv, mask, past, attention_hooks=self.attention_hooks, output_rows=rows.rows,
         )
         self.num_model_calls += 1
-        drawn = self.sample_rows(out, [*plan.decode, *self._completing(plan.prefill)])  # one per row of out
-        decode = tuple(SeqOutput(k[i : i + 1], v[i : i + 1], drawn[i]) for i in range(B))
-        prefill = self._outputs(plan.prefill, drawn[B:], k[B:], v[B:]) if plan.prefill else ()
+        # One token per token row: the decodes', then those of the chunks that end their prompt.
+        drawn, logprobs = self.sample_rows(rows.tokens(out), [*plan.decode, *self._completing(plan.prefill)])
+        decode = tuple(SeqOutput(k[i : i + 1], v[i : i + 1], drawn[i], logprobs[i]) for i in range(B))
+        prefill = self._outputs(plan.prefill, (drawn[B:], logprobs[B:]), prompt_logprobs(out, rows, plan.prefill),
+                                k[B:], v[B:]) if plan.prefill else ()
         return StepResult(prefill, decode)
+
+
+def _history(req: Request) -> TokenHistory:
+    """The prompt ids ``[L]`` and output ids ``[n]`` a request's penalties count."""
+    output = torch.stack(req.generated_tokens) if req.generated_tokens else req.prompt.new_empty(0)
+    return req.prompt, output
+
+
+def _token_logprobs(out: torch.Tensor, tokens: torch.Tensor, params: Sequence[SamplingParams]) -> list[
+        LogprobsTensors | None]:
+    """Per row, the raw logprobs of its token and its ``logprobs`` best ids, for the rows that ask (one
+    batch, moved to the CPU once; each with the batch's widest ``k``)."""
+    asked = [r for r, p in enumerate(params) if p.logprobs is not None]
+    if not asked:
+        return [None] * len(params)
+    rows = torch.tensor(asked, device=out.device)
+    computed = compute_logprobs(out[rows], tokens[rows], max(params[r].logprobs or 0 for r in asked)).to("cpu")
+    found: list[LogprobsTensors | None] = [None] * len(params)
+    for j, r in enumerate(asked):
+        found[r] = computed[j : j + 1]
+    return found
 
 
 def prefix_rows(chunk: PrefillChunk) -> KV:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from cb_lab.core.request import Request
+from cb_lab.sampling import LogprobsTensors
 
 __all__ = ["PrefillChunk", "SeqOutput", "StepPlan", "StepResult", "StepStats"]
 
@@ -114,6 +115,8 @@ class SeqOutput:
     k: torch.Tensor  # [n, D] new key rows
     v: torch.Tensor  # [n, D] new value rows
     token: torch.Tensor | None  # [D] sampled token; None for a chunk that does not end the prompt
+    logprobs: LogprobsTensors | None = None  # [1, 1 + k]: the token's logprob and the best ids' (when asked)
+    prompt_logprobs: LogprobsTensors | None = None  # a chunk's rows whose next prompt token's logprobs were asked
 
 
 @dataclass(frozen=True, slots=True)

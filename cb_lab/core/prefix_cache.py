@@ -39,6 +39,8 @@ def prefix_hit(req: Request) -> tuple[int, ...]:
         return ()
     hashes = req.block_hashes(cache.block_size)
     usable = (req.prefill_len - 1) // cache.block_size  # never the block that holds the last prefill row
+    if req.prompt_logprob_positions(0, req.prefill_len):  # rows whose prompt logprobs are to come must run
+        usable = min(usable, req.num_prompt_logprobs // cache.block_size)
     return tuple(cache.pool.lookup(hashes[:usable]))
 
 

@@ -25,7 +25,7 @@ import torch
 from cb_lab.core.block_pool import block_hashes
 from cb_lab.core.kv_cache import BaseKVCache, PagedKVCache
 from cb_lab.exceptions import RequestError, ValidationError
-from cb_lab.sampling import SamplingParams
+from cb_lab.sampling import LogprobsTensors, SamplingParams
 
 __all__ = ["Request"]
 
@@ -66,6 +66,12 @@ class Request:
     eos_token_id: int | None = None  # token ids: the id that ends the request (see SamplingParams.stops)
     finish_reason: str | None = None  # "length", "stop" or "abort" once finished
     parent_id: str | None = None  # a fork: the request it was forked from
+    stop_reason: int | None = field(default=None, init=False)  # the stop id that ended it (None: EOS or length)
+    # With SamplingParams.logprobs: one [1, 1 + k] entry per generated token (column 0: the token itself).
+    logprobs: list[LogprobsTensors] = field(default_factory=list, init=False, repr=False)
+    # With SamplingParams.prompt_logprobs: per prefill chunk, rows for positions 0, 1, ... in order; the row
+    # of position p holds the logprob of prompt token p + 1.
+    prompt_logprobs: list[LogprobsTensors] = field(default_factory=list, init=False, repr=False)
     # What prefill runs over: the prompt, or after a preemption prompt + the tokens generated so far.
     _prefill_rows: torch.Tensor = field(init=False, repr=False)
     _hashes: tuple[int, list[int]] = field(init=False, repr=False, default=(0, []))  # (block size, hashes)
@@ -136,6 +142,18 @@ class Request:
             raise RequestError(f"request {self.req_id!r} has generated no token yet; finish its prefill first")
         return self.generated_tokens[-1]
 
+    @property
+    def num_prompt_logprobs(self) -> int:
+        """Prompt positions whose next token's logprobs are recorded so far."""
+        return sum(len(chunk) for chunk in self.prompt_logprobs)
+
+    def prompt_logprob_positions(self, start: int, end: int) -> range:
+        """The positions of prefill rows ``[start, end)`` whose prompt logprobs are still to come: none
+        without ``prompt_logprobs``, and never the last prompt row (its logits draw the first token)."""
+        if self.sampling is None or self.sampling.prompt_logprobs is None:
+            return range(0)
+        return range(max(start, self.num_prompt_logprobs), min(end, self.prompt_len - 1))
+
     def block_hashes(self, block_size: int) -> list[int]:
         """The chained hashes of the full blocks of ``prefill_rows`` (prefix caching; computed once)."""
         if self._hashes[0] != block_size:
@@ -190,18 +208,29 @@ class Request:
         child = Request(req_id, self.prompt, self.max_new_tokens, cache.fork(rows.shape[0] - 1),
                         sampling=sampling or self.sampling, eos_token_id=self.eos_token_id, parent_id=self.req_id)
         child.generated_tokens, child.decode_seed = list(kept), self.decode_seed if kept else None
+        child.logprobs = self.logprobs[: len(kept)]
         child._prefill_rows, child.prefill_pos = rows, rows.shape[0] - 1
         return child
+
+    def new_sample(self, req_id: str, sampling: SamplingParams) -> Request:
+        """A new request over this one's prompt, from scratch, on an empty cache of the same pool: a
+        sample of ``SamplingParams.n`` that waits for room to run (``Scheduler`` forks the others)."""
+        cache = self.kv_cache
+        if not (isinstance(cache, PagedKVCache) and cache.shares_pool):
+            raise RequestError(f"request {self.req_id!r} has a private cache; its samples need a PagedKVCache on a "
+                               "shared BlockPool")
+        return Request(req_id, self.prompt, self.max_new_tokens, cache.fork(0), sampling=sampling,
+                       eos_token_id=self.eos_token_id, parent_id=self.req_id)
 
     def append_kv(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         """Store new K/V rows ``[n, dim]`` in this request's cache."""
         self.kv_cache.append(k_new, v_new)
 
-    def append_token(self, tok: torch.Tensor) -> None:
-        """Record a generated token (``[dim]`` or ``[1, dim]``, or a 0-d token id).
+    def append_token(self, tok: torch.Tensor, logprobs: LogprobsTensors | None = None) -> None:
+        """Record a generated token (``[dim]`` or ``[1, dim]``, or a 0-d token id) and its ``logprobs``.
 
         The request finishes at ``max_new_tokens`` (``finish_reason`` "length") or, with
-        ``sampling``, at a stop id or its EOS ("stop").
+        ``sampling`` and at least ``min_tokens`` tokens, at a stop id (``stop_reason``) or its EOS ("stop").
         """
         if self.finished:
             held = f"{len(self.generated_tokens)} of {self.max_new_tokens} tokens"
@@ -218,8 +247,14 @@ class Request:
         if self.decode_seed is None:
             self.decode_seed = token
         self.generated_tokens.append(token)
-        if self.sampling is not None and self.sampling.stops(int(token), self.eos_token_id):
+        if logprobs is not None:
+            self.logprobs.append(logprobs)
+        params = self.sampling
+        if params is not None and len(self.generated_tokens) >= params.min_tokens and params.stops(
+                int(token), self.eos_token_id):
             self.finished, self.finish_reason = True, "stop"
+            is_eos = not params.ignore_eos and int(token) == self.eos_token_id
+            self.stop_reason = None if is_eos else int(token)  # vLLM: the stop id, None for the EOS
         elif len(self.generated_tokens) >= self.max_new_tokens:
             self.finished, self.finish_reason = True, "length"
 

@@ -247,26 +247,51 @@ class Scheduler:
         return child
 
     def _fork_samples(self, req: Request) -> list[Request]:
-        """``SamplingParams.n``: once a request has drawn its first token, fork its other samples."""
+        """``SamplingParams.n``: once a request has drawn its first token, fork its other samples.
+
+        As many as ``max_num_seqs`` leaves room for run at once, sharing the prompt's blocks; the
+        others wait at the head of the queue as fresh requests over the same prompt (an empty fork of
+        the cache) and are admitted as requests leave, their prompt's full blocks found by prefix
+        caching. A sample draws the same tokens either way: its own params, its own random stream.
+        """
         params = req.sampling
         if params is None or params.n == 1 or req.parent_id is not None or len(req.generated_tokens) != 1:
             return []
-        return [self._fork(req, f"{req.req_id}.{i}", params.sample_params(i)) for i in range(1, params.n)]
+        running = sum(not r.finished for r in self.running)  # those finishing this step leave
+        room = params.n - 1 if self.max_num_seqs is None else max(self.max_num_seqs - running, 0)
+        samples = [(f"{req.req_id}.{i}", params.sample_params(i)) for i in range(1, params.n)]
+        forks = [self._fork(req, child_id, sampling) for child_id, sampling in samples[:room]]
+        waiting = [req.new_sample(child_id, sampling) for child_id, sampling in samples[room:]]
+        for child in waiting:
+            child.kv_cache.hooks = self.plugins.cache_plugins
+        self.waiting.extendleft(reversed(waiting))  # in sample order, before requests that came later
+        return forks + waiting
 
     def abort(self, req_id: str) -> Request:
         """Remove a waiting or running request at once and free its KV memory."""
+        return self.finish_request(req_id, "abort")
+
+    def finish_request(self, req_id: str, finish_reason: str) -> Request:
+        """End a waiting or running request now and free its KV memory (vLLM's ``finish_requests``):
+        ``"abort"``, or ``"stop"`` when its caller found a stop string in its text; a stop counts as a
+        finished request (``on_request_completion`` fires), an abort does not."""
+        if finish_reason not in ("abort", "stop"):
+            raise SchedulerError(f"finish_reason must be 'abort' or 'stop', got {finish_reason!r}")
         req = next((r for r in self.active if r.req_id == req_id), None)
         if req is None:
-            raise SchedulerError(f"no active request {req_id!r} to abort; active: {[r.req_id for r in self.active]}")
+            raise SchedulerError(f"no active request {req_id!r} to {finish_reason}; active: "
+                                 f"{[r.req_id for r in self.active]}")
         if req in self.running:
             self.running.remove(req)
         else:
             self.waiting.remove(req)
         req.kv_cache.release()
-        req.aborted = req.finished = True
-        req.finish_reason = "abort"
+        req.aborted, req.finished, req.finish_reason = finish_reason == "abort", True, finish_reason
         self._decode_turn.pop(req_id, None)
-        logger.info("aborted %r", req)
+        logger.info("%s %r", "aborted" if req.aborted else "stopped", req)
+        if not req.aborted:
+            self.num_finished += 1
+            self.plugins.on_request_completion(req)
         return req
 
     def step(self) -> StepStats:
@@ -352,8 +377,10 @@ class Scheduler:
         if self.enable_prefix_caching:
             register_full_blocks(plan.prefill)
         for req, out in zip(requests, outputs):
+            if out.prompt_logprobs is not None:
+                req.prompt_logprobs.append(out.prompt_logprobs)
             if out.token is not None:
-                req.append_token(out.token)
+                req.append_token(out.token, out.logprobs)
         forks = [child for c in plan.prefill if c.completes_prompt for child in self._fork_samples(c.request)]
         for req in plan.decode:
             self._decode_turn[req.req_id] = self._next_turn

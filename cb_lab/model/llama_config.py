@@ -34,6 +34,9 @@ class LlamaConfig:
     max_position: int = 2048  # positions past this are refused
     tie_embeddings: bool = True  # the LM head reuses the token embedding matrix
     head_dim: int | None = None
+    # Ids that end a generation (config.json's and generation_config.json's eos_token_id: Llama 3 lists
+    # several); LLMEngine stops at these and at its tokenizer's EOS.
+    eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_position"):
@@ -53,6 +56,11 @@ class LlamaConfig:
             raise ConfigurationError(f"rope_theta and norm_eps must be > 0, got {self.rope_theta}, {self.norm_eps}")
         if not isinstance(self.tie_embeddings, bool):
             raise ConfigurationError(f"tie_embeddings must be a bool, got {self.tie_embeddings!r}")
+        eos = self.eos_token_ids
+        if not isinstance(eos, tuple) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.vocab_size for i in eos):
+            raise ConfigurationError(f"LlamaConfig eos_token_ids must be a tuple of ids in [0, {self.vocab_size}), "
+                                     f"got {eos!r:.60}")
 
     @property
     def head_size(self) -> int:

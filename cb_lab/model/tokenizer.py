@@ -10,15 +10,15 @@ the model's chat template (``cb_lab/model/chat.py``), as HF's ``apply_chat_templ
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
 from cb_lab.exceptions import ConfigurationError, ValidationError
 from cb_lab.model.chat import FALLBACK_CHAT_TEMPLATE, Message, render_chat
+from cb_lab.model.hf_config import read_json_object
 
-__all__ = ["ByteTokenizer", "HFTokenizer", "Tokenizer"]
+__all__ = ["ByteTokenizer", "HFTokenizer", "Tokenizer", "default_tokenizer"]
 
 
 class Tokenizer(Protocol):
@@ -95,7 +95,7 @@ class HFTokenizer:
         self._tok = RustTokenizer.from_file(str(path))
         self.bos_token_id, self.eos_token_id = bos_token_id, eos_token_id
         config_file = Path(path).with_name("tokenizer_config.json")
-        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        config = read_json_object(config_file) if config_file.is_file() else {}
         self.add_bos_token = bool(config.get("add_bos_token", True))
         self.chat_template: str | None = config.get("chat_template")
         # The special tokens' text, which templates may write (``{{ bos_token }}``).
@@ -121,3 +121,9 @@ class HFTokenizer:
         text = render_chat(self.chat_template or FALLBACK_CHAT_TEMPLATE, messages,
                            add_generation_prompt=add_generation_prompt, **self.special_tokens)
         return self.encode(text, add_bos=False)
+
+
+def default_tokenizer(vocab_size: int) -> Tokenizer | None:
+    """The tokenizer of a model that comes without one: the byte tokenizer when the vocabulary holds its
+    258 ids, else None (the model then takes token ids only)."""
+    return ByteTokenizer() if vocab_size >= ByteTokenizer.vocab_size else None

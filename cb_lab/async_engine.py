@@ -1,0 +1,246 @@
+"""``AsyncLLMEngine``: one background thread steps an ``LLMEngine``; many callers await their tokens.
+
+A server has many callers and one engine. The callers live on an asyncio event loop (one per
+HTTP connection, say); the engine's step is blocking tensor work. So, as in vLLM's async engine,
+one thread owns the ``LLMEngine`` and loops::
+
+    take what arrived since the last step (new requests, aborts)   # requests join between steps
+    engine.step()                                                 # one continuous-batching step
+    hand each changed RequestOutput to its caller's queue         # a snapshot: the engine keeps mutating its own
+
+Only that thread touches the engine, so the engine needs no locks; callers talk to it through
+an inbox of commands. Usage, from async code::
+
+    engine = AsyncLLMEngine(LLMEngine(model, tokenizer))
+    async for out in engine.generate("Hello", SamplingParams(max_tokens=8)):
+        print(out.text)                      # the text so far; out.finished on the last one
+    engine.shutdown()
+
+A caller that stops iterating (a client that hung up: its task is cancelled) aborts its request;
+the engine thread frees its blocks before the next step. A step that raises fails the requests
+it was running (their callers get the error), not the engine: the others carry on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from dataclasses import replace
+from typing import Any
+
+from cb_lab.engine import LLMEngine
+from cb_lab.engine_inputs import Prompt
+from cb_lab.exceptions import CBLabException
+from cb_lab.outputs import RequestOutput
+from cb_lab.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AsyncLLMEngine", "EngineStepError", "QueueFullError", "RequestStream"]
+
+StepObserver = Callable[[LLMEngine, list[RequestOutput]], None]
+
+
+class QueueFullError(CBLabException):
+    """More requests wait than ``max_waiting`` allows; try again later (a server answers 503)."""
+
+
+class EngineStepError(CBLabException):
+    """A step failed while it ran this request; the request was aborted (the engine carries on)."""
+
+
+def _snapshot(out: RequestOutput) -> RequestOutput:
+    """A copy the engine thread will not change: the lists it grows are copied (the token ids, the
+    logprob dicts per token, the timings); what it never changes again is shared."""
+    def copy(lst: list[Any] | None) -> list[Any] | None:
+        return None if lst is None else list(lst)
+
+    samples = [replace(c, token_ids=list(c.token_ids), logprobs=copy(c.logprobs)) for c in out.outputs]
+    return replace(out, outputs=samples, token_times=list(out.token_times), prompt_logprobs=copy(out.prompt_logprobs))
+
+
+class RequestStream:
+    """One request's outputs, from the engine thread to its caller's event loop: iterate it with
+    ``async for``; ``abort()`` when you stop listening before it finished."""
+
+    def __init__(self, engine: AsyncLLMEngine, loop: asyncio.AbstractEventLoop) -> None:
+        self.request_id = ""  # set once the engine thread has added it
+        self.finished = False
+        self._engine = engine
+        self._loop = loop
+        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+
+    def put(self, item: RequestOutput | BaseException) -> bool:
+        """Hand ``item`` to the caller's loop (from the engine thread); False when that loop is closed."""
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: the caller is gone for good
+            return False
+        return True
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        """The newest output: when the caller fell behind, the steps it missed merge into one
+        (outputs are cumulative, so nothing is lost). An error from the engine is raised."""
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        while not self._queue.empty() and not isinstance(item, BaseException):
+            item = self._queue.get_nowait()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        self.finished = item.finished
+        return item
+
+    def abort(self) -> None:
+        """Stop the request if it is still running (its blocks are freed before the next step)."""
+        if not self.finished:
+            self.finished = True
+            self._engine.abort(self.request_id)
+
+
+class AsyncLLMEngine:
+    """An ``LLMEngine`` stepped by a background thread, for many concurrent async callers.
+
+    ``max_waiting``: requests queued but not yet running at most; one more is refused with
+    ``QueueFullError`` (bounded memory under overload). ``on_step(engine, outputs)`` runs on the
+    engine thread after every step (metrics).
+    """
+
+    def __init__(self, engine: LLMEngine, *, max_waiting: int = 256,
+                 on_step: StepObserver | None = None) -> None:
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self.on_step = on_step
+        self._streams: dict[str, RequestStream] = {}  # engine thread only
+        self._inbox: list[Callable[[], None]] = []  # commands for the engine thread, under _wake
+        self._queued = 0  # adds in the inbox: they count as waiting before the thread sees them
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="cb-lab-engine", daemon=True)
+        self._thread.start()
+
+    # ---- the caller's side (any thread, usually the event loop) ----
+
+    async def add_request(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+                          request_id: str | None = None) -> RequestStream:
+        """Queue ``prompt``; returns its stream once the engine thread has taken it (it joins the
+        batch at the next step). Raises what ``LLMEngine.add_request`` raises, or ``QueueFullError``."""
+        stream = RequestStream(self, asyncio.get_running_loop())
+        stream.request_id = await asyncio.wrap_future(self._add(prompt, sampling_params, request_id, stream))
+        return stream
+
+    async def generate(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Queue ``prompt`` and yield its output as it grows (cumulative), the last one finished.
+        Leaving the loop early aborts the request; ``EngineStepError`` when a step failed running it."""
+        stream = await self.add_request(prompt, sampling_params, request_id)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            stream.abort()  # a no-op once finished; else the caller left early (or was cancelled)
+
+    def abort(self, request_id: str) -> None:
+        """Abort ``request_id`` before the next step, if it is still unfinished (else nothing)."""
+        self._send(lambda: self._abort(request_id))
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued but not running yet (including those the engine thread has not taken)."""
+        return len(self.engine.scheduler.waiting) + self._queued
+
+    @property
+    def num_running(self) -> int:
+        return len(self.engine.scheduler.running)
+
+    def shutdown(self) -> None:
+        """Stop the engine thread after its current step (blocks until then); unfinished callers
+        get no more tokens."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join()
+
+    def _add(self, prompt: Prompt, params: SamplingParams | None, request_id: str | None,
+             stream: RequestStream) -> Future[str]:
+        done: Future[str] = Future()
+        with self._wake:
+            if self.num_waiting >= self.max_waiting:
+                raise QueueFullError(f"{self.num_waiting} requests are waiting (max_waiting={self.max_waiting}); "
+                                     "retry later or raise max_waiting")
+            self._queued += 1
+        self._send(lambda: self._take(prompt, params, request_id, stream, done))
+        return done
+
+    def _send(self, command: Callable[[], None]) -> None:
+        with self._wake:
+            self._inbox.append(command)
+            self._wake.notify()
+
+    # ---- the engine thread ----
+
+    def _take(self, prompt: Prompt, params: SamplingParams | None, request_id: str | None, stream: RequestStream,
+              done: Future[str]) -> None:
+        """Add one request; its caller gets the id, or the ``ValidationError`` that refused it."""
+        with self._wake:
+            self._queued -= 1
+        try:
+            request_id = self.engine.add_request(prompt, params, request_id)
+        except CBLabException as error:  # a bad request: its caller's error, not the engine's
+            done.set_exception(error)
+            return
+        self._streams[request_id] = stream
+        done.set_result(request_id)
+
+    def _abort(self, request_id: str) -> None:
+        if request_id in self.engine.outputs:  # still unfinished (it may have finished meanwhile)
+            self.engine.abort(request_id)
+        self._streams.pop(request_id, None)
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._inbox or self._stopping or self.engine.has_unfinished_requests()):
+                    self._wake.wait()
+                if self._stopping:
+                    return
+                commands, self._inbox = self._inbox, []
+            for command in commands:
+                command()
+            if self.engine.has_unfinished_requests():
+                self._step()
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as error:  # the server's fault boundary: fail the step's requests, keep serving
+            self._fail_step(error)
+            return
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None and not stream.put(_snapshot(out)) and not out.finished:
+                self._abort(out.request_id)  # nobody can read it any more
+            if out.finished:
+                self._streams.pop(out.request_id, None)
+        if self.on_step is not None:
+            self.on_step(self.engine, outputs)
+
+    def _fail_step(self, error: Exception) -> None:
+        """A failed step changed nothing (plan, compute, commit), so the same plan would fail again:
+        abort the requests it ran and give their callers the error."""
+        logger.exception("a step failed; aborting the requests it ran")
+        plan = self.engine.scheduler.schedule()
+        ran = {r.req_id for r in plan.decode} | {c.request.req_id for c in plan.prefill}
+        for request_id in sorted(ran & set(self.engine.outputs)):
+            self.engine.abort(request_id)
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                stream.put(EngineStepError(f"{request_id}: a step failed while running it "
+                                           f"({type(error).__name__}: {error}); the request was aborted"))
