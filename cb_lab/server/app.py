@@ -6,6 +6,8 @@
 ``GET /v1/models``            the one model this server serves
 ``GET /health``               200 while the engine thread is alive
 ``GET /metrics``              Prometheus text (``cb_lab/server/metrics.py``)
+``GET /``, ``/dashboard``      the live page: every step drawn as it happens (``cb_lab/live``)
+``GET /events``, ``/trace``    its stream of steps (server-sent events) and the recent steps as a trace file
 ============================  =====================================================
 
 Every request becomes one engine request per prompt (``n`` samples inside it); the handler
@@ -31,6 +33,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from cb_lab.async_engine import AsyncLLMEngine, EngineStepError, QueueFullError, RequestStream
 from cb_lab.engine_inputs import Prompt
 from cb_lab.exceptions import CBLabException
+from cb_lab.live.routes import attach_live
 from cb_lab.outputs import RequestOutput
 from cb_lab.sampling import SamplingParams
 from cb_lab.server.metrics import ServerMetrics
@@ -53,6 +56,7 @@ class _HTTPError(Exception):
 def build_app(engine: AsyncLLMEngine, model_name: str, metrics: ServerMetrics | None = None) -> FastAPI:
     """The FastAPI app serving ``engine`` under ``model_name``."""
     app = FastAPI(title="cb-lab", summary="continuous batching, served")
+    app.state.live_hub = attach_live(app, engine.engine.scheduler, model_name)  # the live page: /, /events, /trace
     metrics = metrics or ServerMetrics()
     metrics.bind(engine)
     created = int(time.time())

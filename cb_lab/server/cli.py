@@ -17,6 +17,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import FrameType
 
 import openai
 import uvicorn
@@ -24,6 +25,7 @@ import uvicorn
 from cb_lab.async_engine import AsyncLLMEngine
 from cb_lab.cli_generate import add_model_arguments, build_engine
 from cb_lab.engine import LLMEngine
+from cb_lab.live.hub import StepHub
 from cb_lab.server.app import build_app
 from cb_lab.server.metrics import ServerMetrics
 
@@ -52,14 +54,32 @@ class RunningServer:
     url: str
     engine: AsyncLLMEngine
     metrics: ServerMetrics
-    _server: uvicorn.Server
+    _server: _Server
     _thread: threading.Thread
 
     def stop(self) -> None:
         """Stop accepting, finish the open responses, then stop the engine thread."""
+        self._server.close_live_pages()
         self._server.should_exit = True
         self._thread.join()
         self.engine.shutdown()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, which ends the live page's event streams before it stops: an open page would
+    otherwise hold the shutdown for ``timeout_graceful_shutdown`` seconds."""
+
+    def __init__(self, config: uvicorn.Config, hub: StepHub) -> None:
+        super().__init__(config)
+        self.hub = hub
+
+    def close_live_pages(self) -> None:
+        self.hub.close()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Ctrl-C, in a signal handler on the event loop's thread, which may hold the hub's lock: close it from another.
+        threading.Thread(target=self.close_live_pages, name="cb-lab-live-close").start()
+        super().handle_exit(sig, frame)
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -70,13 +90,13 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _server(engine: LLMEngine, name: str, max_waiting: int, log_level: str) -> tuple[uvicorn.Server,
+def _server(engine: LLMEngine, name: str, max_waiting: int, log_level: str) -> tuple[_Server,
                                                                                       AsyncLLMEngine, ServerMetrics]:
     metrics = ServerMetrics()
     async_engine = AsyncLLMEngine(engine, max_waiting=max_waiting, on_step=metrics.on_step)
     app = build_app(async_engine, name, metrics)
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
-    return uvicorn.Server(config), async_engine, metrics
+    return _Server(config, app.state.live_hub), async_engine, metrics
 
 
 def start_server(engine: LLMEngine, name: str = "cb-lab", *, host: str = "127.0.0.1", port: int = 0,
@@ -104,7 +124,8 @@ def serve_main(argv: Sequence[str]) -> int:
     sock = _listen(args.host, args.port)
     server, async_engine, _ = _server(engine, name, args.max_waiting, args.log_level)
     host, port = sock.getsockname()[:2]
-    print(f"cb-lab serving {about} as {name!r} at http://{host}:{port}/v1 (metrics: /metrics); Ctrl-C stops",
+    print(f"cb-lab serving {about} as {name!r} at http://{host}:{port}/v1 (the live page: http://{host}:{port}/, "
+          "metrics: /metrics); Ctrl-C stops",
           file=sys.stderr, flush=True)
     try:
         server.run(sockets=[sock])
