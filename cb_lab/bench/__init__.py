@@ -1,4 +1,4 @@
-"""``python -m cb_lab.bench [workload|fused|memory|soak|llama|real|prefix|serve]``: benchmarks that print tables.
+"""``python -m cb_lab.bench [workload|fused|memory|soak|llama|real|prefix|serve|live]``: benchmarks that print tables.
 
 - ``workload`` (what runs without a subcommand, ``workload.py``): a seeded workload to
   completion: steps, wall time, tokens/s, RSS growth.
@@ -14,6 +14,7 @@
   tokens, TTFT, total time), and its cost without a shared prefix.
 - ``serve`` (``serve.py``, also ``python -m cb_lab bench serve``): a load generator for any
   OpenAI-compatible server, with ``vllm bench serve``'s figures.
+- ``live`` (``live.py``): the live page's redraw time in Chromium with 200 requests in flight.
 
 Every configuration runs in the same process, so compare them as ratios from one run.
 ``--quick`` shrinks each to a few seconds (tests run that). ``docs/benchmarks.md`` records them.
@@ -27,17 +28,17 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from cb_lab.bench import fused, llama, memory, prefix, real, serve, soak, workload
+from cb_lab.bench import fused, live, llama, memory, prefix, real, serve, soak, workload
 
 __all__ = ["COMMANDS", "main", "parse_args"]
 
-COMMANDS = ("workload", "fused", "memory", "soak", "llama", "real", "prefix", "serve")
+COMMANDS = ("workload", "fused", "memory", "soak", "llama", "real", "prefix", "serve", "live")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m cb_lab.bench", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
-    for command in (workload, fused, memory, soak, llama, real, prefix, serve):
+    for command in (workload, fused, memory, soak, llama, real, prefix, serve, live):
         command.add_parser(sub)
     for parser in sub.choices.values():
         parser.add_argument("--seed", type=int, default=0)
