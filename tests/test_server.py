@@ -242,7 +242,7 @@ VLLM_KEYS = {"completed", "failed", "request_throughput", "output_throughput", "
 
 
 def bench_json(argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict[str, object]:
-    assert bench.main(["serve", *argv, "--json"]) == 0
+    assert bench.main(["serve", *argv, "--warmup", "0", "--json"]) == 0
     result: dict[str, object] = json.loads(capsys.readouterr().out)
     return result
 
