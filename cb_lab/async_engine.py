@@ -49,7 +49,8 @@ class QueueFullError(CBLabException):
 
 
 class EngineStepError(CBLabException):
-    """A step failed while it ran this request; the request was aborted (the engine carries on)."""
+    """A step failed while it ran this request (the request was aborted, the engine carries on), or
+    the engine has stopped."""
 
 
 def _snapshot(out: RequestOutput) -> RequestOutput:
@@ -172,6 +173,8 @@ class AsyncLLMEngine:
              stream: RequestStream) -> Future[str]:
         done: Future[str] = Future()
         with self._wake:
+            if not self.is_running:
+                raise EngineStepError("the engine has stopped and takes no request; start a new one")
             if self.num_waiting >= self.max_waiting:
                 raise QueueFullError(f"{self.num_waiting} requests are waiting (max_waiting={self.max_waiting}); "
                                      "retry later or raise max_waiting")
@@ -204,18 +207,27 @@ class AsyncLLMEngine:
             self.engine.abort(request_id)
         self._streams.pop(request_id, None)
 
+    @property
+    def is_running(self) -> bool:
+        """True while the engine thread runs (a server's ``/health``)."""
+        return self._thread.is_alive() and not self._stopping
+
     def _loop(self) -> None:
-        while True:
-            with self._wake:
-                while not (self._inbox or self._stopping or self.engine.has_unfinished_requests()):
-                    self._wake.wait()
-                if self._stopping:
-                    return
-                commands, self._inbox = self._inbox, []
-            for command in commands:
-                command()
-            if self.engine.has_unfinished_requests():
-                self._step()
+        try:
+            while True:
+                with self._wake:
+                    while not (self._inbox or self._stopping or self.engine.has_unfinished_requests()):
+                        self._wake.wait()
+                    if self._stopping:
+                        return
+                    commands, self._inbox = self._inbox, []
+                for command in commands:
+                    command()
+                if self.engine.has_unfinished_requests():
+                    self._step()
+        finally:  # stopped, or a bug ended the thread: no caller may wait forever
+            for request_id, stream in self._streams.items():
+                stream.put(EngineStepError(f"{request_id}: the engine stopped before it finished"))
 
     def _step(self) -> None:
         try:

@@ -273,3 +273,16 @@ def test_bench_serve_counts_failures_and_exits_1_when_none_completed(server: Run
     assert bench.main(argv) == 1
     result = json.loads(capsys.readouterr().out)
     assert (result["completed"], result["failed"]) == (0, 2) and "NotFoundError" in result["errors"][0]
+
+
+def test_health_says_503_once_the_engine_has_stopped() -> None:
+    s = start_server(new_engine(), NAME)
+    try:
+        assert httpx.get(s.url + "/health").status_code == 200
+        s.engine.shutdown()
+        r = httpx.get(s.url + "/health")
+        assert r.status_code == 503 and "stopped" in r.json()["error"]["message"]
+        r = httpx.post(s.url + "/v1/completions", json={"model": NAME, "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 503 and "takes no request" in r.json()["error"]["message"]
+    finally:
+        s.stop()

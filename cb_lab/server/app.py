@@ -70,8 +70,11 @@ def build_app(engine: AsyncLLMEngine, model_name: str, metrics: ServerMetrics | 
         return JSONResponse(error_body(f"{param}: {first['msg']}" if param else first["msg"], param=param, code=400),
                             status_code=400)
 
-    @app.get("/health")
-    async def health() -> dict[str, str]:
+    @app.get("/health", response_model=None)
+    async def health() -> Response | dict[str, str]:
+        if not engine.is_running:
+            return JSONResponse(error_body("the engine thread has stopped", kind="server_error", code=503),
+                                status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -136,7 +139,7 @@ async def _add(engine: AsyncLLMEngine, prompts: Sequence[Prompt], params: Sampli
     try:
         for i, prompt in enumerate(prompts):
             streams.append(await engine.add_request(prompt, params, f"{request_id}-{i}"))
-    except QueueFullError as error:
+    except (QueueFullError, EngineStepError) as error:  # full, or stopped: come back later
         _abort(streams)
         raise _HTTPError(503, str(error), kind="service_unavailable") from error
     except CBLabException as error:
