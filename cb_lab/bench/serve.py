@@ -25,6 +25,7 @@ import asyncio
 import json
 import random
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -36,7 +37,7 @@ import psutil
 
 from cb_lab.cli_generate import build_engine
 from cb_lab.engine import RequestOutput
-from cb_lab.exceptions import ValidationError
+from cb_lab.exceptions import CBLabException, ValidationError
 from cb_lab.progress import ProgressBar
 from cb_lab.sampling import SamplingParams
 from cb_lab.server.cli import start_server
@@ -258,11 +259,20 @@ def report(summary: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    slos, jobs = parse_slos(args.goodput), make_jobs(args)
-    if args.launch is None:
-        summary = summarize(*asyncio.run(run_load(args, args.base_url.rstrip("/"), jobs)), slos)
-    else:
-        summary = launch_and_load(args, jobs, slos)
+    base_url = args.base_url.rstrip("/").removesuffix("/v1")  # the server, as clients say it or not
+    try:
+        slos, jobs = parse_slos(args.goodput), make_jobs(args)
+        if args.launch is None:
+            summary = summarize(*asyncio.run(run_load(args, base_url, jobs)), slos)
+        else:
+            summary = launch_and_load(args, jobs, slos)
+    except CBLabException as error:  # a bad flag, file or model: said in one line
+        print(f"bench serve: {error}", file=sys.stderr)
+        return 2
+    except openai.APIConnectionError:
+        print(f"bench serve: nothing answers at {base_url}; start a server there (python -m cb_lab serve) "
+              "or give --launch MODEL", file=sys.stderr)
+        return 1
     print(json.dumps(summary) if args.json else report(summary))
     return 0 if summary["completed"] else 1
 
