@@ -26,14 +26,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import replace
 from typing import Any
 
 from cb_lab.engine import LLMEngine
 from cb_lab.engine_inputs import Prompt
-from cb_lab.exceptions import CBLabException
+from cb_lab.exceptions import CBLabException, ValidationError
 from cb_lab.outputs import RequestOutput
 from cb_lab.sampling import SamplingParams
 
@@ -49,7 +49,8 @@ class QueueFullError(CBLabException):
 
 
 class EngineStepError(CBLabException):
-    """A step failed while it ran this request; the request was aborted (the engine carries on)."""
+    """A step failed while it ran this request (the request was aborted, the engine carries on), or
+    the engine has stopped."""
 
 
 def _snapshot(out: RequestOutput) -> RequestOutput:
@@ -132,9 +133,20 @@ class AsyncLLMEngine:
                           request_id: str | None = None) -> RequestStream:
         """Queue ``prompt``; returns its stream once the engine thread has taken it (it joins the
         batch at the next step). Raises what ``LLMEngine.add_request`` raises, or ``QueueFullError``."""
-        stream = RequestStream(self, asyncio.get_running_loop())
-        stream.request_id = await asyncio.wrap_future(self._add(prompt, sampling_params, request_id, stream))
+        (stream,) = await self.add_requests([prompt], sampling_params, [request_id])
         return stream
+
+    async def add_requests(self, prompts: Sequence[Prompt], sampling_params: SamplingParams | None = None,
+                           request_ids: Sequence[str | None] | None = None) -> list[RequestStream]:
+        """Queue every prompt or none, in one command (one trip to the engine thread, however many)."""
+        params = sampling_params or SamplingParams()
+        loop = asyncio.get_running_loop()
+        streams = [RequestStream(self, loop) for _ in prompts]
+        ids = list(request_ids) if request_ids is not None else [None] * len(prompts)
+        added: list[str] = await asyncio.wrap_future(self._add(list(zip(prompts, ids, streams)), params))
+        for stream, request_id in zip(streams, added):
+            stream.request_id = request_id
+        return streams
 
     async def generate(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
@@ -153,30 +165,40 @@ class AsyncLLMEngine:
 
     @property
     def num_waiting(self) -> int:
-        """Requests queued but not running yet (including those the engine thread has not taken)."""
+        """Samples queued but not running yet (including those the engine thread has not taken; a
+        request with ``n`` samples counts ``n``)."""
         return len(self.engine.scheduler.waiting) + self._queued
 
     @property
     def num_running(self) -> int:
         return len(self.engine.scheduler.running)
 
-    def shutdown(self) -> None:
-        """Stop the engine thread after its current step (blocks until then); unfinished callers
-        get no more tokens."""
+    def stop(self) -> None:
+        """Ask the engine thread to stop after its current step (returns at once); callers still
+        waiting get ``EngineStepError``, so their responses end now (a server shutting down)."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
+
+    def shutdown(self) -> None:
+        """``stop()``, then wait for the engine thread to end."""
+        self.stop()
         self._thread.join()
 
-    def _add(self, prompt: Prompt, params: SamplingParams | None, request_id: str | None,
-             stream: RequestStream) -> Future[str]:
-        done: Future[str] = Future()
+    def _add(self, items: list[tuple[Prompt, str | None, RequestStream]], params: SamplingParams) -> Future[list[str]]:
+        samples = len(items) * params.n  # what they add to the queue
+        if samples > self.max_waiting:
+            raise ValidationError(f"{len(items)} prompts x n={params.n} are {samples} samples, more than the queue "
+                                  f"holds (max_waiting={self.max_waiting}); send fewer at once")
+        done: Future[list[str]] = Future()
         with self._wake:
-            if self.num_waiting >= self.max_waiting:
-                raise QueueFullError(f"{self.num_waiting} requests are waiting (max_waiting={self.max_waiting}); "
-                                     "retry later or raise max_waiting")
-            self._queued += 1
-        self._send(lambda: self._take(prompt, params, request_id, stream, done))
+            if not self.is_running:
+                raise EngineStepError("the engine has stopped and takes no request; start a new one")
+            if self.num_waiting + samples > self.max_waiting:
+                raise QueueFullError(f"{self.num_waiting} samples are waiting and these add {samples} "
+                                     f"(max_waiting={self.max_waiting}); retry later")
+            self._queued += samples
+        self._send(lambda: self._take(items, params, samples, done))
         return done
 
     def _send(self, command: Callable[[], None]) -> None:
@@ -186,36 +208,49 @@ class AsyncLLMEngine:
 
     # ---- the engine thread ----
 
-    def _take(self, prompt: Prompt, params: SamplingParams | None, request_id: str | None, stream: RequestStream,
-              done: Future[str]) -> None:
-        """Add one request; its caller gets the id, or the ``ValidationError`` that refused it."""
+    def _take(self, items: list[tuple[Prompt, str | None, RequestStream]], params: SamplingParams, samples: int,
+              done: Future[list[str]]) -> None:
+        """Add the requests, all or none; their caller gets the ids, or the error that refused one."""
         with self._wake:
-            self._queued -= 1
+            self._queued -= samples
+        added: list[str] = []
         try:
-            request_id = self.engine.add_request(prompt, params, request_id)
+            for prompt, request_id, _ in items:
+                added.append(self.engine.add_request(prompt, params, request_id))
         except CBLabException as error:  # a bad request: its caller's error, not the engine's
+            for request_id in added:
+                self.engine.abort(request_id)
             done.set_exception(error)
             return
-        self._streams[request_id] = stream
-        done.set_result(request_id)
+        self._streams |= {request_id: stream for request_id, (_, _, stream) in zip(added, items)}
+        done.set_result(added)
 
     def _abort(self, request_id: str) -> None:
         if request_id in self.engine.outputs:  # still unfinished (it may have finished meanwhile)
             self.engine.abort(request_id)
         self._streams.pop(request_id, None)
 
+    @property
+    def is_running(self) -> bool:
+        """True while the engine thread runs (a server's ``/health``)."""
+        return self._thread.is_alive() and not self._stopping
+
     def _loop(self) -> None:
-        while True:
-            with self._wake:
-                while not (self._inbox or self._stopping or self.engine.has_unfinished_requests()):
-                    self._wake.wait()
-                if self._stopping:
-                    return
-                commands, self._inbox = self._inbox, []
-            for command in commands:
-                command()
-            if self.engine.has_unfinished_requests():
-                self._step()
+        try:
+            while True:
+                with self._wake:
+                    while not (self._inbox or self._stopping or self.engine.has_unfinished_requests()):
+                        self._wake.wait()
+                    if self._stopping:
+                        return
+                    commands, self._inbox = self._inbox, []
+                for command in commands:
+                    command()
+                if self.engine.has_unfinished_requests():
+                    self._step()
+        finally:  # stopped, or a bug ended the thread: no caller may wait forever
+            for request_id, stream in self._streams.items():
+                stream.put(EngineStepError(f"{request_id}: the engine stopped before it finished"))
 
     def _step(self) -> None:
         try:

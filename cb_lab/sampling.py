@@ -205,7 +205,8 @@ def _cut(scores: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Te
     best = best.masked_fill(position >= k, float("-inf"))  # the row's own top-k
     probs = torch.softmax(best, dim=-1)
     beyond = (probs.cumsum(-1) - probs >= p) | (position >= k)  # after the nucleus is complete, or past k
-    kept = (~beyond).sum(-1, keepdim=True)  # >= 1: the best id is never beyond
+    # >= 1: the best id is never beyond (clamped: a top_p that rounds to 0 in float32 keeps the best id only)
+    kept = (~beyond).sum(-1, keepdim=True).clamp(min=1)
     threshold = best.gather(1, kept - 1)  # [S, 1]: the last value kept
     threshold = threshold.masked_fill(~torch.tensor(has_cut, device=scores.device)[:, None], float("-inf"))
     return scores.masked_fill(scores < threshold, float("-inf"))

@@ -150,3 +150,20 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(engine: AsyncL
     lucky = asyncio.run(main())
     assert lucky.token_ids == new_engine().generate("lucky", GREEDY)[0].token_ids
     assert engine.engine.pool.num_used_blocks == 0
+
+
+def test_shutdown_fails_the_callers_still_waiting() -> None:
+    engine = AsyncLLMEngine(new_engine())
+    long = SamplingParams(max_tokens=80, temperature=0.0, ignore_eos=True)
+
+    async def main() -> None:
+        stream = await engine.add_request("never finishes", long)
+        await anext(stream)
+        assert engine.is_running
+        await asyncio.to_thread(engine.shutdown)
+        with pytest.raises(EngineStepError, match="engine stopped"):
+            async for _ in stream:
+                pass
+
+    asyncio.run(main())
+    assert not engine.is_running

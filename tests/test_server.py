@@ -130,7 +130,13 @@ def test_token_id_prompts_stop_strings_and_logprobs(client: openai.OpenAI) -> No
     ({"model": NAME}, "prompt", "Field required"),
     ({"model": NAME, "prompt": "x", "temperature": -1}, "temperature", "greater than or equal"),
     ({"model": NAME, "prompt": "x", "max_token": 5}, "max_token", "Extra inputs"),
-    ({"model": NAME, "prompt": "x", "max_tokens": 5000}, "prompt", "context"),
+    ({"model": NAME, "prompt": "x", "max_tokens": 5000}, "max_tokens", "context"),
+    ({"model": NAME, "prompt": "x", "temperature": "0.5"}, "temperature", "valid number"),
+    ({"model": NAME, "prompt": "x", "max_tokens": True}, "max_tokens", "valid integer"),
+    ({"model": NAME, "prompt": ["ok", 5]}, "prompt", "valid string"),
+    ({"model": NAME, "prompt": []}, "prompt", "empty list"),
+    ({"model": NAME, "prompt": [[5], [7, 999]]}, "prompt", "prompt 1: token id 999"),
+    ({"model": NAME, "prompt": "x", "stop": ""}, "stop", "non-empty"),
     ({"model": NAME, "prompt": [3, 999]}, "prompt", "outside the model's vocabulary"),
     ({"model": NAME, "prompt": ""}, "prompt", "empty"),
     ({"model": NAME, "prompt": "x", "n": 0}, "n", "greater than or equal"),
@@ -142,6 +148,45 @@ def test_bad_bodies_get_openai_shaped_400s(server: RunningServer, body: dict[str
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["param"] == param
     assert needle in error["message"]
+
+
+def test_openai_bodies_as_clients_send_them(server: RunningServer, client: openai.OpenAI) -> None:
+    """null for a default, top_k -1 (vLLM's off), content parts, the developer role, max_completion_tokens 0."""
+    body = {"model": NAME, "prompt": "nulls", "max_tokens": 3, "temperature": None, "top_p": None, "n": None,
+            "top_k": -1, "stream": None, "presence_penalty": None, "seed": None}
+    r = httpx.post(server.url + "/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 3
+    parts = [{"role": "developer", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
+             {"role": "user", "content": "hi"}]
+    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    answers = [client.chat.completions.create(model=NAME, messages=m, max_tokens=5, temperature=0)  # type: ignore[arg-type]
+               for m in (parts, plain)]
+    assert answers[0].choices[0].message.content == answers[1].choices[0].message.content
+    none = client.chat.completions.create(model=NAME, messages=plain, max_completion_tokens=0)  # type: ignore[arg-type]
+    assert none.choices[0].message.content == "" and none.usage is not None and none.usage.completion_tokens == 0
+    assert client.models.retrieve(NAME).id == NAME
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
+        client.chat.completions.create(model=NAME, messages=plain, top_logprobs=2)  # type: ignore[arg-type]
+
+
+def test_a_denormal_top_p_keeps_the_best_token_only(client: openai.OpenAI) -> None:
+    tiny = client.completions.create(model=NAME, prompt="nucleus", max_tokens=6, top_p=5e-324, seed=1)
+    assert tiny.choices[0].text == new_engine().generate("nucleus", greedy(6))[0].text
+
+
+def test_routes_and_bodies_fastapi_refuses_are_openai_shaped_too(server: RunningServer) -> None:
+    for method, path, status in (("GET", "/v1/completions", 405), ("GET", "/nope", 404), ("GET", "/v1/models/x", 404),
+                                 ("POST", "/v1/completions", 400)):
+        r = httpx.request(method, server.url + path, content=b"\xff{" if method == "POST" else None,
+                          headers={"content-type": "application/json"})
+        assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
+    assert httpx.head(server.url + "/health").status_code == 200
+
+
+def test_a_prompt_list_larger_than_the_queue_is_a_400(server: RunningServer) -> None:
+    r = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": ["x"] * 200, "n": 3})
+    assert r.status_code == 400 and "600 samples, more than the queue holds" in r.json()["error"]["message"]
 
 
 def test_bad_json_another_model_and_the_client_error_class(server: RunningServer, client: openai.OpenAI) -> None:
@@ -242,7 +287,7 @@ VLLM_KEYS = {"completed", "failed", "request_throughput", "output_throughput", "
 
 
 def bench_json(argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict[str, object]:
-    assert bench.main(["serve", *argv, "--json"]) == 0
+    assert bench.main(["serve", *argv, "--warmup", "0", "--json"]) == 0
     result: dict[str, object] = json.loads(capsys.readouterr().out)
     return result
 
@@ -273,3 +318,16 @@ def test_bench_serve_counts_failures_and_exits_1_when_none_completed(server: Run
     assert bench.main(argv) == 1
     result = json.loads(capsys.readouterr().out)
     assert (result["completed"], result["failed"]) == (0, 2) and "NotFoundError" in result["errors"][0]
+
+
+def test_health_says_503_once_the_engine_has_stopped() -> None:
+    s = start_server(new_engine(), NAME)
+    try:
+        assert httpx.get(s.url + "/health").status_code == 200
+        s.engine.shutdown()
+        r = httpx.get(s.url + "/health")
+        assert r.status_code == 503 and "stopped" in r.json()["error"]["message"]
+        r = httpx.post(s.url + "/v1/completions", json={"model": NAME, "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 503 and "takes no request" in r.json()["error"]["message"]
+    finally:
+        s.stop()

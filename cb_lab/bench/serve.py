@@ -25,6 +25,7 @@ import asyncio
 import json
 import random
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -36,7 +37,7 @@ import psutil
 
 from cb_lab.cli_generate import build_engine
 from cb_lab.engine import RequestOutput
-from cb_lab.exceptions import ValidationError
+from cb_lab.exceptions import CBLabException, ValidationError
 from cb_lab.progress import ProgressBar
 from cb_lab.sampling import SamplingParams
 from cb_lab.server.cli import start_server
@@ -82,6 +83,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--request-rate", type=float, default=float("inf"), help="requests per second (default inf)")
     p.add_argument("--max-concurrency", type=int, help="requests in flight at most (default: no limit)")
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--warmup", type=int, default=1, help="requests sent first and not counted (default 1: a "
+                   "server that loads or compiles on its first request)")
     p.add_argument("--ignore-eos", action="store_true", help="ask for exactly max_tokens (a vLLM extension)")
     p.add_argument("--prompts", type=Path, help="a .json list of strings or a text file, one prompt per line")
     p.add_argument("--workload", type=Path, help="a serving-simulation workload (.json or .csv)")
@@ -95,7 +98,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def apply_quick(args: argparse.Namespace) -> None:
-    args.num_prompts, args.max_tokens = min(args.num_prompts, 8), min(args.max_tokens, 8)
+    args.num_prompts, args.max_tokens, args.warmup = min(args.num_prompts, 8), min(args.max_tokens, 8), 0
 
 
 def load_prompts(path: Path | None) -> list[str]:
@@ -162,6 +165,8 @@ async def send(client: openai.AsyncOpenAI, args: argparse.Namespace, model: str,
 async def run_load(args: argparse.Namespace, base_url: str, jobs: list[Job]) -> tuple[list[RequestResult], float]:
     client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0, timeout=600)
     model = args.model or (await client.models.list()).data[0].id
+    for job in jobs[: args.warmup]:
+        await send(client, args, model, job)
     limit = asyncio.Semaphore(args.max_concurrency or len(jobs))
     bar = ProgressBar("bench serve", len(jobs))
     done = 0
@@ -254,11 +259,20 @@ def report(summary: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    slos, jobs = parse_slos(args.goodput), make_jobs(args)
-    if args.launch is None:
-        summary = summarize(*asyncio.run(run_load(args, args.base_url.rstrip("/"), jobs)), slos)
-    else:
-        summary = launch_and_load(args, jobs, slos)
+    base_url = args.base_url.rstrip("/").removesuffix("/v1")  # the server, as clients say it or not
+    try:
+        slos, jobs = parse_slos(args.goodput), make_jobs(args)
+        if args.launch is None:
+            summary = summarize(*asyncio.run(run_load(args, base_url, jobs)), slos)
+        else:
+            summary = launch_and_load(args, jobs, slos)
+    except CBLabException as error:  # a bad flag, file or model: said in one line
+        print(f"bench serve: {error}", file=sys.stderr)
+        return 2
+    except openai.APIConnectionError:
+        print(f"bench serve: nothing answers at {base_url}; start a server there (python -m cb_lab serve) "
+              "or give --launch MODEL", file=sys.stderr)
+        return 1
     print(json.dumps(summary) if args.json else report(summary))
     return 0 if summary["completed"] else 1
 

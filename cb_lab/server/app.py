@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cb_lab.async_engine import AsyncLLMEngine, EngineStepError, QueueFullError, RequestStream
 from cb_lab.engine_inputs import Prompt
@@ -37,7 +38,7 @@ from cb_lab.live.routes import attach_live
 from cb_lab.outputs import RequestOutput
 from cb_lab.sampling import SamplingParams
 from cb_lab.server.metrics import ServerMetrics
-from cb_lab.server.protocol import ChatCompletionRequest, CompletionRequest, error_body
+from cb_lab.server.protocol import DEFAULT_MAX_TOKENS, ChatCompletionRequest, CompletionRequest, error_body
 from cb_lab.server.wire import Delta, chat_chunk, chat_response, completion_chunk, completion_response, new_delta, usage
 
 __all__ = ["build_app"]
@@ -59,8 +60,8 @@ def build_app(engine: AsyncLLMEngine, model_name: str, metrics: ServerMetrics | 
     app.state.live_hub = attach_live(app, engine.engine.scheduler, model_name)  # the live page: /, /events, /trace
     metrics = metrics or ServerMetrics()
     metrics.bind(engine)
-    created = int(time.time())
     tokenizer = engine.engine.tokenizer
+    context = engine.engine.model.model.config.max_position
 
     @app.exception_handler(_HTTPError)
     async def http_error(_: Request, error: _HTTPError) -> JSONResponse:
@@ -69,32 +70,49 @@ def build_app(engine: AsyncLLMEngine, model_name: str, metrics: ServerMetrics | 
 
     @app.exception_handler(RequestValidationError)
     async def bad_body(_: Request, error: RequestValidationError) -> JSONResponse:
-        first = error.errors()[0]
-        param = ".".join(str(p) for p in first["loc"] if p != "body") or None
-        return JSONResponse(error_body(f"{param}: {first['msg']}" if param else first["msg"], param=param, code=400),
-                            status_code=400)
+        message, param = _validation_message(error.errors())
+        return JSONResponse(error_body(message, param=param, code=400), status_code=400)
 
-    @app.get("/health")
-    async def health() -> dict[str, str]:
+    @app.exception_handler(StarletteHTTPException)
+    async def starlette_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        """FastAPI's own 404 (no such route), 405 (wrong method), 400 (a body it cannot parse), OpenAI-shaped."""
+        return JSONResponse(error_body(str(error.detail), code=error.status_code), status_code=error.status_code,
+                            headers=error.headers)
+
+    @app.api_route("/health", methods=["GET", "HEAD"], response_model=None)
+    async def health() -> Response | dict[str, str]:
+        if not engine.is_running:
+            return JSONResponse(error_body("the engine thread has stopped", kind="server_error", code=503),
+                                status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "cb-lab",
+            "max_model_len": context}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        limit = engine.engine.model.model.config.max_position
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "cb-lab", "max_model_len": limit}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict[str, Any]:
+        _check_model(name, model_name)
+        return card
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, raw: Request) -> Response | dict[str, Any]:
         _check_model(body.model, model_name)
-        params = _params(lambda: body.sampling_params(body.max_tokens, body.logprobs))
+        max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+        params = _params(lambda: body.sampling_params(max_tokens, body.logprobs))
         top = body.logprobs or 0
+        prompts = body.prompts()
+        if not prompts:
+            raise _HTTPError(400, "prompt is an empty list; give at least one prompt", param="prompt")
         meta: dict[str, Any] = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
-        streams = await _add(engine, body.prompts(), params, meta["id"])
+        streams = await _add(engine, prompts, params, meta["id"])
         if body.stream:
             return _sse(streams, params.n, lambda d: completion_chunk(meta, d, tokenizer, top), body.include_usage,
                         meta, "text_completion")
@@ -105,8 +123,10 @@ def build_app(engine: AsyncLLMEngine, model_name: str, metrics: ServerMetrics | 
     async def chat(body: ChatCompletionRequest, raw: Request) -> Response | dict[str, Any]:
         _check_model(body.model, model_name)
         top = (body.top_logprobs or 0) if body.logprobs else None
-        params = _params(lambda: body.sampling_params(body.max_completion_tokens or body.max_tokens, top))
         (prompt,) = _params(lambda: engine.engine.chat_prompts(body.conversation()))
+        asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        max_tokens = max(context - len(prompt), 0) if asked is None else asked  # default: to the context's end
+        params = _params(lambda: body.sampling_params(max_tokens, top))
         meta: dict[str, Any] = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
                                 "model": model_name}
         streams = await _add(engine, [prompt], params, meta["id"])
@@ -117,6 +137,26 @@ def build_app(engine: AsyncLLMEngine, model_name: str, metrics: ServerMetrics | 
         return chat_response(meta, final, tokenizer, top or 0)
 
     return app
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict"}
+
+
+def _path(loc: Sequence[Any]) -> list[str]:
+    """Where in the body, without pydantic's union-member tags: ``messages.0.role``."""
+    return [str(p) for p in loc if p != "body" and str(p) not in _TYPE_TAGS and "[" not in str(p)]
+
+
+def _validation_message(errors: Sequence[Any]) -> tuple[str, str | None]:
+    """The first bad field and everything wrong with it: ``stop: Input should be a valid string, or
+    Input should be a valid list`` (pydantic reports each member of a union as its own error)."""
+    if errors[0]["type"] == "json_invalid":
+        return f"the body is not valid JSON: {errors[0]['ctx'].get('error', errors[0]['msg'])}", None
+    path = _path(errors[0]["loc"])
+    if not path:  # the body itself: missing, or not an object
+        return f"the body must be a JSON object: {errors[0]['msg']}", None
+    same = [e["msg"] for e in errors if _path(e["loc"]) == path]
+    return f"{'.'.join(path)}: {', or '.join(dict.fromkeys(same))}", path[0]
 
 
 def _check_model(asked: str | None, served: str) -> None:
@@ -130,23 +170,31 @@ def _params(build: Callable[[], T]) -> T:
     try:
         return build()
     except CBLabException as error:
-        raise _HTTPError(400, str(error)) from error
+        raise _HTTPError(400, str(error), param=_param_of(str(error))) from error
 
 
 async def _add(engine: AsyncLLMEngine, prompts: Sequence[Prompt], params: SamplingParams,
                request_id: str) -> list[RequestStream]:
-    """One engine request per prompt, all or none: a refused prompt aborts those already added."""
-    streams: list[RequestStream] = []
+    """One engine request per prompt, all or none, in one trip to the engine thread."""
+    ids = [f"{request_id}-{i}" for i in range(len(prompts))]
     try:
-        for i, prompt in enumerate(prompts):
-            streams.append(await engine.add_request(prompt, params, f"{request_id}-{i}"))
-    except QueueFullError as error:
-        _abort(streams)
+        return await engine.add_requests(prompts, params, ids)
+    except (QueueFullError, EngineStepError) as error:  # full, or stopped: come back later
         raise _HTTPError(503, str(error), kind="service_unavailable") from error
     except CBLabException as error:
-        _abort(streams)
-        raise _HTTPError(400, str(error), param="prompt" if len(prompts) == 1 else None) from error
-    return streams
+        message = str(error)  # the engine names the request by its id: the client knows its prompts by index
+        for i, rid in enumerate(ids):
+            message = message.replace(f"prompt of {rid}", f"prompt {i}").replace(rid, f"prompt {i}")
+        raise _HTTPError(400, message, param=_param_of(message)) from error
+
+
+def _param_of(message: str) -> str | None:
+    """The body field an engine error is about, from the words it uses."""
+    for param in ("stop_token_ids", "min_tokens", "max_tokens", "top_p", "temperature", "logprobs", "stop",
+                  "repetition_penalty", "prompt"):
+        if param in message:
+            return param
+    return None
 
 
 def _abort(streams: Sequence[RequestStream]) -> None:
@@ -201,8 +249,9 @@ async def _until_done(raw: Request, work: Awaitable[T]) -> T:
         raise _HTTPError(499, "the client closed the connection", kind="client_closed_request")
     try:
         return task.result()
-    except EngineStepError as error:
-        raise _HTTPError(500, str(error), kind="server_error") from error
+    except EngineStepError as error:  # a failed step (500), or a server shutting down (503)
+        stopped = "stopped" in str(error)
+        raise _HTTPError(503 if stopped else 500, str(error), kind="server_error") from error
 
 
 async def _disconnected(raw: Request) -> None:

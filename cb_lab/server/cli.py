@@ -25,6 +25,7 @@ import uvicorn
 from cb_lab.async_engine import AsyncLLMEngine
 from cb_lab.cli_generate import add_model_arguments, build_engine
 from cb_lab.engine import LLMEngine
+from cb_lab.exceptions import CBLabException
 from cb_lab.live.hub import StepHub
 from cb_lab.server.app import build_app
 from cb_lab.server.metrics import ServerMetrics
@@ -58,28 +59,13 @@ class RunningServer:
     _thread: threading.Thread
 
     def stop(self) -> None:
-        """Stop accepting, finish the open responses, then stop the engine thread."""
+        """Stop the engine (open responses end with an error), end the live page's event streams, stop
+        accepting, end the thread."""
+        self.engine.stop()
         self._server.close_live_pages()
         self._server.should_exit = True
         self._thread.join()
         self.engine.shutdown()
-
-
-class _Server(uvicorn.Server):
-    """uvicorn, which ends the live page's event streams before it stops: an open page would
-    otherwise hold the shutdown for ``timeout_graceful_shutdown`` seconds."""
-
-    def __init__(self, config: uvicorn.Config, hub: StepHub) -> None:
-        super().__init__(config)
-        self.hub = hub
-
-    def close_live_pages(self) -> None:
-        self.hub.close()
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        # Ctrl-C, in a signal handler on the event loop's thread, which may hold the hub's lock: close it from another.
-        threading.Thread(target=self.close_live_pages, name="cb-lab-live-close").start()
-        super().handle_exit(sig, frame)
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -90,13 +76,34 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _server(engine: LLMEngine, name: str, max_waiting: int, log_level: str) -> tuple[_Server,
-                                                                                      AsyncLLMEngine, ServerMetrics]:
+class _Server(uvicorn.Server):
+    """uvicorn that stops the engine first when told to exit (Ctrl-C): the responses in flight end at
+    once with an error (a 503 body, or an error event then ``[DONE]``) instead of being cut off; and
+    the live page's event streams end too, which an open page would otherwise hold open for
+    ``timeout_graceful_shutdown`` seconds."""
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncLLMEngine, hub: StepHub) -> None:
+        super().__init__(config)
+        self.async_engine = engine
+        self.hub = hub
+
+    def close_live_pages(self) -> None:
+        self.hub.close()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.async_engine.stop()
+        # A signal handler, on the event loop's thread, which may hold the hub's lock: close it from another.
+        threading.Thread(target=self.close_live_pages, name="cb-lab-live-close").start()
+        super().handle_exit(sig, frame)
+
+
+def _server(engine: LLMEngine, name: str, max_waiting: int, log_level: str) -> tuple[_Server, AsyncLLMEngine,
+                                                                                      ServerMetrics]:
     metrics = ServerMetrics()
     async_engine = AsyncLLMEngine(engine, max_waiting=max_waiting, on_step=metrics.on_step)
     app = build_app(async_engine, name, metrics)
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
-    return _Server(config, app.state.live_hub), async_engine, metrics
+    return _Server(config, async_engine, app.state.live_hub), async_engine, metrics
 
 
 def start_server(engine: LLMEngine, name: str = "cb-lab", *, host: str = "127.0.0.1", port: int = 0,
@@ -117,11 +124,18 @@ def serve_main(argv: Sequence[str]) -> int:
         parser.error(f"--max-waiting must be >= 1, got {args.max_waiting}")
     level = "WARNING" if args.quick else args.log_level.upper()  # --quick prints its own lines only
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    engine, about = build_engine(args)
+    try:  # the port first: a taken one is said at once, not after the model has loaded
+        sock = _listen(args.host, 0 if args.quick else args.port)
+        engine, about = build_engine(args)
+    except OSError as error:
+        parser.error(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}; give another --port "
+                     "(0: a free one) or --host")
+    except CBLabException as error:
+        parser.error(str(error))
     name = args.served_model_name or (args.model or about).split("/")[-1]
     if args.quick:
+        sock.close()
         return self_check(engine, name)
-    sock = _listen(args.host, args.port)
     server, async_engine, _ = _server(engine, name, args.max_waiting, args.log_level)
     host, port = sock.getsockname()[:2]
     print(f"cb-lab serving {about} as {name!r} at http://{host}:{port}/v1 (the live page: http://{host}:{port}/, "

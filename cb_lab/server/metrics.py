@@ -7,7 +7,7 @@ counters and histograms updated by the engine thread after every step.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
 from cb_lab.async_engine import AsyncLLMEngine
 from cb_lab.engine import LLMEngine
@@ -24,6 +24,7 @@ class ServerMetrics:
     """One registry per server (tests start several servers in one process)."""
 
     def __init__(self) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series beside every counter (process-wide, as vLLM does)
         self.registry = CollectorRegistry()
         r = self.registry
         self.running = Gauge("cb_lab:num_requests_running", "Requests in the running batch.", registry=r)
@@ -31,7 +32,7 @@ class ServerMetrics:
         self.kv_usage = Gauge("cb_lab:kv_cache_usage_perc", "Share of KV blocks in use (1 = full).", registry=r)
         self.prompt_tokens = Counter("cb_lab:prompt_tokens", "Prompt tokens of finished requests.", registry=r)
         self.generation_tokens = Counter("cb_lab:generation_tokens", "Tokens generated.", registry=r)
-        self.success = Counter("cb_lab:request_success", "Finished requests, by finish reason.",
+        self.success = Counter("cb_lab:request_success", "Finished requests, by their first sample's finish reason.",
                                ["finished_reason"], registry=r)
         self.ttft = Histogram("cb_lab:time_to_first_token_seconds", "Time to first token.",
                               buckets=_LATENCY_BUCKETS, registry=r)
@@ -61,9 +62,9 @@ class ServerMetrics:
             del self._seen[request_id]  # aborted: it reports no more (its tokens stay counted)
 
     def _finished(self, out: RequestOutput) -> None:
+        """One request (its ``n`` samples together), as the latency histograms count it too."""
         self.prompt_tokens.inc(len(out.prompt_token_ids))
-        for c in out.outputs:
-            self.success.labels(finished_reason=c.finish_reason or "abort").inc()
+        self.success.labels(finished_reason=out.outputs[0].finish_reason or "abort").inc()
         times = out.token_times
         if times:
             self.ttft.observe(times[0])
