@@ -57,12 +57,13 @@ class GatherWorkspace:
 class PagedKV:
     """Where a batch of B decode rows finds its cached K/V: blocks, one block-table row per query, lengths.
 
-    A contiguous cache fits too: make each request's rows one block
-    (``key_cache [B, S, D]``, ``block_tables = arange(B)[:, None]``).
+    The caches are a ``BlockPool``'s, layer-major: ``key_cache[layer]`` is one layer's blocks. A
+    contiguous cache fits too: make each request's rows one block of one layer
+    (``key_cache [1, B, S, D]``, ``block_tables = arange(B)[:, None]``).
     """
 
-    key_cache: torch.Tensor  # [num_blocks, block_size, D]
-    value_cache: torch.Tensor  # [num_blocks, block_size, D]
+    key_cache: torch.Tensor  # [num_layers, num_blocks, block_size, layer_dim]
+    value_cache: torch.Tensor  # [num_layers, num_blocks, block_size, layer_dim]
     block_tables: torch.Tensor  # [B, max_blocks] int64
     context_lens: torch.Tensor  # [B] int64
     workspace: GatherWorkspace | None = None  # reuse gather buffers across steps
