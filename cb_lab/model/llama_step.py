@@ -27,7 +27,8 @@ from cb_lab.attention.paged_attention import PagedKV, decode_buckets, paged_atte
 from cb_lab.core.kv_cache import BaseKVCache
 from cb_lab.exceptions import ModelError
 from cb_lab.model.llama import LayerKV, LlamaModel
-from cb_lab.model.llama_layers import DecoderLayer, grouped_attention, rope_cos_sin
+from cb_lab.model.llama_layers import DecoderLayer, rope_cos_sin
+from cb_lab.model.prefill_chunks import chunked_attention, prefill_chunks
 
 __all__ = ["LlamaStepModel"]
 
@@ -130,6 +131,8 @@ class LlamaStepModel:
         m._check(tokens, positions)
         cos, sin = rope_cos_sin(positions, m.config.head_size, m.config.rope_theta)
         past = self._past(prefill_past)
+        if prefill_mask is not None:  # the chunks, read off the mask once: each attends over its own keys only
+            chunks = prefill_chunks(prefill_mask)
         if decode_kv is not None:
             # Rows grouped by length once for the step; every layer gathers through the same buckets.
             buckets = decode_buckets(decode_kv.block_tables, decode_kv.context_lens, decode_kv.key_cache.shape[2])
@@ -144,10 +147,8 @@ class LlamaStepModel:
                                                    decode_kv.block_tables, decode_kv.context_lens, k[:B], v[:B],
                                                    buckets=buckets, workspace=decode_kv.workspace))
             if prefill_mask is not None:
-                keys, values = k[B:], v[B:]
-                if past is not None:
-                    keys, values = torch.cat([past[i][0], keys]), torch.cat([past[i][1], values])
-                parts.append(grouped_attention(q[B:], keys, values, prefill_mask))
+                cached_k, cached_v = (past[i][0], past[i][1]) if past is not None else (None, None)
+                parts.append(chunked_attention(q[B:], k[B:], v[B:], cached_k, cached_v, prefill_mask, chunks))
             x = layer.finish(x, torch.cat(parts))
             new_keys.append(k)
             new_values.append(v)
