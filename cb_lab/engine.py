@@ -113,8 +113,8 @@ class LLMEngine:
         c = self.config
         row_bytes = 2 * self.model.kv_dim * torch.finfo(self.model.dtype).bits // 8  # K and V of one token
         num_blocks = c.num_blocks or max(1, int(c.kv_memory_mb * 2**20) // (row_bytes * c.block_size))
-        self.pool = BlockPool(num_blocks, c.block_size, self.model.kv_dim, dtype=self.model.dtype,
-                              device=self.model.device)
+        self.pool = BlockPool(num_blocks, c.block_size, self.model.kv_dim, num_layers=model.config.n_layers,
+                              dtype=self.model.dtype, device=self.model.device)
         self.scheduler = Scheduler(self.model, c.max_tokens_per_step, c.prefill_chunk_size, executor=c.executor,
                                    max_num_seqs=c.max_num_seqs, enable_prefix_caching=c.enable_prefix_caching)
         self.output_processor = OutputProcessor(self.tokenizer)

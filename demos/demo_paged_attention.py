@@ -35,7 +35,7 @@ def look(req: Request) -> tuple[str, float]:
     slots = [str(p) if p < len(cache) else "_" for p in range(used * size)]  # the position in each slot
     blocks = " ".join(f"{b}:[{' '.join(slots[i * size:(i + 1) * size])}]" for i, b in enumerate(cache.block_table))
     q, (k, v) = torch.randn(1, cache.pool.dim), cache.get_kv()  # get_kv() gathers the blocks into [len, D] copies
-    out, _ = paged_attention(q, cache.pool.key_cache, cache.pool.value_cache,
+    out, _ = paged_attention(q, cache.pool.key_cache[0], cache.pool.value_cache[0],  # TinyLLM: one layer
                              torch.tensor([cache.block_table]), torch.tensor([len(cache)]))
     return (f"len {len(cache):>2} | unused slots {used * size - len(cache)} | block_table {cache.block_table} | "
             f"{blocks}", (out - scaled_dot_product_attention(q, k, v)[0]).abs().max().item())

@@ -170,6 +170,10 @@ def test_llama_compares_four_ways_on_identical_tokens(capsys: pytest.CaptureFixt
         assert num(per_s) > 0 and float(seconds) >= 0  # the quick run is too short for rounded seconds to check
     assert rows["cb-lab"][2] == "1.00"
     assert re.search(r"cb-lab takes [\d.]+x the floor", out) and "weight matmuls about" in out
+    profile = re.search(r"where a decode step goes \((\d+) running; [\d.]+ ms a step unprofiled.*\n((?:  .*\n)+)", out)
+    assert profile and profile[1] == "8", out  # every prompt decodes in the profiled steps
+    shares = [int(line.rsplit(None, 1)[1].rstrip("%")) for line in profile[2].splitlines()]
+    assert len(shares) == 8 and shares == sorted(shares, reverse=True) and sum(shares) <= 100 + len(shares)
 
 
 PREFIX_ROW = re.compile(rf"^caching (off|on)\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}\s+(\d+)$", re.M)

@@ -119,10 +119,10 @@ def test_growable_pool_doubles_and_keeps_contents_and_ids() -> None:
     key_before, value_before = pool.key_cache.clone(), pool.value_cache.clone()
     assert pool.allocate(1) == [2]  # short by one: the pool doubles
     assert pool.num_blocks == 4 and pool.ref_counts == [1, 1, 1, 0] and pool.free_block_ids == [3]
-    torch.testing.assert_close(pool.key_cache[:2], key_before, rtol=0, atol=0)
-    torch.testing.assert_close(pool.value_cache[:2], value_before, rtol=0, atol=0)
-    assert bool((pool.key_cache[2:] == 0).all())
-    assert pool.key_cache.dtype == torch.float32 and pool.key_cache.shape == (4, 3, D)
+    torch.testing.assert_close(pool.key_cache[:, :2], key_before, rtol=0, atol=0)
+    torch.testing.assert_close(pool.value_cache[:, :2], value_before, rtol=0, atol=0)
+    assert bool((pool.key_cache[:, 2:] == 0).all())
+    assert pool.key_cache.dtype == torch.float32 and pool.key_cache.shape == (1, 4, 3, D)  # one layer
     assert first == [0, 1]
     assert pool.allocate(2) == [3, 4] and pool.num_blocks == 8  # doubled again
     assert pool.allocate(20) == list(range(5, 25))  # a big request grows by at least what it needs
@@ -136,12 +136,45 @@ def test_write_to_flat_slots_lands_at_block_and_offset() -> None:
     k, v = rows(len(slots), seed=2)
     pool.write(torch.tensor(slots), k, v)
     for i, slot in enumerate(slots):
-        torch.testing.assert_close(pool.key_cache[slot // bs, slot % bs], k[i], rtol=0, atol=0)
-        torch.testing.assert_close(pool.value_cache[slot // bs, slot % bs], v[i], rtol=0, atol=0)
+        torch.testing.assert_close(pool.key_cache[0, slot // bs, slot % bs], k[i], rtol=0, atol=0)
+        torch.testing.assert_close(pool.value_cache[0, slot // bs, slot % bs], v[i], rtol=0, atol=0)
     written = torch.zeros(4 * bs, dtype=torch.bool)
     written[slots] = True
     assert bool((pool.key_cache.view(-1, D)[~written] == 0).all())  # nothing else was touched
     assert bool((pool.value_cache.view(-1, D)[~written] == 0).all())
+
+
+def test_a_pool_of_layers_stores_each_part_of_a_row_in_its_layer() -> None:
+    bs, L = 3, 3
+    pool = BlockPool(4, bs, L * D, num_layers=L)
+    assert pool.key_cache.shape == (L, 4, bs, D) and pool.key_cache[1].is_contiguous()
+    slots = [11, 0, 5, 3, 7]
+    k, v = rows(len(slots), seed=3, d=L * D)  # a row: layer 0's D values, then layer 1's, then layer 2's
+    pool.write(torch.tensor(slots), k, v)
+    for i, slot in enumerate(slots):
+        for layer in range(L):
+            part = slice(layer * D, (layer + 1) * D)
+            torch.testing.assert_close(pool.key_cache[layer, slot // bs, slot % bs], k[i, part], rtol=0, atol=0)
+            torch.testing.assert_close(pool.value_cache[layer, slot // bs, slot % bs], v[i, part], rtol=0, atol=0)
+    read_k, read_v = pool.read(torch.tensor([3, 0]))  # blocks 3 and 0: slots 9..11, then 0..2
+    torch.testing.assert_close(read_k[[2, 3]], k[[0, 1]], rtol=0, atol=0)
+    torch.testing.assert_close(read_v[[2, 3]], v[[0, 1]], rtol=0, atol=0)
+    assert read_k.shape == (2 * bs, L * D) and bool((read_k[[0, 1, 4, 5]] == 0).all())
+
+
+def test_a_cache_on_a_pool_of_layers_reads_back_its_rows_and_copies_on_write() -> None:
+    L = 2
+    pool = BlockPool(8, 2, L * D, num_layers=L)
+    parent = PagedKVCache(2, pool=pool)
+    k, v = rows(3, seed=4, d=L * D)
+    parent.append(k, v)
+    child = parent.fork()
+    k2, v2 = rows(2, seed=5, d=L * D)
+    child.append(k2, v2)  # into a copy of the shared last block
+    torch.testing.assert_close(parent.get_kv()[0], k, rtol=0, atol=0)
+    torch.testing.assert_close(child.get_kv()[0], torch.cat([k, k2]), rtol=0, atol=0)
+    torch.testing.assert_close(child.get_kv()[1], torch.cat([v, v2]), rtol=0, atol=0)
+    assert pool.num_copies == 1 and repr(pool).endswith("dim=8, num_layers=2, tokens=8)")
 
 
 def test_stats_add_up() -> None:
@@ -168,6 +201,8 @@ def test_stats_add_up() -> None:
         ((2, "4", D), {}, "block_size"),
         ((2, 2, 0), {}, "dim"),
         ((2, 2, None), {}, "dim"),
+        ((2, 2, D), {"num_layers": 0}, "num_layers"),
+        ((2, 2, D), {"num_layers": 3}, "num_layers"),
     ],
 )
 def test_bad_constructor_args_are_configuration_errors(

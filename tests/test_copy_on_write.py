@@ -40,7 +40,7 @@ def test_the_first_write_into_a_shared_block_copies_it_once_and_the_sharer_never
     assert child.block_table[1] != parent.block_table[1] and pool.ref_counts[parent.block_table[1]] == 1
     for now, was in zip(parent.get_kv(), before):
         assert torch.equal(now, was)  # bit-identical
-    assert torch.equal(pool.key_cache[parent.block_table[1]], pool_before[parent.block_table[1]])
+    assert torch.equal(pool.key_cache[:, parent.block_table[1]], pool_before[:, parent.block_table[1]])
     k, v = child.get_kv()
     assert torch.equal(k[:6], before[0]) and torch.equal(k[6], rows(1, 2)[0]) and torch.equal(v[:6], before[1])
     child.append(rows(1, 4), rows(1, 5))  # its own block now: written in place

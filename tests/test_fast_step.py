@@ -1,6 +1,6 @@
 """The real-token step's fast parts, each against a plain reference: batched sampling, decode attention
-over length buckets with the step's own K/V written into the gathered copy, and logits only where a
-token is sampled."""
+over length buckets with the step's own K/V written into the gathered copy, prefill attention chunk by
+chunk, and logits only where a token is sampled."""
 
 from __future__ import annotations
 
@@ -17,9 +17,12 @@ from cb_lab.attention.paged_attention import (
     decode_buckets,
     paged_attention_heads,
 )
+from cb_lab.core.batch_builder import cached_prefix_mask
 from cb_lab.model.llama import LlamaModel
 from cb_lab.model.llama_config import LlamaConfig
+from cb_lab.model.llama_layers import grouped_attention
 from cb_lab.model.llama_step import LlamaStepModel
+from cb_lab.model.prefill_chunks import chunked_attention, prefill_chunks
 from cb_lab.sampling import SamplingParams, sample_batch
 
 V = 50
@@ -111,6 +114,25 @@ def test_buckets_cover_every_row_once_and_bound_the_padding() -> None:
         assert b.tables.shape[1] == int(need.max())
         assert int((b.tables.shape[1] - need).sum()) <= BUCKET_OVERHEAD_BLOCKS * len(b.rows)
     assert len(buckets) > 1  # 1 block next to 13: not padded together
+
+
+@given(st.lists(st.tuples(st.integers(0, 20), st.integers(1, 12)), min_size=1, max_size=6), st.integers(0, 99))
+def test_prefill_attention_chunk_by_chunk_equals_one_call_over_the_whole_mask(
+    chunks: list[tuple[int, int]], seed: int
+) -> None:
+    starts, lengths = torch.tensor([s for s, _ in chunks]), torch.tensor([n for _, n in chunks])
+    mask = cached_prefix_mask(starts, lengths)  # [P, C + P]
+    P, C = int(lengths.sum()), int(starts.sum())
+    spans = prefill_chunks(mask)
+    assert [(c.rows.start, c.rows.stop) for c in spans] == [(int(e - n), int(e)) for e, n in
+                                                             zip(lengths.cumsum(0), lengths)]
+    assert [c.cached.stop - c.cached.start for c in spans] == starts.tolist()
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(P, 4, 8, generator=gen)
+    k, v, cached_k, cached_v = (torch.randn(n, 2, 8, generator=gen) for n in (P, P, C, C))
+    whole = grouped_attention(q, torch.cat([cached_k, k]), torch.cat([cached_v, v]), mask)
+    by_chunk = chunked_attention(q, k, v, cached_k if C else None, cached_v if C else None, mask, spans)
+    torch.testing.assert_close(by_chunk, whole, rtol=1e-6, atol=1e-6)
 
 
 def test_logits_only_for_the_rows_asked() -> None:

@@ -205,14 +205,14 @@ def test_decode_inputs_copies_other_caches_into_one_padded_tensor(kinds: tuple[s
     for i, (cache, n) in enumerate(zip(caches, lens)):
         cache.append(torch.randn(n, D, generator=gen(i)), torch.randn(n, D, generator=gen(10 + i)))
     got = decode_inputs(caches, model.device)
-    assert got.key_cache.shape == got.value_cache.shape == (3, 7, D)
+    assert got.key_cache.shape == got.value_cache.shape == (1, 3, 7, D)  # one layer of whole rows
     assert got.key_cache is not pool.key_cache
     assert got.block_tables.tolist() == [[0], [1], [2]] and got.context_lens.tolist() == lens
     for b, (cache, n) in enumerate(zip(caches, lens)):
         k, v = cache.get_kv()
-        torch.testing.assert_close(got.key_cache[b, :n], k, rtol=0, atol=0)
-        torch.testing.assert_close(got.value_cache[b, :n], v, rtol=0, atol=0)
-        assert bool((got.key_cache[b, n:] == 0).all())
+        torch.testing.assert_close(got.key_cache[0, b, :n], k, rtol=0, atol=0)
+        torch.testing.assert_close(got.value_cache[0, b, :n], v, rtol=0, atol=0)
+        assert bool((got.key_cache[0, b, n:] == 0).all())
     got.key_cache.fill_(7.0)  # a copy: writing it leaves every cache alone
     for i, cache in enumerate(caches):
         torch.testing.assert_close(cache.get_kv()[0], torch.randn(lens[i], D, generator=gen(i)), rtol=0, atol=0)

@@ -157,8 +157,8 @@ def test_paged_block_table_and_slot_addressing(bs: int, sizes: list[int]) -> Non
     assert cache.num_blocks_free == alloc.num_blocks - len(cache.block_table)
     for p in range(n):
         block, slot = cache.block_table[p // bs], p % bs
-        torch.testing.assert_close(alloc.key_cache[block, slot], k_ref[p], rtol=0, atol=0)
-        torch.testing.assert_close(alloc.value_cache[block, slot], v_ref[p], rtol=0, atol=0)
+        torch.testing.assert_close(alloc.key_cache[0, block, slot], k_ref[p], rtol=0, atol=0)
+        torch.testing.assert_close(alloc.value_cache[0, block, slot], v_ref[p], rtol=0, atol=0)
 
 
 def test_paged_pool_growth_keeps_earlier_rows() -> None:
@@ -175,7 +175,7 @@ def test_paged_pool_growth_keeps_earlier_rows() -> None:
     torch.testing.assert_close(k, k_ref, rtol=0, atol=0)
     torch.testing.assert_close(v, v_ref, rtol=0, atol=0)
     for p, block in enumerate(cache.block_table):
-        torch.testing.assert_close(alloc.key_cache[block, 0], k_ref[p], rtol=0, atol=0)
+        torch.testing.assert_close(alloc.key_cache[0, block, 0], k_ref[p], rtol=0, atol=0)
 
 
 def test_paged_get_kv_is_a_copy() -> None:

@@ -72,13 +72,14 @@ def cache_of(kind: str, block_size: int, pool: BlockPool) -> BaseKVCache:
             "shared": lambda: PagedKVCache(block_size, pool=pool)}[kind]()
 
 
-SCHEDULES = [  # (budget, chunk, block size, executor, cache, added mid-run, preempt_every, pool blocks)
-    (64, 8, 4, "fused", "shared", False, None, 200),
-    (7, 3, 3, "fused", "shared", True, None, 200),
-    (16, 16, 5, "split", "dense", True, None, 0),
-    (9, 4, 2, "fused", "paged", False, 3, 0),
-    (12, 5, 4, "split", "shared", True, 4, 200),
-    (20, 6, 4, "fused", "shared", False, None, 40),  # a pool too small for everyone: preemptions
+SCHEDULES = [  # (budget, chunk, block size, executor, cache, added mid-run, preempt_every, pool blocks,
+    #             the pool layer-major as LLMEngine makes it, or one layer of whole rows)
+    (64, 8, 4, "fused", "shared", False, None, 200, True),
+    (7, 3, 3, "fused", "shared", True, None, 200, False),
+    (16, 16, 5, "split", "dense", True, None, 0, False),
+    (9, 4, 2, "fused", "paged", False, 3, 0, False),
+    (12, 5, 4, "split", "shared", True, 4, 200, True),
+    (20, 6, 4, "fused", "shared", False, None, 40, True),  # a pool too small for everyone: preemptions
 ]
 
 
@@ -86,9 +87,10 @@ SCHEDULES = [  # (budget, chunk, block size, executor, cache, added mid-run, pre
 def test_greedy_tokens_equal_hf_generate_under_any_schedule(
     schedule: tuple[Any, ...], hf_and_ours: tuple[Any, LlamaStepModel], hf_greedy: list[list[int]]
 ) -> None:
-    budget, chunk, block_size, executor, kind, mid_run, preempt_every, blocks = schedule
+    budget, chunk, block_size, executor, kind, mid_run, preempt_every, blocks, layer_major = schedule
     _, model = hf_and_ours
-    pool = BlockPool(max(blocks, 1), block_size, model.kv_dim)
+    layers = model.model.config.n_layers if layer_major else 1
+    pool = BlockPool(max(blocks, 1), block_size, model.kv_dim, num_layers=layers)
     sched = Scheduler(model, budget, chunk, executor=executor, preempt_every=preempt_every)
     reqs = [Request(f"p{i}", torch.tensor(ids), NEW, cache_of(kind, block_size, pool))
             for i, ids in enumerate(prompts())]

@@ -57,12 +57,13 @@ class GatherWorkspace:
 class PagedKV:
     """Where a batch of B decode rows finds its cached K/V: blocks, one block-table row per query, lengths.
 
-    A contiguous cache fits too: make each request's rows one block
-    (``key_cache [B, S, D]``, ``block_tables = arange(B)[:, None]``).
+    The caches are a ``BlockPool``'s, layer-major: ``key_cache[layer]`` is one layer's blocks. A
+    contiguous cache fits too: make each request's rows one block of one layer
+    (``key_cache [1, B, S, D]``, ``block_tables = arange(B)[:, None]``).
     """
 
-    key_cache: torch.Tensor  # [num_blocks, block_size, D]
-    value_cache: torch.Tensor  # [num_blocks, block_size, D]
+    key_cache: torch.Tensor  # [num_layers, num_blocks, block_size, layer_dim]
+    value_cache: torch.Tensor  # [num_layers, num_blocks, block_size, layer_dim]
     block_tables: torch.Tensor  # [B, max_blocks] int64
     context_lens: torch.Tensor  # [B] int64
     workspace: GatherWorkspace | None = None  # reuse gather buffers across steps
@@ -202,10 +203,13 @@ def paged_attention_heads(
     by length (``decode_buckets``; pass ``buckets`` to compute them once per step). For each
     bucket the blocks are gathered once into one buffer ``[b, S, G, d]``, the step's new K/V
     written into it at each row's position (the pool itself is written only at commit), and
-    torch's ``scaled_dot_product_attention`` reads that one buffer in its grouped-query mode
-    (query head ``h`` reads key/value head ``h // (H / G)``). Returns ``[B, H, d]``.
+    torch's ``scaled_dot_product_attention`` reads that one buffer. Query head ``h`` reads key/value
+    head ``h // (H / G)``: the ``H / G`` query heads of a group go in as that head's query rows
+    (``[b, G, H / G, d]``), so each key and value is read once per group, not once per query head
+    (``enable_gqa`` would read it ``H / G`` times). Returns ``[B, H, d]``.
     """
     block_size = key_blocks.shape[1]
+    H, (G, d) = query.shape[1], key_blocks.shape[2:]
     if buckets is None:
         buckets = decode_buckets(block_tables, context_lens, block_size)
     out = query.new_empty(query.shape)
@@ -218,8 +222,8 @@ def paged_attention_heads(
         keys[at, b.lens] = new_keys[b.rows].to(keys.dtype)  # the token's own K/V, in the slot after its cache
         values[at, b.lens] = new_values[b.rows].to(values.dtype)
         attn = torch.nn.functional.scaled_dot_product_attention(
-            query[b.rows][:, :, None, :], keys.transpose(1, 2).to(query.dtype), values.transpose(1, 2).to(query.dtype),
-            attn_mask=b.valid, enable_gqa=True,
-        )  # [b, H, 1, d]
-        out[b.rows] = attn[:, :, 0, :]
+            query[b.rows].view(n, G, H // G, d), keys.transpose(1, 2).to(query.dtype),
+            values.transpose(1, 2).to(query.dtype), attn_mask=b.valid,
+        )  # [b, G, H / G, d]
+        out[b.rows] = attn.reshape(n, H, d)
     return out

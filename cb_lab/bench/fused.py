@@ -95,7 +95,7 @@ def floor_s(model: TinyLLM, requests: Sequence[Request]) -> tuple[float, float]:
     """Least work of a decode step: ``x [B, D] @ W^T`` for q, k, v, o, plus one gather of every cached row.
 
     Timed twice (medians of 3): gathering into buffers written beforehand (the floor), and into
-    fresh tensors as ``pool.key_cache[ids]`` does; a fresh tensor of many MB pays a page fault
+    fresh tensors as ``pool.key_cache[0][ids]`` does; a fresh tensor of many MB pays a page fault
     per 4 KiB page on first touch, and the fused step's own gathers are fresh tensors too.
     """
     caches = [r.kv_cache for r in requests if isinstance(r.kv_cache, PagedKVCache)]
@@ -104,17 +104,18 @@ def floor_s(model: TinyLLM, requests: Sequence[Request]) -> tuple[float, float]:
     x = torch.stack([r.last_token for r in requests])  # [B, D]
     ids = torch.tensor([b for c in caches for b in c.block_table], device=model.device)
     weights = [p.weight for p in (model.q_proj, model.k_proj, model.v_proj, model.o_proj)]
-    out_k, out_v = (torch.zeros((len(ids), *pool.key_cache.shape[1:]), device=model.device) for _ in range(2))
+    key_cache, value_cache = pool.key_cache[0], pool.value_cache[0]  # TinyLLM's one layer: [num_blocks, block_size, D]
+    out_k, out_v = (torch.zeros((len(ids), *key_cache.shape[1:]), device=model.device) for _ in range(2))
 
     def once(fresh: bool) -> float:
         start = now(model.device)
         for w in weights:
             x @ w.T
         if fresh:
-            pool.key_cache[ids], pool.value_cache[ids]  # [blocks, block_size, D]: every cached row, read once
+            key_cache[ids], value_cache[ids]  # [blocks, block_size, D]: every cached row, read once
         else:
-            torch.index_select(pool.key_cache, 0, ids, out=out_k)
-            torch.index_select(pool.value_cache, 0, ids, out=out_v)
+            torch.index_select(key_cache, 0, ids, out=out_k)
+            torch.index_select(value_cache, 0, ids, out=out_v)
         return now(model.device) - start
 
     return statistics.median(once(False) for _ in range(3)), statistics.median(once(True) for _ in range(3))

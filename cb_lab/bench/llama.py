@@ -10,9 +10,10 @@ each, four ways, each timed whole and its tokens compared with ours:
 - ``hf one at a time``: ``generate`` per prompt.
 
 Then the compute floor (2 x parameters x tokens processed, at this machine's matmul rate measured
-in the same run) and where cb-lab's step time goes: the projection and MLP matmuls (timed alone
+in the same run), where cb-lab's step time goes: the projection and MLP matmuls (timed alone
 for the same row counts), the rest of the forward (attention and gathers), and the scheduler's
-bookkeeping. Needs ``transformers`` (a test requirement; the library itself never imports it).
+bookkeeping; and one decode step op by op, with every prompt running (``step_profile.py``).
+Needs ``transformers`` (a test requirement; the library itself never imports it).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 
 from cb_lab.bench.common import now, ratio
 from cb_lab.bench.fused import device_arg
+from cb_lab.bench.step_profile import print_profile, profile_decode_steps
 from cb_lab.engine import EngineConfig, LLMEngine
 from cb_lab.model.checkpoint import save_llama
 from cb_lab.model.llama import LlamaModel
@@ -163,7 +165,8 @@ def bench(args: argparse.Namespace, dim: int, layers: int, num_prompts: int, new
     print(f"floor: 2 x {params / 1e6:.2f} M x {processed:,} tokens at {rate / 1e9:.1f} GFLOP/s = {floor:.2f} s; "
           f"cb-lab takes {ratio(ours.seconds, floor):.2f}x the floor")
     print(f"cb-lab's {steps} steps: weight matmuls about {proj:.2f} s ({ratio(proj, ours.seconds):.0%}), the rest "
-          f"(attention, gathers, sampling, scheduler bookkeeping) {ours.seconds - proj:.2f} s\n")
+          f"(attention, gathers, sampling, scheduler bookkeeping) {ours.seconds - proj:.2f} s")
+    print_profile(profile_decode_steps(engine, prompts))
 
 
 def sampling_seconds(rows: int, vocab: int, params: SamplingParams, device: torch.device) -> float:

@@ -61,7 +61,8 @@ def make_prompts(args: argparse.Namespace, shared: bool) -> list[torch.Tensor]:
 
 def run(model: LlamaStepModel, prompts: list[torch.Tensor], caching: bool, args: argparse.Namespace) -> Run:
     rows = sum(p.shape[0] for p in prompts) + len(prompts) * args.new
-    pool = BlockPool(rows // BLOCK_SIZE + 2 * len(prompts), BLOCK_SIZE, model.kv_dim)  # room for every request
+    pool = BlockPool(rows // BLOCK_SIZE + 2 * len(prompts), BLOCK_SIZE, model.kv_dim,  # room for every request
+                     num_layers=model.model.config.n_layers)
     metrics = MetricsPlugin(MetricsCollector(enable_memory_profiling=False))
     plugins = PluginManager()
     plugins.register_scheduler_plugin(metrics)

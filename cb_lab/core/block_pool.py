@@ -1,15 +1,22 @@
 """The KV block pool: fixed-size blocks of K/V storage, handed out by id (vLLM's BlockPool).
 
-One K tensor and one V tensor hold every block: ``[num_blocks, block_size, D]``. A request's
-cache owns a *block table* (a list of block ids); position ``p`` of that request lives at
-``(block_table[p // block_size], p % block_size)``, a flat *slot* ``block_id * block_size + offset``.
+One K tensor and one V tensor hold every block. A request's cache owns a *block table* (a list of
+block ids); position ``p`` of that request lives at ``(block_table[p // block_size], p % block_size)``,
+a flat *slot* ``block_id * block_size + offset``.
 
 ::
 
-    key_cache  [num_blocks, block_size, D]      free_block_ids  [5, 6, 7]
-    block 0  a0 a1 a2 a3   <- request a: block_table [0, 3]
-    block 1  b0 b1 b2 b3   <- request b: block_table [1, 2, 4]
-    ...
+    key_cache  [num_layers, num_blocks, block_size, layer_dim]    free_block_ids  [5, 6, 7]
+    layer 0:  block 0  a0 a1 a2 a3   <- request a: block_table [0, 3]
+              block 1  b0 b1 b2 b3   <- request b: block_table [1, 2, 4]
+              ...
+    layer 1:  block 0  a0 a1 a2 a3   (the same blocks, the next layer's K/V)
+
+A cache row (what a cache appends, ``[dim]``) holds a token's K (or V) of every layer side by side,
+``[num_layers, layer_dim]`` flattened, so one block table serves every layer. The pool stores them
+layer by layer (as vLLM and nano-vllm do): a model's attention reads one layer at a time, and one
+layer's blocks are then contiguous memory. TinyLLM has one layer: ``key_cache[0]`` is its
+``[num_blocks, block_size, D]``.
 
 Every block has a reference count: the number of block tables holding it. ``free`` lowers
 it, and a block whose count reaches 0 is free again. A pool shared by many requests has a
@@ -69,6 +76,8 @@ def _count(name: str, value: object) -> int:
 class BlockPool:
     """``num_blocks`` KV blocks of ``block_size`` slots for ``dim``-wide rows, a free list and ref counts.
 
+    ``num_layers`` says how a row splits into layers (``dim`` must divide by it); the storage is
+    layer-major, ``key_cache [num_layers, num_blocks, block_size, dim // num_layers]``.
     ``growable=True`` doubles the pool instead of failing when it runs out (block ids stay
     valid); that is how a ``PagedKVCache`` without a shared pool gets its private one.
     """
@@ -79,6 +88,7 @@ class BlockPool:
         block_size: int,
         dim: int,
         *,
+        num_layers: int = 1,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         growable: bool = False,
@@ -86,9 +96,14 @@ class BlockPool:
         _positive("num_blocks", num_blocks)
         self.block_size = _positive("block_size", block_size)
         self.dim = _positive("dim", dim)
+        self.num_layers = _positive("num_layers", num_layers)
+        if dim % num_layers:
+            raise ConfigurationError(f"dim {dim} does not split into num_layers={num_layers} equal parts; a row holds "
+                                     "every layer's K (or V) side by side, so dim must be a multiple of num_layers")
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.growable = growable
-        self.key_cache = torch.zeros((num_blocks, block_size, dim), dtype=dtype, device=self.device)
+        shape = (num_layers, num_blocks, block_size, dim // num_layers)
+        self.key_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         self.value_cache = torch.zeros_like(self.key_cache)
         self.ref_counts = [0] * num_blocks
         self.free_block_ids: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out the lowest id
@@ -102,7 +117,7 @@ class BlockPool:
 
     @property
     def num_blocks(self) -> int:
-        return self.key_cache.shape[0]
+        return self.key_cache.shape[1]
 
     @property
     def num_free_blocks(self) -> int:
@@ -197,26 +212,34 @@ class BlockPool:
         """
         assert self.ref_counts[block_id] > 1, f"block {block_id} is not shared; write into it in place"
         (copy,) = self.allocate(1)
-        self.key_cache[copy] = self.key_cache[block_id]
-        self.value_cache[copy] = self.value_cache[block_id]
+        self.key_cache[:, copy] = self.key_cache[:, block_id]  # every layer's rows of the block
+        self.value_cache[:, copy] = self.value_cache[:, block_id]
         self.ref_counts[block_id] -= 1
         self.num_copies += 1
         return copy
 
     def _grow(self, extra: int) -> None:
         old = self.num_blocks
-        self.key_cache = torch.cat([self.key_cache, self.key_cache.new_zeros((extra, *self.key_cache.shape[1:]))])
-        self.value_cache = torch.cat(
-            [self.value_cache, self.value_cache.new_zeros((extra, *self.value_cache.shape[1:]))]
-        )
+        L, _, bs, w = self.key_cache.shape
+        self.key_cache = torch.cat([self.key_cache, self.key_cache.new_zeros((L, extra, bs, w))], dim=1)
+        self.value_cache = torch.cat([self.value_cache, self.value_cache.new_zeros((L, extra, bs, w))], dim=1)
         self.ref_counts.extend([0] * extra)
         self.free_block_ids = list(range(old + extra - 1, old - 1, -1)) + self.free_block_ids
         logger.debug("block pool grew from %d to %d blocks", old, old + extra)
 
     def write(self, slots: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor) -> None:
-        """Scatter rows ``[n, D]`` to flat slots ``[n]`` (``block_id * block_size + offset``) in one op each."""
-        self.key_cache.view(-1, self.dim)[slots] = k_rows.to(self.key_cache.dtype)
-        self.value_cache.view(-1, self.dim)[slots] = v_rows.to(self.value_cache.dtype)
+        """Scatter rows ``[n, dim]`` to flat slots ``[n]`` (``block_id * block_size + offset``) in one op each:
+        every layer's part of a row goes to the same slot of that layer."""
+        for cache, rows in ((self.key_cache, k_rows), (self.value_cache, v_rows)):
+            L, w = self.num_layers, cache.shape[-1]
+            by_slot = cache.view(L, -1, w).permute(1, 0, 2)  # [num_blocks * block_size, L, w], a view
+            by_slot[slots] = rows.view(-1, L, w).to(cache.dtype)
+
+    def read(self, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row of blocks ``block_ids [n]``, in order, as cache rows ``(K, V)`` ``[n * block_size, dim]``
+        each (a copy: the layers are put side by side again)."""
+        k, v = self.key_cache[:, block_ids], self.value_cache[:, block_ids]  # [L, n, block_size, w]
+        return k.permute(1, 2, 0, 3).reshape(-1, self.dim), v.permute(1, 2, 0, 3).reshape(-1, self.dim)
 
     def stats(self) -> dict[str, int]:
         """Counts; ``free_blocks`` includes the evictable cached ones (``allocate`` can take them)."""
@@ -238,9 +261,10 @@ class BlockPool:
         }
 
     def __repr__(self) -> str:
+        layers = f", num_layers={self.num_layers}" if self.num_layers > 1 else ""
         return (
             f"BlockPool(blocks={self.num_used_blocks}/{self.num_blocks} used, block_size={self.block_size}, "
-            f"dim={self.dim}, tokens={self.num_tokens})"
+            f"dim={self.dim}{layers}, tokens={self.num_tokens})"
         )
 
     def _repr_html_(self) -> str:

@@ -262,8 +262,7 @@ def prefix_rows(chunk: PrefillChunk) -> KV:
         assert len(cache) == chunk.start, "a prefilling cache holds exactly prefill_pos rows"
         return cache.get_kv()
     assert isinstance(cache, PagedKVCache) and cache.pool is not None and len(cache) == 0
-    ids = torch.tensor(chunk.cached_blocks, device=cache.pool.device)
-    return cache.pool.key_cache[ids].flatten(0, 1), cache.pool.value_cache[ids].flatten(0, 1)
+    return cache.pool.read(torch.tensor(chunk.cached_blocks, device=cache.pool.device))
 
 
 def decode_inputs(
@@ -273,7 +272,7 @@ def decode_inputs(
 
     Caches sharing one block pool are read in place through their block tables (padded
     with block 0, masked by ``context_lens``). Other caches are copied into one padded
-    ``[B, S, D]`` tensor, each request's rows as a single block.
+    ``[B, S, D]`` tensor, each request's rows as a single block of a one-layer pool (``[1, B, S, D]``).
     """
     lens = torch.tensor([len(c) for c in caches], device=device)
     first = caches[0]
@@ -287,4 +286,4 @@ def decode_inputs(
     rows = [c.get_kv() for c in caches]
     keys = torch.nn.utils.rnn.pad_sequence([k for k, _ in rows], batch_first=True)  # [B, S, D]
     values = torch.nn.utils.rnn.pad_sequence([v for _, v in rows], batch_first=True)
-    return PagedKV(keys, values, torch.arange(len(caches), device=device)[:, None], lens)
+    return PagedKV(keys[None], values[None], torch.arange(len(caches), device=device)[:, None], lens)

@@ -312,10 +312,8 @@ class PagedKVCache(BaseKVCache):
         if self.pool is None:
             empty = torch.empty((0, self.dim or 0), device=self.device)
             return empty, empty
-        table = torch.tensor(self.block_table, device=self.device, dtype=torch.long)
-        k = self.pool.key_cache[table].flatten(0, 1)[: self._len]  # [len, D]
-        v = self.pool.value_cache[table].flatten(0, 1)[: self._len]
-        return k, v
+        k, v = self.pool.read(torch.tensor(self.block_table, device=self.device, dtype=torch.long))
+        return k[: self._len], v[: self._len]  # [len, D]
 
     def release(self) -> None:
         """Give every block back to the pool (the rows are gone; the cache is empty again)."""

@@ -54,7 +54,10 @@ class BlockLedger:
         paged = shared_paged(cache)
         if paged is None or paged.pool is None:
             return None
-        return paged, self.pools.setdefault(id(paged.pool), PoolLedger(paged.pool))
+        ledger = self.pools.get(id(paged.pool))
+        if ledger is None:  # a pool's first cache this step (a ledger counts the pool's free blocks: not per call)
+            ledger = self.pools[id(paged.pool)] = PoolLedger(paged.pool)
+        return paged, ledger
 
     def fits(self, cache: BaseKVCache, num_rows: int, cached: Sequence[int] = ()) -> bool:
         """Room for ``num_rows`` more rows of ``cache``, after it takes back the prefix-cache blocks ``cached``."""
@@ -118,8 +121,8 @@ class _StepPlanner:
 
     def make_room(self, req: Request, num_rows: int) -> bool:
         """Preempt the latest admitted unscheduled requests until ``req`` fits; False if it was the victim."""
-        scheduled = {id(r) for r in self.decode} | {id(c.request) for c in self.prefill}
         while not self.ledger.fits(req.kv_cache, num_rows):
+            scheduled = {id(r) for r in self.decode} | {id(c.request) for c in self.prefill}
             candidates = [r for r in self.running if id(r) not in scheduled and r is not req]
             victim = candidates[-1] if candidates else req
             self.preempt(victim)

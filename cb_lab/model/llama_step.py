@@ -5,11 +5,13 @@ The executors (``core/executor.py``) talk to a ``StepModel``: ``forward_prefill_
 Llama-architecture model one cached row holds a token's keys of every layer side by side::
 
     row [kv_dim] = [n_layers, n_kv_heads, head_dim] flattened      (values the same way)
-    a block [block_size, kv_dim] = [block_size, n_layers, G, d]: one block table serves every layer
 
-so caches, the shared block pool, preemption and commit work unchanged. Each layer reads its
-slice as a strided view (``[..., n_layers, G, d][:, :, layer]``), so gathering a layer's keys
-reads that layer's bytes only. Positions for RoPE come with the step: a decode row sits at its
+so one block table serves every layer, and caches, the shared block pool, preemption and commit
+work unchanged. The pool stores the rows layer by layer (``BlockPool(..., num_layers=n_layers)``,
+as ``LLMEngine`` makes it: ``key_cache [n_layers, num_blocks, block_size, G * d]``), so a layer's
+decode attention gathers contiguous blocks of that layer. A one-layer pool of whole rows (dense
+caches padded into blocks, a pool made without ``num_layers``) works too: a layer is then a
+strided slice of each row. Positions for RoPE come with the step: a decode row sits at its
 request's cached length; a prefill row's mask lets it see exactly its own request's keys at
 positions up to its own, so its position is the number of keys it sees, minus one.
 """
@@ -25,7 +27,8 @@ from cb_lab.attention.paged_attention import PagedKV, decode_buckets, paged_atte
 from cb_lab.core.kv_cache import BaseKVCache
 from cb_lab.exceptions import ModelError
 from cb_lab.model.llama import LayerKV, LlamaModel
-from cb_lab.model.llama_layers import DecoderLayer, grouped_attention, rope_cos_sin
+from cb_lab.model.llama_layers import DecoderLayer, rope_cos_sin
+from cb_lab.model.prefill_chunks import chunked_attention, prefill_chunks
 
 __all__ = ["LlamaStepModel"]
 
@@ -64,6 +67,15 @@ class LlamaStepModel:
             return None
         keys, values = self._layers(past_kv[0]), self._layers(past_kv[1])
         return [(keys[:, i], values[:, i]) for i in range(self.layer_shape[0])]
+
+    def _layer_blocks(self, cache: torch.Tensor, layer: int) -> torch.Tensor:
+        """One layer's blocks ``[num_blocks, block_size, G, d]`` of a pool tensor ``[pool layers, num_blocks,
+        block_size, width]`` (a view)."""
+        L, G, d = self.layer_shape
+        if cache.shape[0] == L:  # layer-major: the layer's blocks are contiguous
+            return cache[layer].view(*cache.shape[1:3], G, d)
+        assert cache.shape[0] == 1, f"a pool of {cache.shape[0]} layers for a model of {L}"
+        return cache[0].view(*cache.shape[1:3], L, G, d)[:, :, layer]  # whole rows: a strided slice of each
 
     @staticmethod
     def _rows(per_layer: torch.Tensor) -> torch.Tensor:
@@ -119,25 +131,24 @@ class LlamaStepModel:
         m._check(tokens, positions)
         cos, sin = rope_cos_sin(positions, m.config.head_size, m.config.rope_theta)
         past = self._past(prefill_past)
-        if decode_kv is not None:  # the pool's blocks as [num_blocks, block_size, n_layers, G, d]: a layer is a view
-            key_blocks = decode_kv.key_cache.view(*decode_kv.key_cache.shape[:2], *self.layer_shape)
-            value_blocks = decode_kv.value_cache.view(*decode_kv.value_cache.shape[:2], *self.layer_shape)
+        if prefill_mask is not None:  # the chunks, read off the mask once: each attends over its own keys only
+            chunks = prefill_chunks(prefill_mask)
+        if decode_kv is not None:
             # Rows grouped by length once for the step; every layer gathers through the same buckets.
-            buckets = decode_buckets(decode_kv.block_tables, decode_kv.context_lens, key_blocks.shape[1])
+            buckets = decode_buckets(decode_kv.block_tables, decode_kv.context_lens, decode_kv.key_cache.shape[2])
         x = m.embed_tokens(tokens)  # [N, D]
         new_keys, new_values = [], []
         for i, layer in enumerate(cast(Sequence[DecoderLayer], m.layers)):
             q, k, v = layer.project_kv(x, cos, sin)  # every weight of the layer read once for the whole step
             parts = []
             if decode_kv is not None:
-                parts.append(paged_attention_heads(q[:B], key_blocks[:, :, i], value_blocks[:, :, i],
+                parts.append(paged_attention_heads(q[:B], self._layer_blocks(decode_kv.key_cache, i),
+                                                   self._layer_blocks(decode_kv.value_cache, i),
                                                    decode_kv.block_tables, decode_kv.context_lens, k[:B], v[:B],
                                                    buckets=buckets, workspace=decode_kv.workspace))
             if prefill_mask is not None:
-                keys, values = k[B:], v[B:]
-                if past is not None:
-                    keys, values = torch.cat([past[i][0], keys]), torch.cat([past[i][1], values])
-                parts.append(grouped_attention(q[B:], keys, values, prefill_mask))
+                cached_k, cached_v = (past[i][0], past[i][1]) if past is not None else (None, None)
+                parts.append(chunked_attention(q[B:], k[B:], v[B:], cached_k, cached_v, prefill_mask, chunks))
             x = layer.finish(x, torch.cat(parts))
             new_keys.append(k)
             new_values.append(v)

@@ -159,7 +159,7 @@ class TinyLLM(nn.Module):
             pool = kv_cache.pool
             table = torch.tensor([kv_cache.block_table], device=self.device)  # [1, num_blocks]
             lens = torch.tensor([len(kv_cache)], device=self.device)
-            attn, probs = paged_attention(q, pool.key_cache, pool.value_cache, table, lens, k, v)
+            attn, probs = paged_attention(q, pool.key_cache[0], pool.value_cache[0], table, lens, k, v)  # one layer
         else:
             k_cache, v_cache = kv_cache.get_kv()  # [C, D] views
             keys = torch.cat([k_cache.to(k.dtype), k])
@@ -194,8 +194,8 @@ class TinyLLM(nn.Module):
         parts = []
         if decode_kv is not None:
             d = decode_kv
-            attn, probs = paged_attention(
-                q[:num_decode], d.key_cache, d.value_cache, d.block_tables, d.context_lens,
+            attn, probs = paged_attention(  # the pool's layer 0: TinyLLM's only layer
+                q[:num_decode], d.key_cache[0], d.value_cache[0], d.block_tables, d.context_lens,
                 k[:num_decode], v[:num_decode], d.workspace,
             )
             parts.append(attn)
