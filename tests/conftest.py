@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import pytest
 from hypothesis import settings
 
 os.environ.setdefault("CB_LAB_CHECK_INVARIANTS", "1")
@@ -25,3 +28,32 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 _TESTS_DIR = str(Path(__file__).resolve().parent)
 if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Debian's Chromium under Playwright, one per test module; never a downloaded browser. Skips
+    without ``/usr/bin/chromium`` (``apt-get install -y chromium``; ``make test`` installs it where it
+    can) or without Playwright."""
+    if not CHROMIUM.exists():
+        pytest.skip("the live page's browser tests need Debian's Chromium at /usr/bin/chromium: apt-get install -y "
+                    "chromium (make test installs it when it runs as root with apt-get)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (it is in requirements.txt)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM))
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[tuple[Any, list[str]]]:
+    """A fresh page and the console errors it logs (uncaught exceptions included)."""
+    errors: list[str] = []
+    p = browser.new_page(viewport={"width": 1400, "height": 900})
+    p.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    p.on("pageerror", lambda e: errors.append(str(e)))
+    yield p, errors
+    p.close()

@@ -9,23 +9,15 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from cb_lab.live.simulation import LiveSimulation
 from cb_lab.monitoring.trace import TRACE_FORMAT
 from cb_lab.serving import make_config
 from cb_lab.workload import LengthDist, WorkloadConfig, generate_workload
-
-CHROMIUM = Path("/usr/bin/chromium")
-if not CHROMIUM.exists():
-    pytest.skip("the live page's browser tests need Debian's Chromium at /usr/bin/chromium: apt-get install -y "
-                "chromium (make test installs it when it runs as root with apt-get)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (it is in requirements.txt)")
 
 SPECS = generate_workload(WorkloadConfig(24, LengthDist.uniform(12, 20), LengthDist.uniform(2, 16), num_prefixes=2,
                                          prefix_len=8, seed=3))
@@ -33,25 +25,6 @@ CONFIG = make_config("continuous", max_num_seqs=6, max_tokens_per_step=32, prefi
                      block_size=4, enable_prefix_caching=True)
 WAIT_MS = 30_000
 FINISHED = "document.querySelectorAll('#timeline-rows [data-state=finished]').length"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM))
-        yield b
-        b.close()
-
-
-@pytest.fixture
-def page(browser: Any) -> Iterator[tuple[Any, list[str]]]:
-    """A fresh page and the console errors it logs (uncaught exceptions included)."""
-    errors: list[str] = []
-    p = browser.new_page(viewport={"width": 1400, "height": 900})
-    p.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-    p.on("pageerror", lambda e: errors.append(str(e)))
-    yield p, errors
-    p.close()
 
 
 def stats(page: Any) -> dict[str, Any]:

@@ -9,13 +9,11 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from helpers import make_llama
 from live_helpers import PlanLog, assert_events_are_the_plans, assert_pool_adds_up, sse
 
@@ -26,7 +24,6 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = make_llama(vocab_size=258)
 # A pool too small for 8 answers at once (preemptions) and room for 6 of them (2 wait for max_num_seqs).
 CONFIG = EngineConfig(max_num_seqs=6, block_size=4, num_blocks=48, max_tokens_per_step=32, prefill_chunk_size=8)
-CHROMIUM = Path("/usr/bin/chromium")
 WAIT_MS = 60_000
 FINISHED = "document.querySelectorAll('#timeline-rows [data-state=finished]').length"
 
@@ -77,28 +74,6 @@ def test_the_event_stream_shows_the_steps_the_scheduler_planned() -> None:
     assert any(e["preempted"] for e in events) and events[-1]["pool_used_blocks"] == 0
 
 
-if not CHROMIUM.exists():  # the tests above need no browser
-    pytest.skip("the live page's browser tests need Debian's Chromium at /usr/bin/chromium: apt-get install -y "
-                "chromium (make test installs it when it runs as root with apt-get)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (it is in requirements.txt)")
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM))
-        yield b
-        b.close()
-
-
-@pytest.fixture
-def page(browser: Any) -> Iterator[tuple[Any, list[str]]]:
-    errors: list[str] = []
-    p = browser.new_page(viewport={"width": 1400, "height": 900})
-    p.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-    p.on("pageerror", lambda e: errors.append(str(e)))
-    yield p, errors
-    p.close()
 
 
 def test_a_burst_from_the_page_runs_to_the_end(page: tuple[Any, list[str]]) -> None:

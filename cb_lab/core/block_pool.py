@@ -233,7 +233,7 @@ class BlockPool:
         for cache, rows in ((self.key_cache, k_rows), (self.value_cache, v_rows)):
             L, w = self.num_layers, cache.shape[-1]
             by_slot = cache.view(L, -1, w).permute(1, 0, 2)  # [num_blocks * block_size, L, w], a view
-            by_slot[slots] = rows.view(-1, L, w).to(cache.dtype)
+            by_slot[slots] = rows.reshape(-1, L, w).to(cache.dtype)
 
     def read(self, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Every row of blocks ``block_ids [n]``, in order, as cache rows ``(K, V)`` ``[n * block_size, dim]``
