@@ -17,10 +17,12 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 from helpers import make_llama
 
 from cb_lab import bench
+from cb_lab.bench import serve as serve_bench
 from cb_lab.engine import EngineConfig, LLMEngine
 from cb_lab.sampling import SamplingParams
 from cb_lab.server import RunningServer, start_server
@@ -210,6 +212,8 @@ def test_models_health_and_metrics(server: RunningServer, client: openai.OpenAI)
                  "request_success_total", "time_to_first_token_seconds_bucket",
                  "time_per_output_token_seconds_count", "e2e_request_latency_seconds_sum"):
         assert f"cb_lab:{name}" in text
+    rss = metric(server, "process_resident_memory_bytes")  # the process's own figures, as prometheus_client gives
+    assert rss == pytest.approx(psutil.Process().memory_info().rss, rel=0.2)  # this process serves the test
 
 
 def metric(server: RunningServer, name: str) -> float:
@@ -300,6 +304,14 @@ def test_bench_serve_measures_a_running_server(server: RunningServer, capsys: py
     assert (result["completed"], result["failed"], result["total_output_tokens"]) == (6, 0, 30)
     assert metric(server, "cb_lab:generation_tokens_total") == before + 30  # what the server counted
     assert result["request_goodput"] == pytest.approx(result["request_throughput"])  # every request within the SLO
+    # From the server's /metrics after the run: nothing left in the batch or the queue.
+    assert (result["server_running_after"], result["server_waiting_after"]) == (0, 0)
+    assert isinstance(result["server_rss_growth_mb"], float)
+
+
+def test_bench_serve_reads_nothing_from_a_server_without_metrics(server: RunningServer) -> None:
+    assert asyncio.run(serve_bench.scrape(server.url + "/v1")) == {}  # /v1/metrics: 404, as transformers serve
+    assert asyncio.run(serve_bench.scrape(server.url))["running"] == 0
 
 
 def test_bench_serve_replays_a_workload_file(server: RunningServer, tmp_path: Path,

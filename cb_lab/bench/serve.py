@@ -13,7 +13,11 @@ a serving-simulation workload instead (its ``arrival_step`` times ``--step-secon
 ``prompt_len`` words, the first ``prefix_len`` shared by its ``prefix_id``). It prints vLLM's
 figures (``vllm bench serve``): completed and failed requests, request and token throughput,
 TTFT, TPOT and ITL (mean, median, p99), end-to-end latency, goodput under ``--goodput`` SLOs;
-``--json`` prints them as one object with vLLM's keys. ``--launch MODEL`` starts ``cb_lab serve``
+``--json`` prints them as one object with vLLM's keys. The first ``--warmup`` requests go first, at
+the same arrivals, and are not counted; where the server has a Prometheus ``/metrics`` (``cb_lab
+serve`` does) it also prints the server's memory growth from the end of the warm-up to the end of
+the run and what is left in its pool and batch (a soak: a long run at a steady rate, nothing left
+over and no growth). ``--launch MODEL`` starts ``cb_lab serve``
 in this process and first runs the same prompts through the offline ``LLMEngine.generate``, so
 the server's overhead comes out as a ratio from one run.
 """
@@ -32,8 +36,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
-import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 from cb_lab.cli_generate import build_engine
 from cb_lab.engine import RequestOutput
@@ -162,13 +167,27 @@ async def send(client: openai.AsyncOpenAI, args: argparse.Namespace, model: str,
     return result
 
 
-async def run_load(args: argparse.Namespace, base_url: str, jobs: list[Job]) -> tuple[list[RequestResult], float]:
-    client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0, timeout=600)
-    model = args.model or (await client.models.list()).data[0].id
-    for job in jobs[: args.warmup]:
-        await send(client, args, model, job)
-    limit = asyncio.Semaphore(args.max_concurrency or len(jobs))
-    bar = ProgressBar("bench serve", len(jobs))
+# What a server's /metrics says before and after the run, where it has them (cb_lab serve does; a
+# server without a Prometheus /metrics gives nothing): memory, and what is left in the pool and batch.
+_WATCHED = {"process_resident_memory_bytes": "rss_bytes", "cb_lab:kv_cache_usage_perc": "kv_cache_usage",
+            "cb_lab:num_requests_running": "running", "cb_lab:num_requests_waiting": "waiting"}
+
+
+async def scrape(base_url: str) -> dict[str, float]:
+    async with httpx.AsyncClient(timeout=30) as client:
+        response = await client.get(base_url + "/metrics")
+    if response.status_code != 200 or not response.headers.get("content-type", "").startswith("text/plain"):
+        return {}
+    return {_WATCHED[s.name]: s.value for family in text_string_to_metric_families(response.text)
+            for s in family.samples if s.name in _WATCHED}
+
+
+async def drive(client: openai.AsyncOpenAI, args: argparse.Namespace, model: str, jobs: list[Job],
+                label: str) -> tuple[list[RequestResult], float]:
+    """Send ``jobs`` at their arrival times (at most ``--max-concurrency`` in flight); the results
+    and the seconds from the first arrival to the last answer."""
+    limit = asyncio.Semaphore(args.max_concurrency or max(1, len(jobs)))
+    bar = ProgressBar(label, len(jobs))
     done = 0
     start = time.perf_counter()
 
@@ -183,8 +202,27 @@ async def run_load(args: argparse.Namespace, base_url: str, jobs: list[Job]) -> 
 
     results = await asyncio.gather(*(one(job) for job in jobs))
     bar.close()
-    await client.close()
     return list(results), time.perf_counter() - start
+
+
+async def run_load(args: argparse.Namespace, base_url: str, jobs: list[Job],
+                   slos: dict[str, float]) -> dict[str, Any]:
+    """A warm-up (the first ``--warmup`` jobs, same arrivals, not counted), then every job; the
+    summary, with the server's memory growth and leftovers from its /metrics when it has one."""
+    client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0, timeout=600)
+    model = args.model or (await client.models.list()).data[0].id
+    if args.warmup:
+        await drive(client, args, model, jobs[: args.warmup], "warm-up")
+    before = await scrape(base_url)
+    summary = summarize(*await drive(client, args, model, jobs, "bench serve"), slos)
+    after = await scrape(base_url)
+    await client.close()
+    if "rss_bytes" in before and "rss_bytes" in after:
+        summary["server_rss_growth_mb"] = (after["rss_bytes"] - before["rss_bytes"]) / 2**20
+    for key in ("kv_cache_usage", "running", "waiting"):
+        if key in after:
+            summary[f"server_{key}_after"] = after[key]
+    return summary
 
 
 def _stats(name: str, values: list[float]) -> dict[str, float]:
@@ -253,8 +291,13 @@ def report(summary: dict[str, Any]) -> str:
         lines += [f"{' Against offline generate ':-^52}", f"model: {summary['model']}",
                   _row("Offline output throughput (tok/s)", summary["offline_output_throughput"]),
                   _row("Server / offline", summary["server_vs_offline"]),
-                  _row("RSS growth after warm-up (MB)", summary["rss_growth_mb"], ">12.1f"),
                   _row("KV blocks in use after", summary["blocks_in_use_after"], ">12")]
+    if "server_rss_growth_mb" in summary:  # from the server's /metrics
+        lines += [f"{' The server after the run ':-^52}",
+                  _row("RSS growth after warm-up (MB)", summary["server_rss_growth_mb"], ">12.1f"),
+                  _row("KV cache usage (share of blocks)", summary.get("server_kv_cache_usage_after", 0.0)),
+                  _row("Requests still running", summary.get("server_running_after", 0.0), ">12.0f"),
+                  _row("Requests still waiting", summary.get("server_waiting_after", 0.0), ">12.0f")]
     return "\n".join(lines + [f"error: {e}" for e in summary["errors"]])
 
 
@@ -263,7 +306,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         slos, jobs = parse_slos(args.goodput), make_jobs(args)
         if args.launch is None:
-            summary = summarize(*asyncio.run(run_load(args, base_url, jobs)), slos)
+            summary = asyncio.run(run_load(args, base_url, jobs, slos))
         else:
             summary = launch_and_load(args, jobs, slos)
     except CBLabException as error:  # a bad flag, file or model: said in one line
@@ -295,13 +338,11 @@ def launch_and_load(args: argparse.Namespace, jobs: list[Job], slos: dict[str, f
     start = time.perf_counter()
     tokens = sum(len(out.token_ids) for out in offline())
     offline_tok_s = tokens / (time.perf_counter() - start)
-    rss = psutil.Process().memory_info().rss  # after the warm-up: what a long run must not outgrow
     server = start_server(engine, args.model or "cb-lab", max_waiting=max(256, len(jobs)))
     try:
-        summary = summarize(*asyncio.run(run_load(args, server.url, jobs)), slos)
+        summary = asyncio.run(run_load(args, server.url, jobs, slos))
     finally:
         server.stop()
-    summary["rss_growth_mb"] = (psutil.Process().memory_info().rss - rss) / 2**20
     summary["blocks_in_use_after"] = engine.pool.num_used_blocks  # 0: nothing leaked
     summary["model"] = about
     summary["offline_output_throughput"] = offline_tok_s

@@ -2,12 +2,15 @@
 
 The names are vLLM's under a ``cb_lab:`` prefix, so a Grafana board built for vLLM reads them
 after a rename of the prefix: gauges sampled at scrape time (running, waiting, KV usage),
-counters and histograms updated by the engine thread after every step.
+counters and histograms updated by the engine thread after every step. The process's own figures
+come too, as ``prometheus_client`` names them (``process_resident_memory_bytes``, CPU seconds, open
+files), so a long run's memory can be watched from outside.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, disable_created_metrics,
+                               generate_latest)
 
 from cb_lab.async_engine import AsyncLLMEngine
 from cb_lab.engine import LLMEngine
@@ -27,6 +30,7 @@ class ServerMetrics:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series beside every counter (process-wide, as vLLM does)
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_*: RSS, CPU seconds, open files (Linux)
         self.running = Gauge("cb_lab:num_requests_running", "Requests in the running batch.", registry=r)
         self.waiting = Gauge("cb_lab:num_requests_waiting", "Requests queued, not running yet.", registry=r)
         self.kv_usage = Gauge("cb_lab:kv_cache_usage_perc", "Share of KV blocks in use (1 = full).", registry=r)
