@@ -147,28 +147,83 @@ def sample_batch(logits: torch.Tensor, params: Sequence[SamplingParams], req_ids
 
     First the rows that ask for it are changed: ``min_tokens`` (``indices[r]`` tokens so far;
     ``eos_token_ids[r]`` is the row's EOS) and the penalties (``history[r]``: the row's prompt and
-    output ids, needed only for rows with penalties). Then the whole batch is cut in tensor ops
-    (temperature, top-k, top-p); only the draw is per row: one uniform number from row ``r``'s
-    own generator (``generator(req_ids[r], indices[r])``), turned into a token through the row's
-    cumulative probabilities (inverse-CDF sampling), so a request's tokens never depend on its
-    neighbours.
+    output ids, needed only for rows with penalties). Greedy rows take their ``argmax``. The other
+    rows are cut in tensor ops (temperature, top-k, top-p); only the draw is per row: one uniform
+    number from row ``r``'s own generator (``generator(req_ids[r], indices[r])``), turned into a
+    token through the row's cumulative probabilities in id order (inverse-CDF sampling), so a
+    request's tokens never depend on its neighbours.
     """
     logits = _processed(logits, params, indices, history, eos_token_ids)
-    tokens = logits.argmax(-1)  # [R]: the greedy rows' answer (and a placeholder for the others)
+    tokens = torch.empty(len(params), dtype=torch.int64, device=logits.device)
+    greedy = [r for r, p in enumerate(params) if p.temperature < GREEDY_BELOW]
     sampled = [r for r, p in enumerate(params) if p.temperature >= GREEDY_BELOW]
-    if not sampled:
-        return tokens
-    rows = torch.tensor(sampled, device=logits.device)
-    chosen = [params[r] for r in sampled]
-    temperature = torch.tensor([p.temperature for p in chosen], device=logits.device)
-    scores = logits[rows].float() / temperature[:, None]  # [S, V]
-    scores = _cut(scores, [p.top_k for p in chosen], [p.top_p for p in chosen])
-    cdf = torch.softmax(scores, dim=-1).cumsum(-1)  # [S, V]
-    draws = torch.cat([torch.rand(1, generator=params[r].generator(req_ids[r], indices[r])) for r in sampled])
-    # The first id whose cumulative probability passes the draw (clamped: the last cdf value may round below 1).
-    picked = torch.searchsorted(cdf, draws.to(cdf.device)[:, None] * cdf[:, -1:]).clamp(max=cdf.shape[1] - 1)
-    tokens[rows] = picked[:, 0]
+    if greedy:
+        tokens[greedy] = _rows(logits, greedy).argmax(-1)
+    if sampled:
+        uniforms = torch.cat([torch.rand(1, generator=params[r].generator(req_ids[r], indices[r])) for r in sampled])
+        tokens[sampled] = _draw(_rows(logits, sampled), [params[r] for r in sampled], uniforms.to(logits.device))
     return tokens
+
+
+def _rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    return x if len(rows) == len(x) else x[rows]  # all rows: no copy of [R, vocab]
+
+
+def _draw(logits: torch.Tensor, params: Sequence[SamplingParams], uniforms: torch.Tensor,
+          width: int | None = None) -> torch.Tensor:
+    """A token per row of ``logits [S, V]``: cut to the row's ``top_k``, then to its ``top_p``
+    nucleus, at its temperature, and drawn by ``uniforms [S]``.
+
+    When every row has a top-k cut, only the ``width`` best ids are looked at (one more than the
+    widest cut: a ``topk``, not a sort of the vocabulary); otherwise the whole vocabulary is sorted.
+    A row keeps every id at least as good as its last kept one, so when that value ties the
+    window's last id (more ties may lie outside) the row is drawn again over the whole vocabulary:
+    the same ids either way, so the same token, whatever its neighbours ask."""
+    vocab = logits.shape[1]
+    temperature = torch.tensor([p.temperature for p in params], device=logits.device)[:, None]
+    ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    top_p = [p.top_p for p in params]
+    width = width or min(max(ks) + 1, vocab)
+    if width == vocab:  # some row has no top-k: cut the whole vocabulary by value, in id order
+        scores = logits.float() / temperature  # [S, V]
+        if min(ks) < vocab or min(top_p) < 1:
+            best = scores.sort(-1, descending=True).values  # a sort: topk of the whole vocabulary is slower
+            scores = scores.masked_fill(scores < _last_kept(best, ks, top_p), float("-inf"))
+        return _inverse_cdf(scores, uniforms)
+    best, ids = torch.topk(logits, width, dim=-1)  # [S, W], best first
+    best = best.float() / temperature
+    best = best.masked_fill(best < _last_kept(best, ks, top_p), float("-inf"))
+    ids, order = ids.sort(-1)  # id order, as the whole vocabulary's cumulative probabilities run
+    tokens = ids.gather(1, _inverse_cdf(best.gather(1, order), uniforms)[:, None])[:, 0]
+    if bool((tied := best[:, -1] > float("-inf")).any()):
+        rows = tied.nonzero()[:, 0]
+        tokens[rows] = _draw(logits[rows], [params[r] for r in rows.tolist()], uniforms[rows], width=vocab)
+    return tokens
+
+
+def _last_kept(best: torch.Tensor, ks: list[int], top_p: list[float]) -> torch.Tensor:
+    """``[S, 1]``: the last value each row of ``best [S, W]`` (best first) keeps: its top ``k``, then
+    the fewest of those whose probability reaches ``top_p``. The probabilities stay unnormalized
+    (``exp`` of the gap to the best) and are summed by ``cumsum`` in order, so a row's figures do not
+    depend on ``W`` (its neighbours' cuts)."""
+    position = torch.arange(best.shape[1], device=best.device)[None, :]
+    k = torch.tensor(ks, device=best.device).clamp(max=best.shape[1])[:, None]
+    p = torch.tensor([q if q < 1 else math.inf for q in top_p], device=best.device)[:, None]
+    weights = torch.exp(best - best[:, :1]).masked_fill(position >= k, 0.0)  # [S, W]: the row's top-k
+    mass = weights.cumsum(-1)
+    beyond = (mass - weights >= p * mass[:, -1:]) | (position >= k)  # after the nucleus is complete, or past k
+    # >= 1: the best id is always kept (a top_p that rounds to 0 in float32 keeps the best id only)
+    kept = (~beyond).sum(-1, keepdim=True).clamp(min=1)
+    return best.gather(1, kept - 1)
+
+
+def _inverse_cdf(scores: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """``[S]``: the position in each row of ``scores [S, W]`` (-inf: never) where the running sum
+    of ``exp(score)`` first reaches ``uniform`` times the row's total."""
+    cdf = torch.exp(scores - scores.max(-1, keepdim=True).values).cumsum(-1)  # [S, W], unnormalized
+    # At least the smallest float: a draw of exactly 0 must not land on a leading id of probability 0.
+    target = (uniforms[:, None] * cdf[:, -1:]).clamp(min=torch.finfo(cdf.dtype).tiny)
+    return torch.searchsorted(cdf, target).clamp(max=scores.shape[1] - 1)[:, 0]
 
 
 def _processed(logits: torch.Tensor, params: Sequence[SamplingParams], indices: Sequence[int],
@@ -185,31 +240,6 @@ def _processed(logits: torch.Tensor, params: Sequence[SamplingParams], indices: 
     if penalties:
         apply_penalties(scores, params, history or [None] * len(params))
     return scores
-
-
-def _cut(scores: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
-    """Each row of ``scores [S, V]`` cut to its ``top_k`` best ids (0: all), then to the smallest set of
-    those whose probability reaches its ``top_p``. Only a threshold value per row comes out of the
-    sorted candidates (``topk`` of the widest cut, not a sort of the whole vocabulary unless a row
-    asks for top-p alone), so what a row keeps depends on its own scores and params only."""
-    vocab = scores.shape[1]
-    ks = [k if 0 < k < vocab else vocab for k in top_k]
-    has_cut = [k < vocab or p < 1 for k, p in zip(ks, top_p)]
-    if not any(has_cut):
-        return scores
-    width = max(k for k, cut in zip(ks, has_cut) if cut)
-    best = torch.topk(scores, width, dim=-1).values  # [S, width], best first
-    k = torch.tensor(ks, device=scores.device).clamp(max=width)[:, None]
-    p = torch.tensor([q if q < 1 else math.inf for q in top_p], device=scores.device)[:, None]
-    position = torch.arange(width, device=scores.device)[None, :]
-    best = best.masked_fill(position >= k, float("-inf"))  # the row's own top-k
-    probs = torch.softmax(best, dim=-1)
-    beyond = (probs.cumsum(-1) - probs >= p) | (position >= k)  # after the nucleus is complete, or past k
-    # >= 1: the best id is never beyond (clamped: a top_p that rounds to 0 in float32 keeps the best id only)
-    kept = (~beyond).sum(-1, keepdim=True).clamp(min=1)
-    threshold = best.gather(1, kept - 1)  # [S, 1]: the last value kept
-    threshold = threshold.masked_fill(~torch.tensor(has_cut, device=scores.device)[:, None], float("-inf"))
-    return scores.masked_fill(scores < threshold, float("-inf"))
 
 
 @dataclass(frozen=True, slots=True)

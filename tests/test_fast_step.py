@@ -62,6 +62,47 @@ def test_top_k_and_top_p_keep_only_their_ids() -> None:
     assert drawn_k == set(order[:5]) and drawn_p == set(nucleus)  # every allowed id comes up, no other
 
 
+def reference_token(x: torch.Tensor, p: SamplingParams, u: float) -> int:
+    """The textbook draw over the whole vocabulary in float64: the ids at least as good as the k-th best,
+    then the fewest of those (best first) whose probability reaches top_p, then the first id (in id
+    order) whose cumulative probability passes ``u``."""
+    scores = x.double() / p.temperature
+    if 0 < p.top_k < len(x):
+        scores = scores.masked_fill(scores < scores.topk(p.top_k).values[-1], -math.inf)
+    probs = torch.softmax(scores, -1)
+    order = probs.argsort(descending=True, stable=True)
+    before = probs[order].cumsum(0) - probs[order]
+    last = probs[order][max(int((before < p.top_p).sum()), 1) - 1] if p.top_p < 1 else 0.0
+    probs = probs.masked_fill(probs < last, 0.0)
+    cdf = probs.cumsum(0)
+    return int(torch.searchsorted(cdf, u * cdf[-1]))
+
+
+@pytest.mark.parametrize("params", [PARAMS, PARAMS[1:3], PARAMS[2:3]], ids=["mixed", "a cut beside none", "top-k"])
+def test_draws_equal_a_float64_reference_over_the_whole_vocabulary(params: list[SamplingParams]) -> None:
+    x = logits(len(params), seed=4)
+    ids = [f"r{i}" for i in range(len(params))]
+    for index in range(30):
+        got = sample_batch(x, params, ids, [index] * len(params)).tolist()
+        for r, p in enumerate(params):
+            if p.temperature >= 1e-5:
+                u = float(torch.rand(1, generator=p.generator(ids[r], index)))
+                assert got[r] == reference_token(x[r], p, u), (r, index)
+
+
+def test_ids_tied_with_the_last_kept_one_are_kept_alone_or_in_a_batch() -> None:
+    x = torch.full((V,), -5.0)
+    x[:3] = torch.tensor([4.0, 3.0, 2.0])
+    x[10:20] = 1.0  # ten ids tie for 4th place: top_k=4 keeps all of them, as vLLM's top-k does
+    row = SamplingParams(top_k=4, seed=0)
+    alone = {int(SamplingParams(top_k=4, seed=s).sample(x, "r", 0)) for s in range(400)}
+    assert alone == {0, 1, 2, *range(10, 20)}
+    wide = SamplingParams(top_k=30, seed=9)  # a neighbour whose cut is wider than the tie
+    for index in range(40):
+        batch = sample_batch(torch.stack([x, x]), [row, wide], ["r", "n"], [index, index])
+        assert int(batch[0]) == int(row.sample(x, "r", index))
+
+
 def test_draws_follow_the_softmax() -> None:
     x = logits(1, seed=3)[0] / 3
     probs = torch.softmax(x / 0.8, -1)

@@ -25,7 +25,7 @@ from cb_lab import bench
 from cb_lab.bench import serve as serve_bench
 from cb_lab.engine import EngineConfig, LLMEngine
 from cb_lab.sampling import SamplingParams
-from cb_lab.server import RunningServer, start_server
+from cb_lab.server import RunningServer, cli, start_server
 from cb_lab.workload_io import RequestSpec, save_workload
 
 MODEL = make_llama(vocab_size=258)
@@ -307,6 +307,12 @@ def test_bench_serve_measures_a_running_server(server: RunningServer, capsys: py
     # From the server's /metrics after the run: nothing left in the batch or the queue.
     assert (result["server_running_after"], result["server_waiting_after"]) == (0, 0)
     assert isinstance(result["server_rss_growth_mb"], float)
+
+
+def test_idle_connections_are_closed_by_the_client_first() -> None:
+    # httpx (under the openai client) drops idle connections after keepalive_expiry; a server that closed
+    # them at the same moment would race the client's next request on that connection.
+    assert cli.KEEP_ALIVE_S > httpx.Limits(max_connections=None).keepalive_expiry == 5.0
 
 
 def test_bench_serve_reads_nothing_from_a_server_without_metrics(server: RunningServer) -> None:

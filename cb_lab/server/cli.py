@@ -97,12 +97,18 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+KEEP_ALIVE_S = 30  # seconds an idle HTTP connection stays open (uvicorn's default: 5)
+
+
 def _server(engine: LLMEngine, name: str, max_waiting: int, log_level: str) -> tuple[_Server, AsyncLLMEngine,
                                                                                       ServerMetrics]:
     metrics = ServerMetrics()
     async_engine = AsyncLLMEngine(engine, max_waiting=max_waiting, on_step=metrics.on_step)
     app = build_app(async_engine, name, metrics)
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
+    # An idle connection outlives the client's keep-alive (httpx and so the openai client: 5 s), so the
+    # client is always the one that closes it: at equal timeouts a request sent on a connection the
+    # server is closing at that moment fails as a connection error.
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, timeout_keep_alive=KEEP_ALIVE_S)
     return _Server(config, async_engine, app.state.live_hub), async_engine, metrics
 
 
