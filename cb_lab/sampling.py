@@ -30,7 +30,7 @@ import torch
 from cb_lab.exceptions import ConfigurationError
 from cb_lab.logits_processors import TokenHistory, apply_min_tokens, apply_penalties, has_penalties
 
-__all__ = ["GREEDY_BELOW", "LogprobsTensors", "SamplingParams", "compute_logprobs", "sample_batch"]
+__all__ = ["GREEDY_BELOW", "NUCLEUS_WINDOW", "LogprobsTensors", "SamplingParams", "compute_logprobs", "sample_batch"]
 
 
 def _check_int(name: str, value: object, low: int, optional: bool = False) -> None:
@@ -139,6 +139,11 @@ class SamplingParams:
 GREEDY_BELOW = 1e-5
 
 
+# Candidates a top-p row without top-k looks at first: a trained model's nucleus is usually far
+# smaller; a row whose nucleus is wider is cut again over the whole vocabulary, sorted.
+NUCLEUS_WINDOW = 256
+
+
 @torch.no_grad()
 def sample_batch(logits: torch.Tensor, params: Sequence[SamplingParams], req_ids: Sequence[str],
                  indices: Sequence[int], *, history: Sequence[TokenHistory | None] | None = None,
@@ -154,64 +159,91 @@ def sample_batch(logits: torch.Tensor, params: Sequence[SamplingParams], req_ids
     request's tokens never depend on its neighbours.
     """
     logits = _processed(logits, params, indices, history, eos_token_ids)
+    vocab = logits.shape[1]
     tokens = torch.empty(len(params), dtype=torch.int64, device=logits.device)
     greedy = [r for r, p in enumerate(params) if p.temperature < GREEDY_BELOW]
-    sampled = [r for r, p in enumerate(params) if p.temperature >= GREEDY_BELOW]
+    whole = [r for r, p in enumerate(params) if p.temperature >= GREEDY_BELOW and not _cuts(p, vocab)]
+    cut = [r for r, p in enumerate(params) if p.temperature >= GREEDY_BELOW and _cuts(p, vocab)]
     if greedy:
         tokens[greedy] = _rows(logits, greedy).argmax(-1)
-    if sampled:
-        uniforms = torch.cat([torch.rand(1, generator=params[r].generator(req_ids[r], indices[r])) for r in sampled])
-        tokens[sampled] = _draw(_rows(logits, sampled), [params[r] for r in sampled], uniforms.to(logits.device))
+    for rows, draw in ((whole, _draw_whole), (cut, _draw_cut)):
+        if rows:
+            uniforms = torch.cat([torch.rand(1, generator=params[r].generator(req_ids[r], indices[r])) for r in rows])
+            tokens[rows] = draw(_rows(logits, rows), [params[r] for r in rows], uniforms.to(logits.device))
     return tokens
+
+
+def _cuts(p: SamplingParams, vocab: int) -> bool:
+    return 0 < p.top_k < vocab or p.top_p < 1
 
 
 def _rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
     return x if len(rows) == len(x) else x[rows]  # all rows: no copy of [R, vocab]
 
 
-def _draw(logits: torch.Tensor, params: Sequence[SamplingParams], uniforms: torch.Tensor,
-          width: int | None = None) -> torch.Tensor:
-    """A token per row of ``logits [S, V]``: cut to the row's ``top_k``, then to its ``top_p``
-    nucleus, at its temperature, and drawn by ``uniforms [S]``.
+def _temperature(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    return torch.tensor([p.temperature for p in params], device=logits.device)[:, None]  # [S, 1]
 
-    When every row has a top-k cut, only the ``width`` best ids are looked at (one more than the
-    widest cut: a ``topk``, not a sort of the vocabulary); otherwise the whole vocabulary is sorted.
-    A row keeps every id at least as good as its last kept one, so when that value ties the
-    window's last id (more ties may lie outside) the row is drawn again over the whole vocabulary:
-    the same ids either way, so the same token, whatever its neighbours ask."""
+
+def _draw_whole(logits: torch.Tensor, params: Sequence[SamplingParams], uniforms: torch.Tensor) -> torch.Tensor:
+    """Rows without a cut: the softmax of ``logits [S, V]`` at each row's temperature."""
+    return _inverse_cdf(logits.float() / _temperature(logits, params), uniforms)
+
+
+def _draw_cut(logits: torch.Tensor, params: Sequence[SamplingParams], uniforms: torch.Tensor,
+              width: int | None = None) -> torch.Tensor:
+    """Rows cut to their ``top_k``, then to their ``top_p`` nucleus, at their temperature.
+
+    Only the ``width`` best ids are looked at: one more than the widest top-k, or ``NUCLEUS_WINDOW``
+    for a row with top-p alone (a ``topk``, not a sort of the vocabulary). A row keeps every id at
+    least as good as its last kept one, so when its window's last id is kept (a nucleus wider than
+    the window, or ties beyond it) the row is cut again over the whole vocabulary, sorted: the same
+    ids either way, so the same token, whatever its neighbours ask."""
     vocab = logits.shape[1]
-    temperature = torch.tensor([p.temperature for p in params], device=logits.device)[:, None]
+    temperature = _temperature(logits, params)
     ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     top_p = [p.top_p for p in params]
-    width = width or min(max(ks) + 1, vocab)
-    if width == vocab:  # some row has no top-k: cut the whole vocabulary by value, in id order
+    total = _nucleus_total(logits, temperature, ks, top_p)
+    width = width or min(max(k + 1 if k < vocab else NUCLEUS_WINDOW for k in ks), vocab)
+    if width == vocab:
         scores = logits.float() / temperature  # [S, V]
-        if min(ks) < vocab or min(top_p) < 1:
-            best = scores.sort(-1, descending=True).values  # a sort: topk of the whole vocabulary is slower
-            scores = scores.masked_fill(scores < _last_kept(best, ks, top_p), float("-inf"))
-        return _inverse_cdf(scores, uniforms)
+        best = scores.sort(-1, descending=True).values
+        return _inverse_cdf(scores.masked_fill(scores < _last_kept(best, ks, top_p, total), float("-inf")), uniforms)
     best, ids = torch.topk(logits, width, dim=-1)  # [S, W], best first
     best = best.float() / temperature
-    best = best.masked_fill(best < _last_kept(best, ks, top_p), float("-inf"))
+    best = best.masked_fill(best < _last_kept(best, ks, top_p, total), float("-inf"))
     ids, order = ids.sort(-1)  # id order, as the whole vocabulary's cumulative probabilities run
     tokens = ids.gather(1, _inverse_cdf(best.gather(1, order), uniforms)[:, None])[:, 0]
-    if bool((tied := best[:, -1] > float("-inf")).any()):
-        rows = tied.nonzero()[:, 0]
-        tokens[rows] = _draw(logits[rows], [params[r] for r in rows.tolist()], uniforms[rows], width=vocab)
+    if bool((edge := best[:, -1] > float("-inf")).any()):
+        rows = edge.nonzero()[:, 0]
+        tokens[rows] = _draw_cut(logits[rows], [params[r] for r in rows.tolist()], uniforms[rows], width=vocab)
     return tokens
 
 
-def _last_kept(best: torch.Tensor, ks: list[int], top_p: list[float]) -> torch.Tensor:
+def _nucleus_total(logits: torch.Tensor, temperature: torch.Tensor, ks: list[int], top_p: list[float]) -> torch.Tensor:
+    """``[S, 1]``: what a top-p row without top-k measures its nucleus against: the unnormalized
+    probabilities of its whole row (``exp`` of the gap to the best), summed once, whatever window
+    it is cut in. Other rows: 1 (unused)."""
+    total = torch.ones(len(ks), 1, device=logits.device)
+    rows = [r for r, (k, p) in enumerate(zip(ks, top_p)) if k == logits.shape[1] and p < 1]
+    if rows:
+        scores = logits[rows].float() / temperature[rows]
+        total[rows] = torch.exp(scores - scores.max(-1, keepdim=True).values).sum(-1, keepdim=True)
+    return total
+
+
+def _last_kept(best: torch.Tensor, ks: list[int], top_p: list[float], total: torch.Tensor) -> torch.Tensor:
     """``[S, 1]``: the last value each row of ``best [S, W]`` (best first) keeps: its top ``k``, then
-    the fewest of those whose probability reaches ``top_p``. The probabilities stay unnormalized
-    (``exp`` of the gap to the best) and are summed by ``cumsum`` in order, so a row's figures do not
-    depend on ``W`` (its neighbours' cuts)."""
+    the fewest of those whose probability reaches ``top_p`` of the top-k's (vLLM's order), or of
+    ``total`` for a row without top-k. The probabilities stay unnormalized (``exp`` of the gap to the
+    best) and are summed by ``cumsum`` in order, so a row's figures do not depend on ``W``."""
     position = torch.arange(best.shape[1], device=best.device)[None, :]
-    k = torch.tensor(ks, device=best.device).clamp(max=best.shape[1])[:, None]
+    k = torch.tensor(ks, device=best.device)[:, None]
     p = torch.tensor([q if q < 1 else math.inf for q in top_p], device=best.device)[:, None]
     weights = torch.exp(best - best[:, :1]).masked_fill(position >= k, 0.0)  # [S, W]: the row's top-k
     mass = weights.cumsum(-1)
-    beyond = (mass - weights >= p * mass[:, -1:]) | (position >= k)  # after the nucleus is complete, or past k
+    total = torch.where(k < best.shape[1], mass[:, -1:], total)  # a top-k row: its k ids' own mass
+    beyond = (mass - weights >= p * total) | (position >= k)  # after the nucleus is complete, or past k
     # >= 1: the best id is always kept (a top_p that rounds to 0 in float32 keeps the best id only)
     kept = (~beyond).sum(-1, keepdim=True).clamp(min=1)
     return best.gather(1, kept - 1)

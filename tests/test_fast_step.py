@@ -23,7 +23,7 @@ from cb_lab.model.llama_config import LlamaConfig
 from cb_lab.model.llama_layers import grouped_attention
 from cb_lab.model.llama_step import LlamaStepModel
 from cb_lab.model.prefill_chunks import chunked_attention, prefill_chunks
-from cb_lab.sampling import SamplingParams, sample_batch
+from cb_lab.sampling import NUCLEUS_WINDOW, SamplingParams, sample_batch
 
 V = 50
 PARAMS = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, seed=3),
@@ -88,6 +88,23 @@ def test_draws_equal_a_float64_reference_over_the_whole_vocabulary(params: list[
             if p.temperature >= 1e-5:
                 u = float(torch.rand(1, generator=p.generator(ids[r], index)))
                 assert got[r] == reference_token(x[r], p, u), (r, index)
+
+
+def test_a_nucleus_inside_or_wider_than_its_window_draws_as_the_reference() -> None:
+    vocab = 4 * NUCLEUS_WINDOW
+    g = torch.Generator().manual_seed(5)
+    peaked, flat = 6 * torch.randn(vocab, generator=g), 0.1 * torch.randn(vocab, generator=g)
+    x = torch.stack([peaked, flat, peaked, flat])
+    params = [SamplingParams(top_p=0.9, seed=1), SamplingParams(top_p=0.9, seed=2),
+              SamplingParams(top_p=0.8, top_k=300, seed=3), SamplingParams(temperature=0.5, seed=4)]
+    order = (flat / 1.0).softmax(-1).sort(descending=True).values.cumsum(0)
+    assert int((order < 0.9).sum()) > NUCLEUS_WINDOW  # the flat row's nucleus does not fit its window
+    ids = ["a", "b", "c", "d"]
+    for index in range(25):
+        got = sample_batch(x, params, ids, [index] * 4).tolist()
+        for r, p in enumerate(params):
+            u = float(torch.rand(1, generator=p.generator(ids[r], index)))
+            assert got[r] == reference_token(x[r], p, u) == int(p.sample(x[r], ids[r], index)), (r, index)
 
 
 def test_ids_tied_with_the_last_kept_one_are_kept_alone_or_in_a_batch() -> None:
