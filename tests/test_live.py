@@ -145,7 +145,7 @@ def test_events_stream_resume_after_a_reconnect_and_start_over_on_another_run(se
             messages = sse(r.iter_lines())
             hello = next(messages)
             assert hello["event"] == "hello" and json.loads(hello["data"]) == {
-                "run_id": hub.run_id, "resumed": False, "window": 100, "model": None}
+                "run_id": hub.run_id, "resumed": False, "window": 100, "model": None, "max_prompts": None}
             backfill = next(messages)
             assert backfill["id"] == f"{hub.run_id}:4" and json.loads(backfill["data"])["dropped"] == 0
             threading.Thread(target=hub.publish, args=(5, json.dumps({"step_id": 5}))).start()  # the engine thread

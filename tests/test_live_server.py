@@ -56,7 +56,7 @@ def test_the_event_stream_shows_the_steps_the_scheduler_planned() -> None:
         with httpx.Client(base_url=server.url, timeout=60) as client, client.stream("GET", "/events") as r:
             messages = sse(r.iter_lines())
             hello = json.loads(next(messages)["data"])
-            assert hello["model"] == "tiny" and hello["resumed"] is False
+            assert hello["model"] == "tiny" and hello["resumed"] is False and hello["max_prompts"] == 512
             prompts = [f"request {i} " + "x" * (5 * i) for i in range(8)]  # 3 to 13 blocks, 6 more to answer
             answers = complete_all(server.url, prompts, 24)
             events: list[dict[str, Any]] = []
