@@ -107,6 +107,25 @@ def test_a_burst_from_the_page_runs_to_the_end(page: tuple[Any, list[str]]) -> N
         server.stop()
 
 
+def test_a_refused_burst_shows_the_servers_error_in_one_entry(page: tuple[Any, list[str]]) -> None:
+    p, _ = page  # Chromium logs the refused POST as a console error itself
+    server = serve()
+    try:
+        p.goto(server.url + "/")
+        p.wait_for_function("!document.getElementById('burst').disabled", timeout=WAIT_MS)
+        assert p.get_attribute("#burst-n", "max") == "512"  # the server's max_waiting
+        p.fill("#max-tokens", "5000")  # past the model's context: the server refuses all three prompts
+        p.fill("#burst-n", "3")
+        p.click("#burst")
+        p.wait_for_selector("#answers div.error", timeout=WAIT_MS)
+        entries = p.locator("#answers div").all_inner_texts()
+        assert len(entries) == 1 and entries[0].startswith("#1-#3 (a burst of 3) → error 400: prompt 0: ")
+        assert "exceed the model's context of 2048 tokens" in entries[0]
+    finally:
+        p.close()
+        server.stop()
+
+
 def test_two_hundred_requests_in_flight_keep_the_page_backlog_bounded(page: tuple[Any, list[str]]) -> None:
     p, errors = page
     server = serve(EngineConfig(max_num_seqs=256, block_size=8, num_blocks=2048, max_tokens_per_step=512,
