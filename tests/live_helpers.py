@@ -1,12 +1,15 @@
-"""What the live page's tests share: the scheduler's own plans as the reference, and a reader of
-server-sent events."""
+"""What the live page's tests share: the scheduler's own plans as the reference, a reader of
+server-sent events, and hand-made trace files for the page to replay."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from cb_lab.core.plan import StepPlan
+from cb_lab.monitoring.trace import TRACE_FORMAT, StepTrace
 from cb_lab.plugins.base import SchedulerPlugin
 
 
@@ -49,3 +52,16 @@ def sse(lines: Iterator[str]) -> Iterator[dict[str, str]]:
         elif line and not line.startswith(":"):
             key, _, value = line.partition(": ")
             message[key] = value
+
+
+def trace_step(step_id: int, **fields: Any) -> dict[str, Any]:
+    """One step of a trace file as the page reads it: every field empty (no pool) unless given."""
+    empty = StepTrace(step_id=step_id, budget=32, decode=(), prefill=(), admitted=(), preempted=(), finished=(),
+                      skipped=(), waiting=(), running=(), block_tables=(), pool_used_blocks=None,
+                      pool_num_blocks=None, padding_tokens=0, duration_s=0.001)
+    return empty.to_dict() | fields
+
+
+def trace_file(path: Path, steps: list[dict[str, Any]]) -> Path:
+    path.write_text(json.dumps({"format": TRACE_FORMAT, "steps": steps}))
+    return path

@@ -23,6 +23,7 @@ from cb_lab.live.recorder import LiveTracePlugin
 from cb_lab.live.routes import dashboard_html
 from cb_lab.live.simulation import BackgroundServer, LiveSimulation, live_app
 from cb_lab.monitoring.trace import StepTrace, load_trace
+from cb_lab.plugins.builtin import MetricsPlugin
 from cb_lab.serving import RunResult, make_config, simulate
 from cb_lab.workload import LengthDist, WorkloadConfig, generate_workload
 
@@ -51,6 +52,27 @@ def test_each_event_is_the_step_the_scheduler_planned(recorded: tuple[RunResult,
     assert all(seen.values()), f"the workload should show every event the page draws: {seen}"
     assert "s" in "".join(e["blocks"] for e in events)
     assert events[-1]["pool_used_blocks"] == 0 and events[-1]["running"] == events[-1]["waiting"] == []
+
+
+class ReferenceMetrics(MetricsPlugin):
+    """A second MetricsPlugin beside the one ``simulate`` registers (plugins go by their class's name)."""
+
+
+def test_first_tokens_are_where_the_requests_first_produced_a_token_not_where_a_recompute_ended() -> None:
+    hub, metrics = StepHub(window=None), ReferenceMetrics()
+    simulate(SPECS, CONFIG, plugins=[LiveTracePlugin(hub, CONFIG.max_tokens_per_step), metrics])
+    events = [json.loads(text) for _, text in hub.window]
+    first = {rid: e["step_id"] for e in events for rid in e["first_tokens"]}
+    assert sum(len(e["first_tokens"]) for e in events) == len(first) == len(SPECS)  # once each, never again
+    assert first == {rid: r.first_token_step for rid, r in metrics.collector.requests.items()}
+    # The case the page got wrong: preempted after its first token, before any decode; its recompute
+    # ends later, but its first token stays where it came out.
+    decoded = {rid: min(e["step_id"] for e in events if rid in e["decode"]) for rid in first}
+    tricky = [(rid, e["step_id"]) for e in events for rid in e["preempted"] if first[rid] < e["step_id"] < decoded[rid]]
+    assert tricky, "the workload should preempt a request between its first token and its first decode"
+    for rid, _ in tricky:  # the prefill before its first decode is the recompute, after its first token
+        prefills = [e["step_id"] for e in events if any(c[0] == rid for c in e["prefill"])]
+        assert first[rid] < max(step for step in prefills if step < decoded[rid])
 
 
 def test_the_window_is_a_trace_file(recorded: tuple[RunResult, list[StepPlan], StepHub], tmp_path: Path) -> None:
@@ -123,7 +145,7 @@ def test_events_stream_resume_after_a_reconnect_and_start_over_on_another_run(se
             messages = sse(r.iter_lines())
             hello = next(messages)
             assert hello["event"] == "hello" and json.loads(hello["data"]) == {
-                "run_id": hub.run_id, "resumed": False, "window": 100, "model": None}
+                "run_id": hub.run_id, "resumed": False, "window": 100, "model": None, "max_prompts": None}
             backfill = next(messages)
             assert backfill["id"] == f"{hub.run_id}:4" and json.loads(backfill["data"])["dropped"] == 0
             threading.Thread(target=hub.publish, args=(5, json.dumps({"step_id": 5}))).start()  # the engine thread

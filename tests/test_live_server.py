@@ -56,7 +56,7 @@ def test_the_event_stream_shows_the_steps_the_scheduler_planned() -> None:
         with httpx.Client(base_url=server.url, timeout=60) as client, client.stream("GET", "/events") as r:
             messages = sse(r.iter_lines())
             hello = json.loads(next(messages)["data"])
-            assert hello["model"] == "tiny" and hello["resumed"] is False
+            assert hello["model"] == "tiny" and hello["resumed"] is False and hello["max_prompts"] == 512
             prompts = [f"request {i} " + "x" * (5 * i) for i in range(8)]  # 3 to 13 blocks, 6 more to answer
             answers = complete_all(server.url, prompts, 24)
             events: list[dict[str, Any]] = []
@@ -104,6 +104,25 @@ def test_a_burst_from_the_page_runs_to_the_end(page: tuple[Any, list[str]]) -> N
         p.screenshot(path=str(out / "live_page.png"), full_page=True)
     finally:
         p.close()  # before the server stops
+        server.stop()
+
+
+def test_a_refused_burst_shows_the_servers_error_in_one_entry(page: tuple[Any, list[str]]) -> None:
+    p, _ = page  # Chromium logs the refused POST as a console error itself
+    server = serve()
+    try:
+        p.goto(server.url + "/")
+        p.wait_for_function("!document.getElementById('burst').disabled", timeout=WAIT_MS)
+        assert p.get_attribute("#burst-n", "max") == "512"  # the server's max_waiting
+        p.fill("#max-tokens", "5000")  # past the model's context: the server refuses all three prompts
+        p.fill("#burst-n", "3")
+        p.click("#burst")
+        p.wait_for_selector("#answers div.error", timeout=WAIT_MS)
+        entries = p.locator("#answers div").all_inner_texts()
+        assert len(entries) == 1 and entries[0].startswith("#1-#3 (a burst of 3) → error 400: prompt 0: ")
+        assert "exceed the model's context of 2048 tokens" in entries[0]
+    finally:
+        p.close()
         server.stop()
 
 

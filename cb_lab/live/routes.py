@@ -56,13 +56,14 @@ def _resume_after(hub: StepHub, last_event_id: str | None) -> int | None:
     return int(step) if run_id == hub.run_id and step.isdigit() else None
 
 
-def live_router(hub: StepHub, model_name: str | None = None, *, keepalive_s: float = 15.0,
-                backfill: int = 300) -> APIRouter:
+def live_router(hub: StepHub, model_name: str | None = None, *, max_prompts: int | None = None,
+                keepalive_s: float = 15.0, backfill: int = 300) -> APIRouter:
     """The routes over ``hub``; ``app.include_router(live_router(hub))`` adds them to an app.
 
     ``model_name``: the model the app's ``/v1/completions`` serves (None: no such endpoint, a
-    simulated run; the page then offers no prompt box). ``backfill``: how many recent steps a
-    page that just connected is sent first.
+    simulated run; the page then offers no prompt box). ``max_prompts``: the most prompts that
+    endpoint takes in one POST (the queue's ``max_waiting``); the page checks its bursts against
+    it. ``backfill``: how many recent steps a page that just connected is sent first.
     """
     router = APIRouter()
     page = dashboard_html()
@@ -80,7 +81,7 @@ def live_router(hub: StepHub, model_name: str | None = None, *, keepalive_s: flo
         async def stream() -> AsyncIterator[str]:
             try:
                 hello = {"run_id": hub.run_id, "resumed": after is not None, "window": hub.window.maxlen,
-                         "model": model_name}
+                         "model": model_name, "max_prompts": max_prompts}
                 yield f"retry: {RETRY_MS}\nevent: hello\ndata: {json.dumps(hello)}\n\n"
                 if first:
                     yield _steps_message(hub.run_id, first, 0)
@@ -100,9 +101,11 @@ def live_router(hub: StepHub, model_name: str | None = None, *, keepalive_s: flo
     return router
 
 
-def attach_live(app: FastAPI, scheduler: Scheduler, model_name: str | None = None, *, window: int = 2000) -> StepHub:
+def attach_live(app: FastAPI, scheduler: Scheduler, model_name: str | None = None, *, max_prompts: int | None = None,
+                window: int = 2000) -> StepHub:
     """Serve the live page from ``app`` and publish every step of ``scheduler`` to it; returns the hub
-    (close it before the server stops: open pages would hold the shutdown).
+    (close it before the server stops: open pages would hold the shutdown). ``model_name`` and
+    ``max_prompts``: as :func:`live_router` takes them.
 
     Call it before the scheduler has any request: the trace rebuilds the queues from the
     requests it saw arrive. The hub keeps the latest ``window`` steps (a server runs for days).
@@ -110,5 +113,5 @@ def attach_live(app: FastAPI, scheduler: Scheduler, model_name: str | None = Non
     assert not scheduler.active, "attach the live page before any request arrives"
     hub = StepHub(window)
     scheduler.plugins.register_scheduler_plugin(LiveTracePlugin(hub, scheduler.max_tokens_per_step))
-    app.include_router(live_router(hub, model_name))
+    app.include_router(live_router(hub, model_name, max_prompts=max_prompts))
     return hub

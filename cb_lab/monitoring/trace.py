@@ -70,6 +70,7 @@ class StepTrace:
     kv_evictions: int = 0  # cached blocks evicted in the step
     kv_copies: int = 0  # copy-on-write copies made in the step
     aborted: tuple[str, ...] = ()  # removed by Scheduler.abort since the step before (gone from the queues)
+    first_tokens: tuple[str, ...] = ()  # requests whose first generated token came out of this step (their TTFT)
 
     @property
     def decode_tokens(self) -> int:
@@ -100,7 +101,7 @@ class StepTrace:
             padding_tokens=data["padding_tokens"], duration_s=data["duration_s"], arrived=tuple(data["arrived"]),
             prefix_hits=tuple((r, n) for r, n in data.get("prefix_hits", ())),
             kv_evictions=data.get("kv_evictions", 0), kv_copies=data.get("kv_copies", 0),
-            aborted=tuple(data.get("aborted", ())),
+            aborted=tuple(data.get("aborted", ())), first_tokens=tuple(data.get("first_tokens", ())),
         )
 
 
@@ -150,6 +151,9 @@ class TracePlugin(SchedulerPlugin):
         self._forked: list[str] = []
         self._queued: dict[str, Request] = {}  # the requests in _waiting or _running, to see aborts
         self._aborted: list[str] = []
+        # Requests that have produced a token, until they finish: a preempted one recomputes its
+        # prefill and ends it again, but its first token came out long before.
+        self._has_token: set[str] = set()
 
     def _watch_pool(self, request: Request) -> None:
         cache = request.kv_cache
@@ -176,6 +180,7 @@ class TracePlugin(SchedulerPlugin):
             self._aborted += gone
             for req_id in gone:
                 del self._queued[req_id]
+                self._has_token.discard(req_id)
 
     def on_request_completion(self, request: Request) -> None:
         self._finished.append(request.req_id)
@@ -193,8 +198,10 @@ class TracePlugin(SchedulerPlugin):
         done = set(self._finished)
         self._waiting = [r for r in self._waiting if r not in done]
         self._running = [r for r in self._running if r not in done]
+        first_tokens = self._first_tokens(plan)
         for req_id in done:
             self._queued.pop(req_id, None)
+            self._has_token.discard(req_id)
         ran = [*plan.decode, *(chunk.request for chunk in plan.prefill)]
         for req in ran:
             self._watch_pool(req)
@@ -222,8 +229,17 @@ class TracePlugin(SchedulerPlugin):
             kv_evictions=stats.get("kv_evictions", 0),
             kv_copies=stats.get("kv_copies", 0),
             aborted=tuple(self._aborted),
+            first_tokens=first_tokens,
         ))
         self._plan, self._finished, self._arrived, self._forked, self._aborted = None, [], [], [], []
+
+    def _first_tokens(self, plan: StepPlan) -> tuple[str, ...]:
+        """The requests of ``plan`` that produced their first token: a decode, or a prefill chunk that
+        reached the end of what it prefills (the output at the last row is a token)."""
+        produced = [*plan.decode, *(c.request for c in plan.prefill if c.start + c.length == c.request.prefill_len)]
+        first = tuple(r.req_id for r in produced if r.req_id not in self._has_token)
+        self._has_token.update(first)
+        return first
 
     def record(self, step: StepTrace) -> None:
         """Keep one finished step (here: append it to ``steps``)."""

@@ -57,7 +57,8 @@ class _HTTPError(Exception):
 def build_app(engine: AsyncLLMEngine, model_name: str, metrics: ServerMetrics | None = None) -> FastAPI:
     """The FastAPI app serving ``engine`` under ``model_name``."""
     app = FastAPI(title="cb-lab", summary="continuous batching, served")
-    app.state.live_hub = attach_live(app, engine.engine.scheduler, model_name)  # the live page: /, /events, /trace
+    # the live page: /, /events, /trace; its bursts are checked against the queue (a larger POST is refused whole)
+    app.state.live_hub = attach_live(app, engine.engine.scheduler, model_name, max_prompts=engine.max_waiting)
     metrics = metrics or ServerMetrics()
     metrics.bind(engine)
     tokenizer = engine.engine.tokenizer
