@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from cb_lab.bench.common import ratio
-from cb_lab.bench.llama import Row, matmul_rate
+from cb_lab.bench.llama import Row, hf_cache_config, matmul_rate
 from cb_lab.engine import EngineConfig, LLMEngine
 from cb_lab.model.checkpoint import load_llama
 from cb_lab.model.gguf import convert_gguf
@@ -99,8 +99,10 @@ def hf_static(hf: Any, prompts: list[list[int]], config: Any, batch: int, eos: i
 
 
 def hf_generate_batch(hf: Any, prompts: list[list[int]], config: Any, eos: int | None) -> Row:
+    cache = hf_cache_config(prompts, config.max_new_tokens)
     start = time.perf_counter()
-    out = hf.generate_batch(prompts, generation_config=config, progress_bar=False, warmup=False)
+    out = hf.generate_batch(prompts, generation_config=config, continuous_batching_config=cache, progress_bar=False,
+                            warmup=False)
     tokens = [until_eos(list(out[f"req_{i}"].generated_tokens), eos) for i in range(len(prompts))]
     return Row("hf generate_batch", time.perf_counter() - start, tokens)
 
