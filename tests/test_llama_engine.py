@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()
 
+from cb_lab.bench.llama import hf_cache_config  # noqa: E402
 from cb_lab.core.block_pool import BlockPool  # noqa: E402
 from cb_lab.core.kv_cache import BaseKVCache, DenseKVCache, PagedKVCache  # noqa: E402
 from cb_lab.core.request import Request  # noqa: E402
@@ -114,8 +115,10 @@ def test_greedy_tokens_equal_hf_continuous_batching(hf_and_ours: tuple[Any, Llam
                                                     hf_greedy: list[list[int]]) -> None:
     hf, _ = hf_and_ours
     config = transformers.GenerationConfig(max_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=0)
+    cache = hf_cache_config(prompts(), NEW)  # not 60% of the machine's free memory
     with torch.no_grad():  # HF's continuous batching runs under no_grad, not inference_mode
-        out = hf.generate_batch(prompts(), generation_config=config, progress_bar=False, warmup=False)
+        out = hf.generate_batch(prompts(), generation_config=config, continuous_batching_config=cache,
+                                progress_bar=False, warmup=False)
     batched = [out[f"req_{i}"].generated_tokens for i in range(len(LENGTHS))]
     assert batched == hf_greedy
 
