@@ -56,7 +56,7 @@ class StepPlan:
     decode: tuple[Request, ...]
     prefill: tuple[PrefillChunk, ...]
     admitted: tuple[Request, ...] = ()  # move from waiting to running (their chunks are in prefill)
-    preempted: tuple[Request, ...] = ()  # lose their K/V and go back to the head of the waiting queue
+    preempted: tuple[Request, ...] = ()  # lose their K/V; wait again, ahead of requests never admitted
     skipped: tuple[tuple[str, str], ...] = ()  # (req_id, why it waits: budget, no_blocks, max_num_seqs, ...)
 
     @property

@@ -16,9 +16,9 @@ static          like decode_first, but admit only when nothing runs: a whole
 
 Limits: ``max_num_seqs`` running requests; KV blocks of shared pools (a request is
 admitted only when its pool can hold its whole prefill). A running request (decode or
-prefill chunk) that cannot get a block preempts the lowest-priority running request (the
-latest admitted): vLLM's recompute preemption; the victim goes back to the head of the
-waiting queue. No running request ever waits for blocks a later one holds, so a run
+prefill chunk) that cannot get a block preempts the running request that arrived last
+(``running`` is in arrival order): vLLM's recompute preemption; the victim rejoins the
+waiting queue ahead of the requests never admitted. No running request ever waits for blocks a later one holds, so a run
 finishes whenever each request alone fits its pool. Every request that waits is listed
 in ``plan.skipped`` with the reason: ``budget``, ``no_blocks``, ``max_num_seqs`` or
 ``batch_running``.
@@ -90,7 +90,7 @@ class PlannerConfig:
     policy: str = "decode_first"
     enable_chunked_prefill: bool = True
     max_num_seqs: int | None = None
-    force_preemption: bool = False  # preempt the latest admitted running request this step
+    force_preemption: bool = False  # preempt the decoding request that arrived last this step
     enable_prefix_caching: bool = False  # admitted requests start after their cached prefix blocks
 
 
@@ -120,7 +120,7 @@ class _StepPlanner:
         self.ledger.give_back(victim.kv_cache)
 
     def make_room(self, req: Request, num_rows: int) -> bool:
-        """Preempt the latest admitted unscheduled requests until ``req`` fits; False if it was the victim."""
+        """Preempt the latest-arrived unscheduled requests until ``req`` fits; False if it was the victim."""
         while not self.ledger.fits(req.kv_cache, num_rows):
             scheduled = {id(r) for r in self.decode} | {id(c.request) for c in self.prefill}
             candidates = [r for r in self.running if id(r) not in scheduled and r is not req]

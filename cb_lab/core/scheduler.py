@@ -10,8 +10,8 @@ is spent in this order (``core/planner.py`` has the others):
 3. **admission**: waiting requests join, first come first served, while the budget,
    ``max_num_seqs`` and the KV blocks of a shared pool allow.
 
-A decode or prefill chunk that finds no free block preempts the latest admitted
-request (vLLM's recompute preemption). Requests join between steps and leave the step they finish,
+A decode or prefill chunk that finds no free block preempts the running request that
+arrived last (vLLM's recompute preemption; its priority policy with equal priorities). Requests join between steps and leave the step they finish,
 so the batch is re-formed every step: the "continuous" in continuous batching::
 
     plan   = self.schedule()            # pure: reads state, decides
@@ -27,8 +27,10 @@ two executors (``core/executor.py``): ``"fused"`` (one forward per step, the def
 from __future__ import annotations
 
 import logging
+import itertools
 import os
 import time
+from bisect import insort
 from collections import deque
 from typing import cast
 
@@ -142,8 +144,13 @@ class Scheduler:
         self.prefill_chunk_size = prefill_chunk_size
         self.plugins = plugins if plugins is not None else PluginManager()
         self.executor: Executor = EXECUTORS[executor](model, sampler, self.plugins.attention_plugins)
-        self.waiting: deque[Request] = deque()  # not admitted yet; preempted requests rejoin at the head
-        self.running: list[Request] = []  # admission order = priority (the last is preempted first)
+        # Both queues keep arrival order, so an older request is never starved by a younger one: the
+        # running request that arrived last is the victim, and a preempted request rejoins the waiting
+        # queue ahead of the never-admitted ones (vLLM's priority policy with equal priorities).
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._arrival: dict[str, tuple[int, int]] = {}  # req_id -> (arrival, fork number); forks follow their parent
+        self._arrivals = itertools.count()
         self.step_id = 0
         self.num_finished = 0
         self.num_preemptions = 0
@@ -207,7 +214,8 @@ class Scheduler:
         self._check_it_can_finish(req)
         self.plugins.on_request_added(req, self.step_id)  # first: a hook that raises leaves the request out
         req.kv_cache.hooks = self.plugins.cache_plugins  # live: plugins registered later run too
-        self.waiting.append(req)
+        self._arrival[req.req_id] = (next(self._arrivals), 0)
+        self.waiting.append(req)  # the latest arrival, never admitted: the end of the queue
         logger.debug("added %r", req)
 
     def _check_it_can_finish(self, req: Request) -> None:
@@ -240,9 +248,8 @@ class Scheduler:
         return child
 
     def _fork(self, parent: Request, new_req_id: str, sampling: SamplingParams | None) -> Request:
-        child = parent.fork(new_req_id, sampling)
-        child.kv_cache.hooks = self.plugins.cache_plugins
-        self.running.append(child)  # the latest admitted: preempted first
+        child = self._child(parent, parent.fork(new_req_id, sampling))
+        insort(self.running, child, key=self._running_order)
         logger.debug("forked %r from %r", child, parent)
         return child
 
@@ -250,7 +257,7 @@ class Scheduler:
         """``SamplingParams.n``: once a request has drawn its first token, fork its other samples.
 
         As many as ``max_num_seqs`` leaves room for run at once, sharing the prompt's blocks; the
-        others wait at the head of the queue as fresh requests over the same prompt (an empty fork of
+        others wait (right after their parent's place in the queue) as fresh requests over the same prompt (an empty fork of
         the cache) and are admitted as requests leave, their prompt's full blocks found by prefix
         caching. A sample draws the same tokens either way: its own params, its own random stream.
         """
@@ -261,11 +268,22 @@ class Scheduler:
         room = params.n - 1 if self.max_num_seqs is None else max(self.max_num_seqs - running, 0)
         samples = [(f"{req.req_id}.{i}", params.sample_params(i)) for i in range(1, params.n)]
         forks = [self._fork(req, child_id, sampling) for child_id, sampling in samples[:room]]
-        waiting = [req.new_sample(child_id, sampling) for child_id, sampling in samples[room:]]
-        for child in waiting:
-            child.kv_cache.hooks = self.plugins.cache_plugins
-        self.waiting.extendleft(reversed(waiting))  # in sample order, before requests that came later
+        waiting = [self._child(req, req.new_sample(child_id, sampling)) for child_id, sampling in samples[room:]]
+        for child in waiting:  # in sample order, before the requests that arrived after their parent
+            insort(self.waiting, child, key=self._waiting_order)
         return forks + waiting
+
+    def _child(self, parent: Request, child: Request) -> Request:
+        """A fork or sample of ``parent``: it arrives right after its parent (and its earlier children)."""
+        child.kv_cache.hooks = self.plugins.cache_plugins
+        self._arrival[child.req_id] = (self._arrival[parent.req_id][0], next(self._arrivals))
+        return child
+
+    def _running_order(self, req: Request) -> tuple[int, int]:
+        return self._arrival[req.req_id]
+
+    def _waiting_order(self, req: Request) -> tuple[bool, tuple[int, int]]:
+        return req.num_preemptions == 0, self._arrival[req.req_id]  # preempted ones first, then arrival
 
     def abort(self, req_id: str) -> Request:
         """Remove a waiting or running request at once and free its KV memory."""
@@ -288,6 +306,7 @@ class Scheduler:
         req.kv_cache.release()
         req.aborted, req.finished, req.finish_reason = finish_reason == "abort", True, finish_reason
         self._decode_turn.pop(req_id, None)
+        self._arrival.pop(req_id, None)
         logger.info("%s %r", "aborted" if req.aborted else "stopped", req)
         if not req.aborted:
             self.num_finished += 1
@@ -360,14 +379,14 @@ class Scheduler:
         for req in plan.preempted:  # first: the step's appends may need the blocks they free
             self.running.remove(req)
             req.preempt()
-            self.waiting.appendleft(req)
+            insort(self.waiting, req, key=self._waiting_order)
             self.num_preemptions += 1
             logger.info("step %d preempted %r", plan.step_id, req)
         if plan.admitted and not self.running:
             self._batch_size = len(plan.admitted)
         for req in plan.admitted:
             self.waiting.remove(req)
-            self.running.append(req)
+            insort(self.running, req, key=self._running_order)  # a re-admitted request takes back its place
         for chunk in plan.prefill:  # prefix-cache hits first: no allocation below may evict their blocks
             if chunk.cached_blocks:
                 cast(PagedKVCache, chunk.request.kv_cache).adopt(chunk.cached_blocks)
@@ -392,6 +411,7 @@ class Scheduler:
         self.num_finished += len(finished)
         for req in finished:
             self._decode_turn.pop(req.req_id, None)
+            self._arrival.pop(req.req_id, None)
             if isinstance(req.kv_cache, PagedKVCache) and req.kv_cache.shares_pool:
                 req.kv_cache.release()  # a shared pool's blocks go back at once; private caches stay readable
             logger.debug("step %d finished %r", plan.step_id, req)

@@ -77,7 +77,7 @@ def _plan_rows(plan: StepPlan) -> list[list[object]]:
     for req in plan.decode:
         rows.append([req.req_id, "decode", 1, "running: one token per step"])
     for req in plan.preempted:
-        rows.append([req.req_id, "preempted", 0, "its K/V is dropped; back to the head of the queue"])
+        rows.append([req.req_id, "preempted", 0, "its K/V is dropped; waits again, ahead of new requests"])
     for req_id, reason in plan.skipped:
         rows.append([req_id, "waits", 0, reason])
     return rows

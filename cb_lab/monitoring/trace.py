@@ -59,7 +59,7 @@ class StepTrace:
     finished: tuple[str, ...]
     skipped: tuple[tuple[str, str], ...]  # (req_id, reason: budget, no_blocks, max_num_seqs, batch_running)
     waiting: tuple[str, ...]  # queue order: the head is admitted first
-    running: tuple[str, ...]  # admission order: the last is preempted first
+    running: tuple[str, ...]  # arrival order: the last is preempted first
     block_tables: tuple[tuple[str, tuple[int, ...]], ...]  # paged caches of the requests that ran
     pool_used_blocks: int | None  # of the shared pool(s); None when no request uses one
     pool_num_blocks: int | None
