@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from cb_lab import viz
-from cb_lab.core.scheduler import EXECUTORS
+from cb_lab.core.executor import EXECUTORS
 from cb_lab.exceptions import CBLabException
 from cb_lab.live.hub import StepHub
 from cb_lab.live.recorder import LiveTracePlugin

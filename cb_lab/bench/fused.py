@@ -20,9 +20,10 @@ import torch
 
 from cb_lab.bench.common import now, ratio
 from cb_lab.core.block_pool import BlockPool
+from cb_lab.core.executor import EXECUTORS
 from cb_lab.core.kv_cache import PagedKVCache
 from cb_lab.core.request import Request
-from cb_lab.core.scheduler import EXECUTORS, Scheduler, check_blocks
+from cb_lab.core.scheduler import Scheduler, check_blocks
 from cb_lab.model.tiny_llm import TinyLLM
 
 __all__ = ["add_parser"]

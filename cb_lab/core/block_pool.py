@@ -40,6 +40,7 @@ from collections.abc import Sequence
 
 import torch
 
+from cb_lab.checks import check_int
 from cb_lab.exceptions import ConfigurationError, ValidationError
 from cb_lab.exceptions import MemoryError as CBLabMemoryError
 
@@ -59,18 +60,6 @@ def block_hashes(rows: torch.Tensor, block_size: int) -> list[int]:
         h.update(data[start : start + block_size].numpy().tobytes())
         hashes.append(int.from_bytes(h.digest(), "little"))
     return hashes
-
-
-def _positive(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"{name} must be an int >= 1, got {value!r}")
-    return value
-
-
-def _count(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValidationError(f"{name} must be an int >= 0, got {value!r}")
-    return value
 
 
 class BlockPool:
@@ -93,10 +82,10 @@ class BlockPool:
         device: torch.device | str | None = None,
         growable: bool = False,
     ) -> None:
-        _positive("num_blocks", num_blocks)
-        self.block_size = _positive("block_size", block_size)
-        self.dim = _positive("dim", dim)
-        self.num_layers = _positive("num_layers", num_layers)
+        check_int("num_blocks", num_blocks)
+        self.block_size = check_int("block_size", block_size)
+        self.dim = check_int("dim", dim)
+        self.num_layers = check_int("num_layers", num_layers)
         if dim % num_layers:
             raise ConfigurationError(f"dim {dim} does not split into num_layers={num_layers} equal parts; a row holds "
                                      "every layer's K (or V) side by side, so dim must be a multiple of num_layers")
@@ -139,11 +128,11 @@ class BlockPool:
         return self.num_used_blocks * self.block_size - self.num_tokens
 
     def can_allocate(self, num_blocks: int) -> bool:
-        return self.growable or _count("num_blocks", num_blocks) <= self.num_free_blocks
+        return self.growable or check_int("num_blocks", num_blocks, 0, ValidationError) <= self.num_free_blocks
 
     def allocate(self, num_blocks: int = 1) -> list[int]:
         """Take ``num_blocks`` free blocks (ref count 1 each); raises MemoryError when there are too few."""
-        if _count("num_blocks", num_blocks) > self.num_free_blocks:
+        if check_int("num_blocks", num_blocks, 0, ValidationError) > self.num_free_blocks:
             if not self.growable:
                 raise CBLabMemoryError(
                     f"KV block pool exhausted: {num_blocks} block(s) needed, {self.num_free_blocks} free of "

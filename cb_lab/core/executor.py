@@ -34,7 +34,7 @@ from cb_lab.logits_processors import TokenHistory, has_penalties
 from cb_lab.model.tiny_llm import KV, AttentionHook
 from cb_lab.sampling import LogprobsTensors, SamplingParams, compute_logprobs, sample_batch
 
-__all__ = ["Executor", "FusedExecutor", "Sampled", "Sampler", "SplitExecutor", "StepModel"]
+__all__ = ["EXECUTORS", "Executor", "FusedExecutor", "Sampled", "Sampler", "SplitExecutor", "StepModel"]
 
 Sampler = Callable[[torch.Tensor], torch.Tensor]  # output row [D] -> token [D]
 Sampled = tuple[list[torch.Tensor], list[LogprobsTensors | None]]  # per row: its token, its logprobs (if asked)
@@ -231,6 +231,9 @@ class FusedExecutor(Executor):
         prefill = self._outputs(plan.prefill, (drawn[B:], logprobs[B:]), prompt_logprobs(out, rows, plan.prefill),
                                 k[B:], v[B:]) if plan.prefill else ()
         return StepResult(prefill, decode)
+
+
+EXECUTORS: dict[str, type[Executor]] = {"fused": FusedExecutor, "split": SplitExecutor}
 
 
 def _history(req: Request) -> TokenHistory:

@@ -33,6 +33,7 @@ from typing import Protocol
 
 import torch
 
+from cb_lab.checks import check_int
 from cb_lab.core.block_pool import BlockPool, PoolLedger
 from cb_lab.exceptions import ConfigurationError, KVCacheError, ValidationError
 from cb_lab.exceptions import MemoryError as CBLabMemoryError
@@ -151,9 +152,7 @@ class DenseKVCache(BaseKVCache):
 
     def __init__(self, device: torch.device | str | None = None, initial_capacity: int = 16) -> None:
         super().__init__(device)
-        if isinstance(initial_capacity, bool) or not isinstance(initial_capacity, int) or initial_capacity < 1:
-            raise ConfigurationError(f"initial_capacity must be an int >= 1, got {initial_capacity!r}")
-        self.initial_capacity = initial_capacity
+        self.initial_capacity = check_int("initial_capacity", initial_capacity)
         self._k: torch.Tensor | None = None  # [capacity, D]
         self._v: torch.Tensor | None = None
         self._len = 0
@@ -226,8 +225,7 @@ class PagedKVCache(BaseKVCache):
         if pool is not None and device is None:
             device = pool.device
         super().__init__(device)
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-            raise ConfigurationError(f"block_size must be an int >= 1, got {block_size!r}")
+        check_int("block_size", block_size)
         if pool is not None and (pool.block_size != block_size or not same_device(pool.device, self.device)):
             raise ConfigurationError(
                 f"the pool has block_size {pool.block_size} on {pool.device}, the cache asks for {block_size} on "

@@ -30,16 +30,19 @@ block) as one free block used, and a victim's block another table shares as stil
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from cb_lab.checks import check_bool, check_choice, check_int, check_optional_int
 from cb_lab.core.block_pool import PoolLedger
+from cb_lab.core.executor import EXECUTORS
 from cb_lab.core.kv_cache import BaseKVCache, PagedKVCache
 from cb_lab.core.plan import PrefillChunk, StepPlan
 from cb_lab.core.prefix_cache import block_size_of, prefix_hit, shared_paged
 from cb_lab.core.request import Request
 
-__all__ = ["POLICIES", "BlockLedger", "PlannerConfig", "plan_step"]
+__all__ = ["POLICIES", "BlockLedger", "SchedulerConfig", "plan_step"]
 
 POLICIES = ("decode_first", "prefill_first", "sjf", "static")
 
@@ -81,21 +84,39 @@ class BlockLedger:
             ledger.drop(paged.block_table)
 
 
-@dataclass(frozen=True, slots=True)
-class PlannerConfig:
-    """The scheduler's knobs, as the planner reads them."""
+@dataclass(slots=True)
+class SchedulerConfig:
+    """The scheduler's settings, checked whenever one is set (the budgets may change between steps)."""
 
-    max_tokens_per_step: int
-    prefill_chunk_size: int
-    policy: str = "decode_first"
-    enable_chunked_prefill: bool = True
-    max_num_seqs: int | None = None
-    force_preemption: bool = False  # preempt the decoding request that arrived last this step
-    enable_prefix_caching: bool = False  # admitted requests start after their cached prefix blocks
+    max_tokens_per_step: int = 8  # rows a step may run: decode tokens + prefill rows
+    prefill_chunk_size: int = 4  # prompt rows of one request per step, at most
+    executor: str = "fused"  # "fused": one forward per step; "split": one per decode token (same numbers)
+    max_num_seqs: int | None = None  # running requests, at most
+    policy: str = "decode_first"  # in which order the budget is spent (POLICIES)
+    enable_chunked_prefill: bool = True  # False: a prefill runs whole or waits
+    preempt_every: int | None = None  # force a preemption every N steps, to show and test it
+    check_invariants: bool = False  # core/invariants.py after every step: a debug mode
+    enable_prefix_caching: bool = False  # an admission starts after the cached full blocks of its prompt
+
+    def __setattr__(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, _SETTING_CHECKS[name](name, value))
+
+
+_SETTING_CHECKS: dict[str, Callable[[str, Any], object]] = {
+    "max_tokens_per_step": check_int,
+    "prefill_chunk_size": check_int,
+    "executor": lambda name, value: check_choice(name, value, EXECUTORS),
+    "max_num_seqs": check_optional_int,
+    "policy": lambda name, value: check_choice(name, value, POLICIES),
+    "enable_chunked_prefill": check_bool,
+    "preempt_every": check_optional_int,
+    "check_invariants": check_bool,
+    "enable_prefix_caching": check_bool,
+}
 
 
 class _StepPlanner:
-    def __init__(self, config: PlannerConfig, running: Sequence[Request], turns: dict[str, int]) -> None:
+    def __init__(self, config: SchedulerConfig, running: Sequence[Request], turns: dict[str, int]) -> None:
         self.config = config
         self.budget = config.max_tokens_per_step
         self.ledger = BlockLedger()
@@ -188,11 +209,16 @@ class _StepPlanner:
 
 
 def plan_step(
-    step_id: int, config: PlannerConfig, running: Sequence[Request], waiting: Sequence[Request], turns: dict[str, int]
+    step_id: int, config: SchedulerConfig, running: Sequence[Request], waiting: Sequence[Request],
+    turns: dict[str, int], force_preemption: bool = False,
 ) -> StepPlan:
-    """The plan of one step; reads ``running`` / ``waiting`` (priority order) and changes nothing."""
+    """The plan of one step; reads ``running`` / ``waiting`` (priority order) and changes nothing.
+
+    ``turns``: each request's latest decode turn (round robin); ``force_preemption``: preempt the
+    decoding request that arrived last.
+    """
     p = _StepPlanner(config, running, turns)
-    if config.force_preemption:
+    if force_preemption:
         # Only a decoding request: it made a token since its last preemption, so forcing one every
         # step still lets every request finish (a request mid-prefill could be sent back forever).
         victims = [r for r in p.running if r.in_decode]

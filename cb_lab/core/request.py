@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cb_lab.checks import check_int
 from cb_lab.core.block_pool import block_hashes
 from cb_lab.core.kv_cache import BaseKVCache, PagedKVCache
 from cb_lab.exceptions import RequestError, ValidationError
@@ -80,9 +81,7 @@ class Request:
         if not isinstance(self.req_id, str) or not self.req_id:
             raise ValidationError(f"req_id must be a non-empty str, got {self.req_id!r}")
         _check_prompt(self.req_id, self.prompt)
-        n = self.max_new_tokens
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValidationError(f"request {self.req_id!r}: max_new_tokens must be an int >= 0, got {n!r}")
+        n = check_int(f"request {self.req_id!r}: max_new_tokens", self.max_new_tokens, 0, ValidationError)
         if not isinstance(self.kv_cache, BaseKVCache):
             raise ValidationError(
                 f"request {self.req_id!r}: kv_cache must be a BaseKVCache (DenseKVCache or PagedKVCache), "
@@ -162,8 +161,7 @@ class Request:
 
     def get_prefill_chunk(self, chunk_size: int) -> torch.Tensor:
         """The next ``[<= chunk_size, dim]`` prompt rows from ``prefill_pos`` (a pure read; a view)."""
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValidationError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+        check_int("chunk_size", chunk_size, 1, ValidationError)
         return self._prefill_rows[self.prefill_pos : self.prefill_pos + chunk_size]
 
     def preempt(self) -> None:

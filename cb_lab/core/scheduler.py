@@ -11,8 +11,9 @@ is spent in this order (``core/planner.py`` has the others):
    ``max_num_seqs`` and the KV blocks of a shared pool allow.
 
 A decode or prefill chunk that finds no free block preempts the running request that
-arrived last (vLLM's recompute preemption; its priority policy with equal priorities). Requests join between steps and leave the step they finish,
-so the batch is re-formed every step: the "continuous" in continuous batching::
+arrived last (vLLM's recompute preemption; its priority policy with equal priorities).
+Requests join between steps and leave the step they finish, so the batch is re-formed every
+step: the "continuous" in continuous batching::
 
     plan   = self.schedule()            # pure: reads state, decides
     result = self.executor.run(plan)    # compute only: model forward(s)
@@ -26,16 +27,16 @@ two executors (``core/executor.py``): ``"fused"`` (one forward per step, the def
 
 from __future__ import annotations
 
-import logging
 import itertools
+import logging
 import os
 import time
 from bisect import insort
 from collections import deque
-from typing import cast
+from typing import Generic, TypeVar, cast
 
 from cb_lab.core import invariants
-from cb_lab.core.executor import Executor, FusedExecutor, Sampler, SplitExecutor, StepModel
+from cb_lab.core.executor import EXECUTORS, Executor, Sampler, StepModel
 from cb_lab.core.kv_cache import (
     Append,
     BaseKVCache,
@@ -47,24 +48,31 @@ from cb_lab.core.kv_cache import (
     store_appends,
 )
 from cb_lab.core.plan import SeqOutput, StepPlan, StepResult, StepStats
-from cb_lab.core.planner import POLICIES, PlannerConfig, plan_step
+from cb_lab.core.planner import SchedulerConfig, plan_step
 from cb_lab.core.prefix_cache import pool_counters, prefix_stats, register_full_blocks
 from cb_lab.core.request import Request
-from cb_lab.exceptions import ConfigurationError, SchedulerError
+from cb_lab.exceptions import SchedulerError
 from cb_lab.plugins.base import PluginManager
 from cb_lab.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EXECUTORS", "Scheduler", "check_blocks"]
+__all__ = ["Scheduler", "SchedulerConfig", "check_blocks"]
 
-EXECUTORS: dict[str, type[Executor]] = {"fused": FusedExecutor, "split": SplitExecutor}
+T = TypeVar("T")
 
 
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"{name} must be an int >= 1, got {value!r}")
-    return value
+class _Setting(Generic[T]):
+    """A scheduler setting: kept, and checked, in ``scheduler.config``."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, scheduler: Scheduler, owner: type | None = None) -> T:
+        return cast(T, getattr(scheduler.config, self.name))
+
+    def __set__(self, scheduler: Scheduler, value: T) -> None:
+        setattr(scheduler.config, self.name, value)
 
 
 def _tokens(shape: tuple[int, ...]) -> str:
@@ -93,19 +101,21 @@ def check_blocks(plan: StepPlan) -> None:
 class Scheduler:
     """Mixes decode tokens and prefill chunks under a per-step token budget.
 
-    ``sampler`` maps an output row to the token recorded and fed back (identity when
-    None; ``torch.tanh`` is a fun one). ``plugins`` wires scheduler, attention and cache
-    plugins. ``executor`` is ``"fused"`` or ``"split"`` (same numbers, different speed).
-    Serving knobs: ``max_num_seqs`` caps running requests; ``policy`` is one of
-    ``POLICIES``; ``enable_chunked_prefill=False`` runs each prefill in one piece;
-    ``preempt_every=N`` forces a preemption every N steps (to test and show it).
-    ``enable_prefix_caching=True`` lets an admitted request start after the cached full blocks
-    of its prompt (``core/prefix_cache.py``; requests on a shared pool). ``fork`` and
-    ``SamplingParams.n`` share a request's blocks with its forks, copy-on-write.
-    ``check_invariants=True`` checks ``core/invariants.py`` after every step (a debug mode; the
-    default is on when ``CB_LAB_CHECK_INVARIANTS=1``, as in the test suite).
-    Both budgets may be changed between steps.
+    The settings are checked once, into ``config`` (a :class:`SchedulerConfig`, whose fields say
+    what each does); ``scheduler.max_num_seqs`` and the like read and set them there.
+    ``sampler`` maps an output row to the token recorded and fed back (identity when None;
+    ``torch.tanh`` is a fun one); ``plugins`` wires scheduler, attention and cache plugins.
+    ``check_invariants=None`` is on when ``CB_LAB_CHECK_INVARIANTS=1`` (the test suite sets it).
     """
+
+    max_tokens_per_step = _Setting[int]()  # may change between steps, like every setting below
+    prefill_chunk_size = _Setting[int]()
+    max_num_seqs = _Setting[int | None]()
+    policy = _Setting[str]()
+    enable_chunked_prefill = _Setting[bool]()
+    preempt_every = _Setting[int | None]()
+    check_invariants = _Setting[bool]()
+    enable_prefix_caching = _Setting[bool]()
 
     def __init__(
         self,
@@ -123,25 +133,13 @@ class Scheduler:
         check_invariants: bool | None = None,
         enable_prefix_caching: bool = False,
     ) -> None:
-        if executor not in EXECUTORS:
-            raise ConfigurationError(f"executor must be one of {sorted(EXECUTORS)}, got {executor!r}")
-        if policy not in POLICIES:
-            raise ConfigurationError(f"policy must be one of {list(POLICIES)}, got {policy!r}")
-        if not isinstance(enable_chunked_prefill, bool):
-            raise ConfigurationError(f"enable_chunked_prefill must be a bool, got {enable_chunked_prefill!r}")
-        self.max_num_seqs = None if max_num_seqs is None else _positive_int("max_num_seqs", max_num_seqs)
-        self.preempt_every = None if preempt_every is None else _positive_int("preempt_every", preempt_every)
-        if check_invariants is None:
+        if check_invariants is None:  # the test suite turns the debug mode on for every scheduler
             check_invariants = os.environ.get("CB_LAB_CHECK_INVARIANTS") == "1"
-        self.check_invariants = check_invariants
-        if not isinstance(enable_prefix_caching, bool):
-            raise ConfigurationError(f"enable_prefix_caching must be a bool, got {enable_prefix_caching!r}")
-        self.enable_prefix_caching = enable_prefix_caching
-        self.policy = policy
-        self.enable_chunked_prefill = enable_chunked_prefill
+        self.config = SchedulerConfig(
+            max_tokens_per_step, prefill_chunk_size, executor, max_num_seqs, policy, enable_chunked_prefill,
+            preempt_every, check_invariants, enable_prefix_caching,
+        )
         self.model = model
-        self.max_tokens_per_step = max_tokens_per_step
-        self.prefill_chunk_size = prefill_chunk_size
         self.plugins = plugins if plugins is not None else PluginManager()
         self.executor: Executor = EXECUTORS[executor](model, sampler, self.plugins.attention_plugins)
         # Both queues keep arrival order, so an older request is never starved by a younger one: the
@@ -164,22 +162,6 @@ class Scheduler:
     def active(self) -> list[Request]:
         """Every request not finished yet: running first, then waiting."""
         return [*self.running, *self.waiting]
-
-    @property
-    def max_tokens_per_step(self) -> int:
-        return self._max_tokens_per_step
-
-    @max_tokens_per_step.setter
-    def max_tokens_per_step(self, value: int) -> None:
-        self._max_tokens_per_step = _positive_int("max_tokens_per_step", value)
-
-    @property
-    def prefill_chunk_size(self) -> int:
-        return self._prefill_chunk_size
-
-    @prefill_chunk_size.setter
-    def prefill_chunk_size(self, value: int) -> None:
-        self._prefill_chunk_size = _positive_int("prefill_chunk_size", value)
 
     def add_request(self, req: Request) -> None:
         """Queue a fresh request; it takes part from the next step on."""
@@ -257,9 +239,10 @@ class Scheduler:
         """``SamplingParams.n``: once a request has drawn its first token, fork its other samples.
 
         As many as ``max_num_seqs`` leaves room for run at once, sharing the prompt's blocks; the
-        others wait (right after their parent's place in the queue) as fresh requests over the same prompt (an empty fork of
-        the cache) and are admitted as requests leave, their prompt's full blocks found by prefix
-        caching. A sample draws the same tokens either way: its own params, its own random stream.
+        others wait (right after their parent's place in the queue) as fresh requests over the same
+        prompt (an empty fork of the cache) and are admitted as requests leave, their prompt's full
+        blocks found by prefix caching. A sample draws the same tokens either way: its own params,
+        its own random stream.
         """
         params = req.sampling
         if params is None or params.n == 1 or req.parent_id is not None or len(req.generated_tokens) != 1:
@@ -338,12 +321,9 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         """Decide this step's decodes, prefill chunks, admissions and preemptions. Changes nothing."""
-        config = PlannerConfig(
-            self.max_tokens_per_step, self.prefill_chunk_size, self.policy, self.enable_chunked_prefill,
-            self.max_num_seqs, self.preempt_every is not None and (self.step_id + 1) % self.preempt_every == 0,
-            self.enable_prefix_caching,
-        )
-        return plan_step(self.step_id, config, self.running, self.waiting, self._decode_turn)
+        every = self.preempt_every
+        force = every is not None and (self.step_id + 1) % every == 0
+        return plan_step(self.step_id, self.config, self.running, self.waiting, self._decode_turn, force)
 
     def _padding(self, plan: StepPlan) -> int:
         """Static batching pads finished requests' slots until the whole batch is done."""

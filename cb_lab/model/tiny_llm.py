@@ -33,8 +33,9 @@ from torch import nn
 from cb_lab.attention.dense_attention import dense_causal_attention, scaled_dot_product_attention
 from cb_lab.attention.paged_attention import PagedKV, paged_attention
 from cb_lab.attention.ragged_attention import ragged_attention
+from cb_lab.checks import check_int
 from cb_lab.core.kv_cache import BaseKVCache, PagedKVCache
-from cb_lab.exceptions import ConfigurationError, ModelError
+from cb_lab.exceptions import ModelError
 
 __all__ = ["AttentionHook", "TinyLLM"]
 
@@ -56,9 +57,7 @@ class TinyLLM(nn.Module):
 
     def __init__(self, dim: int = 16) -> None:
         super().__init__()
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ConfigurationError(f"TinyLLM dim must be an int >= 1, got {dim!r}")
-        self.dim = dim
+        self.dim = check_int("TinyLLM dim", dim)
         self.eps = 1e-6
         self.q_proj = nn.Linear(dim, dim, bias=False)
         self.k_proj = nn.Linear(dim, dim, bias=False)

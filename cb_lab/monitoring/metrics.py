@@ -43,7 +43,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from cb_lab.exceptions import ConfigurationError, ValidationError
+from cb_lab.checks import check_int
+from cb_lab.exceptions import ValidationError
 from cb_lab.monitoring.memory_profiler import Reader, make_memory_reader
 
 __all__ = ["MetricsCollector", "PerformanceBenchmark", "RequestMetrics", "StepMetrics"]
@@ -53,13 +54,6 @@ logger = logging.getLogger(__name__)
 STEP_STATUSES = ("completed", "no_active_requests")
 PERCENTILE_METHOD = "statistics.quantiles(n=100, method='inclusive')"
 _Num = TypeVar("_Num", int, float)
-
-
-def _check_int(name: str, value: object, minimum: int = 0, error: type[Exception] = ValidationError) -> int:
-    """``value`` if it is an int >= ``minimum`` (a bool is not accepted), else raise ``error``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise error(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 def _check_duration(value: object) -> float:
@@ -230,16 +224,16 @@ class MetricsCollector:
                   "admitted_prompt_blocks": admitted_prompt_blocks, "kv_evictions": kv_evictions,
                   "kv_copies": kv_copies}
         for name, value in counts.items():
-            _check_int(name, value)
+            check_int(name, value, 0, ValidationError)
         if kv_blocks_used is not None:
-            _check_int("kv_blocks_used", kv_blocks_used)
+            check_int("kv_blocks_used", kv_blocks_used, 0, ValidationError)
         if max_tokens_per_step is not None:
-            _check_int("max_tokens_per_step", max_tokens_per_step, 1)
+            check_int("max_tokens_per_step", max_tokens_per_step, 1, ValidationError)
         duration = _check_duration(step_duration)
         if status not in STEP_STATUSES:
             raise ValidationError(f"status must be one of {STEP_STATUSES}, got {status!r}")
         expected = decode_tokens + prefill_tokens
-        if total_tokens is not None and _check_int("total_tokens", total_tokens) != expected:
+        if total_tokens is not None and check_int("total_tokens", total_tokens, 0, ValidationError) != expected:
             raise ValidationError(
                 f"total_tokens ({total_tokens}) must equal decode_tokens + prefill_tokens "
                 f"({decode_tokens} + {prefill_tokens} = {expected})"
@@ -285,9 +279,9 @@ class MetricsCollector:
         """
         if req_id in self.requests:
             raise ValidationError(f"request {req_id!r} is already tracked; request ids must be unique")
-        _check_int("total_tokens", total_tokens)
+        check_int("total_tokens", total_tokens, 0, ValidationError)
         if step is not None:
-            _check_int("step", step)
+            check_int("step", step, 0, ValidationError)
         self.requests[req_id] = RequestMetrics(req_id, total_tokens, self._clock(), arrival_step=step)
 
     def _get_open(self, req_id: str, step: int | None = None) -> RequestMetrics:
@@ -298,13 +292,13 @@ class MetricsCollector:
         request = self.requests[req_id]
         if request.is_finished:
             raise ValidationError(f"request {req_id!r} is already finished")
-        if step is not None and _check_int("step", step) < (request.arrival_step or 0):
+        if step is not None and check_int("step", step, 0, ValidationError) < (request.arrival_step or 0):
             raise ValidationError(f"request {req_id!r} arrived at step {request.arrival_step}; step {step} is earlier")
         return request
 
     def record_request_scheduled(self, req_id: str, step: int) -> None:
         """The request runs a token (prefill chunk or decode) in ``step``; only the first call counts."""
-        request = self._get_open(req_id, _check_int("step", step))
+        request = self._get_open(req_id, check_int("step", step, 0, ValidationError))
         if request.first_scheduled_step is None:
             request.first_scheduled_step = step
             request.first_scheduled_time = self._clock()
@@ -325,9 +319,9 @@ class MetricsCollector:
         """
         request = self._get_open(req_id, step)
         if prefill_tokens is not None:
-            request.prefill_tokens = _check_int("prefill_tokens", prefill_tokens)
+            request.prefill_tokens = check_int("prefill_tokens", prefill_tokens, 0, ValidationError)
         if decode_tokens is not None:
-            request.decode_tokens = _check_int("decode_tokens", decode_tokens)
+            request.decode_tokens = check_int("decode_tokens", decode_tokens, 0, ValidationError)
             if decode_tokens >= 1 and request.first_token_time is None:
                 request.first_token_time = self._clock()
             if step is not None and decode_tokens > len(request.token_steps):
@@ -406,7 +400,7 @@ class MetricsCollector:
         :meth:`get_request_summary`.
         """
         if num_blocks is not None:
-            _check_int("num_blocks", num_blocks, 1)
+            check_int("num_blocks", num_blocks, 1, ValidationError)
         ran = [s for s in self.steps if s.status == "completed"]
         total_time = math.fsum(s.step_duration for s in self.steps)
         decode = sum(s.decode_tokens for s in ran)
@@ -474,8 +468,8 @@ class PerformanceBenchmark:
     """
 
     def __init__(self, warmup: int = 1, repeats: int = 5, *, clock: Callable[[], float] = time.perf_counter) -> None:
-        self.warmup = _check_int("warmup", warmup, 0, ConfigurationError)
-        self.repeats = _check_int("repeats", repeats, 1, ConfigurationError)
+        self.warmup = check_int("warmup", warmup, 0)
+        self.repeats = check_int("repeats", repeats, 1)
         self._clock = clock
         self._results: dict[str, dict[str, float]] = {}
 

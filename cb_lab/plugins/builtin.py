@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from cb_lab.checks import check_int
 from cb_lab.core.kv_cache import PagedKVCache
 from cb_lab.exceptions import ConfigurationError, ValidationError
 from cb_lab.monitoring.metrics import MetricsCollector
@@ -239,8 +240,7 @@ class AttentionVisualizationPlugin(AttentionPlugin):
         max_records = config.get("max_records", self.max_records)
         if not isinstance(save_dir, str) or not save_dir:
             raise ConfigurationError(f"save_dir must be a non-empty str, got {save_dir!r}")
-        if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 1:
-            raise ConfigurationError(f"max_records must be an int >= 1, got {max_records!r}")
+        check_int("max_records", max_records)
         self.save_dir, self.max_records = save_dir, max_records
 
     def on_attention(self, phase: str, weights: torch.Tensor) -> None:
