@@ -2,7 +2,7 @@
 
 Python's ``bool`` is an ``int`` (``isinstance(True, int)`` holds), so a bare ``isinstance`` would
 take ``True`` for a block count; every check here refuses a bool where a number is asked for.
-Each raises the caller's exception class (the spec's: ``ConfigurationError`` for a setting,
+Each raises the caller's exception class (``ConfigurationError`` for a setting,
 ``ValidationError`` for an input) with the bad value in the message.
 """
 

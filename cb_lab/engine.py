@@ -31,6 +31,7 @@ from cb_lab.core.executor import EXECUTORS
 from cb_lab.core.kv_cache import PagedKVCache
 from cb_lab.core.request import Request
 from cb_lab.core.scheduler import Scheduler
+from cb_lab.display.views import config_html, engine_html, engine_text  # the engine sits above the views
 from cb_lab.engine_inputs import Prompt, as_params, as_prompt, as_prompts, check_ids
 from cb_lab.exceptions import CBLabException, ConfigurationError, ValidationError
 from cb_lab.model.chat import Message
@@ -76,8 +77,6 @@ class EngineConfig:
         check_bool("EngineConfig enable_prefix_caching", self.enable_prefix_caching)
 
     def _repr_html_(self) -> str:
-        from cb_lab.display.views import config_html  # the views import the engine: imported on use
-
         return config_html(self)
 
 
@@ -118,13 +117,9 @@ class LLMEngine:
                     num_blocks * c.block_size * row_bytes / 2**20)
 
     def __repr__(self) -> str:
-        from cb_lab.display.views import engine_text  # the views import the engine: imported on use
-
         return engine_text(self)
 
     def _repr_html_(self) -> str:
-        from cb_lab.display.views import engine_html
-
         return engine_html(self)
 
     @classmethod

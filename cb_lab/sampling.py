@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from cb_lab.checks import check_int, check_optional_int
+from cb_lab.core.view_registry import render
 from cb_lab.exceptions import ConfigurationError
 from cb_lab.logits_processors import TokenHistory, apply_min_tokens, apply_penalties, has_penalties
 
@@ -102,9 +103,7 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(strings))
 
     def _repr_html_(self) -> str:
-        from cb_lab.display.views import config_html  # the views import the core: imported on use
-
-        return config_html(self)
+        return render(self)
 
     def sample_params(self, index: int) -> SamplingParams:
         """The params of sample ``index`` of ``n``: one sample each, and a seed of its own (``seed + index``).

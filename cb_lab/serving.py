@@ -38,6 +38,7 @@ from cb_lab.core.kv_cache import PagedKVCache
 from cb_lab.core.planner import POLICIES
 from cb_lab.core.request import Request
 from cb_lab.core.scheduler import Scheduler
+from cb_lab.core.view_registry import render
 from cb_lab.exceptions import ConfigurationError
 from cb_lab.model.oracle import oracle_error
 from cb_lab.model.tiny_llm import TinyLLM
@@ -194,9 +195,7 @@ class RunResult:
                 f"wall_s={self.wall_s:.3f})")
 
     def _repr_html_(self) -> str:
-        from cb_lab.display.views import run_html  # the views import serving: imported on use
-
-        return run_html(self)
+        return render(self)
 
 
 def batch_stats(result: RunResult) -> dict[str, float]:

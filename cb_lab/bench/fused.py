@@ -82,9 +82,11 @@ def decoding_schedulers(model: TinyLLM, contexts: list[int], args: argparse.Name
         sched.step()
     assert len(sched.active) == len(contexts), "a request finished during prefill; raise its max_new_tokens"
     twin = Scheduler(model, budget, max(contexts))
-    twin.running, twin.step_id = copy.deepcopy(sched.running), sched.step_id
-    for req in twin.running:
+    twin.step_id = sched.step_id
+    for req in copy.deepcopy(sched.running):
         req.kv_cache.hooks = twin.plugins.cache_plugins  # what add_request would have set
+        twin.queues.add(req)  # queued, then running, in the same arrival order
+        twin.queues.admit(req)
     scheds = {"split": twin, "fused": sched}
     for name, s in scheds.items():
         s.executor = EXECUTORS[name](model)

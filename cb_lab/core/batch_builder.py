@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 
 from cb_lab.checks import check_int
+from cb_lab.core.view_registry import render
 from cb_lab.exceptions import ValidationError
 
 __all__ = [
@@ -51,14 +52,10 @@ class RaggedBatch(NamedTuple):
     mask: torch.Tensor  # [N_total, N_total] bool: True where query row i may attend to key row j
 
     def __repr__(self) -> str:
-        from cb_lab.display.views import ragged_batch_text  # the views import the core: imported on use
-
-        return ragged_batch_text(self)
+        return render(self, "text")
 
     def _repr_html_(self) -> str:
-        from cb_lab.display.views import ragged_batch_html
-
-        return ragged_batch_html(self)
+        return render(self)
 
 
 def ragged_positions(starts: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,6 +41,7 @@ from collections.abc import Sequence
 import torch
 
 from cb_lab.checks import check_int
+from cb_lab.core.view_registry import render
 from cb_lab.exceptions import ConfigurationError, ValidationError
 from cb_lab.exceptions import MemoryError as CBLabMemoryError
 
@@ -257,9 +258,7 @@ class BlockPool:
         )
 
     def _repr_html_(self) -> str:
-        from cb_lab.display.views import block_pool_html  # the views import the core: imported on use
-
-        return block_pool_html(self)
+        return render(self)
 
 
 class PoolLedger:

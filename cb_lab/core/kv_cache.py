@@ -29,12 +29,13 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 
 from cb_lab.checks import check_int
 from cb_lab.core.block_pool import BlockPool, PoolLedger
+from cb_lab.core.view_registry import render
 from cb_lab.exceptions import ConfigurationError, KVCacheError, ValidationError
 from cb_lab.exceptions import MemoryError as CBLabMemoryError
 
@@ -42,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "Append", "BaseKVCache", "CacheHook", "DenseKVCache", "PagedKVCache", "append_batch", "check_pool_capacity",
-    "notify_appended", "prepare_appends", "same_device", "store_appends",
+    "notify_appended", "prepare_appends", "same_device", "shared_paged", "store_appends",
 ]
 
 
@@ -83,8 +84,8 @@ class BaseKVCache(ABC):
 
     ``append`` validates, runs the cache hooks, then stores; subclasses implement
     ``_store``, ``get_kv``, ``__len__`` and ``release`` (``nbytes`` has a default from
-    ``get_kv``). ``append`` is concrete, unlike the spec's sketch, so that every kind validates
-    and runs cache plugins the same way. ``dim`` and ``dtype`` are fixed by the
+    ``get_kv``). ``append`` is concrete (the API reference shows it abstract) so that every kind
+    validates and runs cache plugins the same way. ``dim`` and ``dtype`` are fixed by the
     first append (after hooks, so a compression hook chooses the storage dtype).
     """
 
@@ -140,6 +141,15 @@ class BaseKVCache(ABC):
     @abstractmethod
     def release(self) -> None:
         """Drop every stored row and give the memory back; the cache is empty again."""
+
+    @property
+    def shared_pool(self) -> BlockPool | None:
+        """The block pool this cache shares with other requests' caches (None: it shares nothing).
+
+        Only caches on a shared pool are limited by its free blocks, take part in prefix caching
+        and forks, and give their blocks back when their request finishes.
+        """
+        return None
 
 
 class DenseKVCache(BaseKVCache):
@@ -202,9 +212,7 @@ class DenseKVCache(BaseKVCache):
         return f"DenseKVCache(len={self._len}, capacity={self.capacity}, dim={self.dim}, device={self.device})"
 
     def _repr_html_(self) -> str:
-        from cb_lab.display.views import dense_cache_html  # the views import the core: imported on use
-
-        return dense_cache_html(self)
+        return render(self)
 
 
 class PagedKVCache(BaseKVCache):
@@ -238,9 +246,15 @@ class PagedKVCache(BaseKVCache):
         self.block_table: list[int] = []
         self._len = 0
 
+    @property
+    def shared_pool(self) -> BlockPool | None:
+        return self.pool if self.shares_pool else None
+
     def blocks_needed(self, num_rows: int) -> int:
         """Blocks an append of ``num_rows`` rows would take from the pool (a copy of a shared last block too)."""
-        return -(-(self._len + num_rows) // self.block_size) - len(self.block_table) + self._must_copy(num_rows)
+        rows = self._len + num_rows
+        new_blocks = (rows + self.block_size - 1) // self.block_size - len(self.block_table)  # ceil(rows / bs) - held
+        return new_blocks + (1 if self._must_copy(num_rows) else 0)
 
     def _must_copy(self, num_rows: int) -> bool:
         """True when the next rows go into a partial last block another table shares (copy-on-write)."""
@@ -346,12 +360,15 @@ class PagedKVCache(BaseKVCache):
         )
 
     def _repr_html_(self) -> str:
-        from cb_lab.display.views import paged_cache_html
-
-        return paged_cache_html(self)
+        return render(self)
 
 
 Append = tuple[BaseKVCache, torch.Tensor, torch.Tensor]  # (cache, k_new [n, D], v_new [n, D])
+
+
+def shared_paged(cache: BaseKVCache) -> PagedKVCache | None:
+    """The cache itself when it draws from a shared pool, typed as what it is: only those share blocks."""
+    return cache if isinstance(cache, PagedKVCache) and cache.shared_pool is not None else None
 
 
 def append_batch(items: Sequence[Append]) -> None:
@@ -380,9 +397,10 @@ def store_appends(prepared: Sequence[Append]) -> list[int]:
     stored: list[int] = []
     by_pool: dict[int, list[tuple[PagedKVCache, torch.Tensor, torch.Tensor]]] = {}
     for cache, k, v in prepared:
-        if isinstance(cache, PagedKVCache) and cache.shares_pool and cache.pool is not None:
-            by_pool.setdefault(id(cache.pool), []).append((cache, k, v))
-            stored.append(2 * k.numel() * cache.pool.key_cache.element_size())  # the pool's dtype, whatever k's
+        paged = shared_paged(cache)
+        if paged is not None and paged.pool is not None:
+            by_pool.setdefault(id(paged.pool), []).append((paged, k, v))
+            stored.append(2 * k.numel() * paged.pool.key_cache.element_size())  # the pool's dtype, whatever k's
         else:
             before = cache.nbytes
             cache._store(k, v)
@@ -414,8 +432,9 @@ def check_pool_capacity(
     """
     per_cache: dict[int, tuple[PagedKVCache, int]] = {}  # a cache may appear twice: add its rows first
     for cache, num_rows in rows:
-        if isinstance(cache, PagedKVCache) and cache.shares_pool:
-            per_cache[id(cache)] = (cache, per_cache.get(id(cache), (cache, 0))[1] + num_rows)
+        paged = shared_paged(cache)
+        if paged is not None:
+            per_cache[id(paged)] = (paged, per_cache.get(id(paged), (paged, 0))[1] + num_rows)
     needed: dict[int, tuple[BlockPool, int]] = {}
     for cache, num_rows in per_cache.values():
         assert cache.pool is not None
@@ -423,9 +442,9 @@ def check_pool_capacity(
         needed[id(pool)] = (pool, n + cache.blocks_needed(num_rows))
     for pool, n in needed.values():
         ledger = PoolLedger(pool)
-        ledger.drop([b for c in released if isinstance(c, PagedKVCache) and c.pool is pool for b in c.block_table])
+        ledger.drop([b for c in released if c.shared_pool is pool for b in cast(PagedKVCache, c).block_table])
         for cache, blocks in adopted:
-            if isinstance(cache, PagedKVCache) and cache.pool is pool:
+            if cache.shared_pool is pool:
                 ledger.hold(blocks)
         if not pool.growable and n > ledger.free:
             raise CBLabMemoryError(

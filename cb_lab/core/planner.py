@@ -37,9 +37,9 @@ from typing import Any
 from cb_lab.checks import check_bool, check_choice, check_int, check_optional_int
 from cb_lab.core.block_pool import PoolLedger
 from cb_lab.core.executor import EXECUTORS
-from cb_lab.core.kv_cache import BaseKVCache, PagedKVCache
+from cb_lab.core.kv_cache import BaseKVCache, PagedKVCache, shared_paged
 from cb_lab.core.plan import PrefillChunk, StepPlan
-from cb_lab.core.prefix_cache import block_size_of, prefix_hit, shared_paged
+from cb_lab.core.prefix_cache import block_size_of, prefix_hit
 from cb_lab.core.request import Request
 
 __all__ = ["POLICIES", "BlockLedger", "SchedulerConfig", "plan_step"]
@@ -156,8 +156,8 @@ class _StepPlanner:
         if len(decoders) > self.budget:  # round robin: the least recently served first
             decoders.sort(key=lambda r: self.turns.get(r.req_id, -1))
         for req in decoders:
-            if req not in self.running:
-                continue  # preempted to make room for an earlier one
+            if req in self.preempted:  # made room for an earlier one (a short list: no scan of running)
+                continue
             if self.budget == 0:
                 self.skipped[req.req_id] = "budget"
             elif self.make_room(req, 1):
@@ -167,8 +167,8 @@ class _StepPlanner:
 
     def schedule_prefills(self) -> None:
         for req in [r for r in self.running if r.in_prefill]:
-            if req not in self.running:
-                continue  # preempted to make room for an earlier one
+            if req in self.preempted:  # made room for an earlier one (a short list: no scan of running)
+                continue
             n = self.chunk_len(req)
             if n == 0:
                 self.skipped[req.req_id] = "budget"

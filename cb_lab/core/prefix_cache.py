@@ -20,16 +20,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from cb_lab.core.block_pool import BlockPool
-from cb_lab.core.kv_cache import BaseKVCache, PagedKVCache
+from cb_lab.core.kv_cache import shared_paged
 from cb_lab.core.plan import PrefillChunk, StepPlan
 from cb_lab.core.request import Request
 
-__all__ = ["block_size_of", "pool_counters", "prefix_hit", "prefix_stats", "register_full_blocks", "shared_paged"]
-
-
-def shared_paged(cache: BaseKVCache) -> PagedKVCache | None:
-    """The cache itself when it draws from a shared pool (only those share blocks)."""
-    return cache if isinstance(cache, PagedKVCache) and cache.shares_pool and cache.pool is not None else None
+__all__ = ["block_size_of", "pool_counters", "prefix_hit", "prefix_stats", "register_full_blocks"]
 
 
 def prefix_hit(req: Request) -> tuple[int, ...]:

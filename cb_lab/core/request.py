@@ -25,6 +25,7 @@ import torch
 from cb_lab.checks import check_int
 from cb_lab.core.block_pool import block_hashes
 from cb_lab.core.kv_cache import BaseKVCache, PagedKVCache
+from cb_lab.core.view_registry import render
 from cb_lab.exceptions import RequestError, ValidationError
 from cb_lab.sampling import LogprobsTensors, SamplingParams
 
@@ -270,6 +271,4 @@ class Request:
         )
 
     def _repr_html_(self) -> str:
-        from cb_lab.display.views import request_html  # the views import the core: imported on use
-
-        return request_html(self)
+        return render(self)

@@ -25,7 +25,6 @@ Shape letters: ``T`` one sequence, ``N`` rows of a ragged batch, ``C`` cached ro
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
 
 import torch
 from torch import nn
@@ -34,18 +33,11 @@ from cb_lab.attention.dense_attention import dense_causal_attention, scaled_dot_
 from cb_lab.attention.paged_attention import PagedKV, paged_attention
 from cb_lab.attention.ragged_attention import ragged_attention
 from cb_lab.checks import check_int
+from cb_lab.core.executor import KV, AttentionHook
 from cb_lab.core.kv_cache import BaseKVCache, PagedKVCache
 from cb_lab.exceptions import ModelError
 
-__all__ = ["AttentionHook", "TinyLLM"]
-
-KV = tuple[torch.Tensor, torch.Tensor]
-
-
-class AttentionHook(Protocol):
-    """Sees the attention probabilities of every call (``AttentionPlugin`` fits it)."""
-
-    def on_attention(self, phase: str, weights: torch.Tensor) -> None: ...
+__all__ = ["TinyLLM"]
 
 
 class TinyLLM(nn.Module):

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from cb_lab.checks import check_int
+from cb_lab.core.view_registry import render
 from cb_lab.exceptions import ValidationError
 from cb_lab.monitoring.memory_profiler import Reader, make_memory_reader
 
@@ -455,9 +456,7 @@ class MetricsCollector:
         return f"MetricsCollector(steps={len(self.steps)}, requests={len(self.requests)}, finished={done})"
 
     def _repr_html_(self) -> str:
-        from cb_lab.display.views import metrics_html  # the views import the monitoring: imported on use
-
-        return metrics_html(self)
+        return render(self)
 
 
 class PerformanceBenchmark:

@@ -152,9 +152,9 @@ class TracePlugin(SchedulerPlugin):
         self._aborted: list[str] = []
 
     def _watch_pool(self, request: Request) -> None:
-        cache = request.kv_cache
-        if isinstance(cache, PagedKVCache) and cache.shares_pool and cache.pool is not None:
-            self._pools.setdefault(id(cache.pool), cache.pool)
+        pool = request.kv_cache.shared_pool
+        if pool is not None:
+            self._pools.setdefault(id(pool), pool)
 
     def on_request_added(self, request: Request, step_id: int) -> None:
         if request.parent_id is None:

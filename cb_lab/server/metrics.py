@@ -9,8 +9,15 @@ files), so a long run's memory can be watched from outside.
 
 from __future__ import annotations
 
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, disable_created_metrics,
-                               generate_latest)
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 
 from cb_lab.async_engine import AsyncLLMEngine
 from cb_lab.engine import LLMEngine
