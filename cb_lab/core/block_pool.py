@@ -47,7 +47,7 @@ from cb_lab.exceptions import MemoryError as CBLabMemoryError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BlockPool", "PoolLedger", "block_hashes"]
+__all__ = ["BlockPool", "block_hashes"]
 
 
 def block_hashes(rows: torch.Tensor, block_size: int) -> list[int]:
@@ -260,36 +260,3 @@ class BlockPool:
     def _repr_html_(self) -> str:
         return render(self)
 
-
-class PoolLedger:
-    """A pool's free blocks as a plan would leave them, counting the references it drops and adds.
-
-    A block is free when nobody holds it: ``ref_counts[b] - dropped[b] + held[b] == 0``. A
-    preempted victim drops its blocks (one shared with another table stays in use); a prefix
-    hit holds its cached blocks (one that nobody held, an evictable block, uses up a free one).
-    """
-
-    def __init__(self, pool: BlockPool) -> None:
-        self.pool = pool
-        self.free = pool.num_free_blocks
-        self.dropped: Counter[int] = Counter()
-        self.held: Counter[int] = Counter()
-
-    def refs(self, block: int) -> int:
-        """Block tables that would hold ``block``."""
-        return self.pool.ref_counts[block] - self.dropped[block] + self.held[block]
-
-    def revived(self, cached: Sequence[int]) -> int:
-        """Blocks of a hit that nobody holds now: taking them back uses that many free blocks."""
-        return sum(self.refs(b) == 0 for b in set(cached))
-
-    def drop(self, blocks: Sequence[int]) -> None:
-        """A block table lets go of ``blocks`` (a preempted request)."""
-        for b in blocks:
-            self.dropped[b] += 1
-            self.free += self.refs(b) == 0
-
-    def hold(self, cached: Sequence[int]) -> None:
-        """A prefix-cache hit takes ``cached`` back."""
-        self.free -= self.revived(cached)
-        self.held.update(cached)

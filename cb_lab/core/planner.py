@@ -35,53 +35,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from cb_lab.checks import check_bool, check_choice, check_int, check_optional_int
-from cb_lab.core.block_pool import PoolLedger
 from cb_lab.core.executor import EXECUTORS
-from cb_lab.core.kv_cache import BaseKVCache, PagedKVCache, shared_paged
+from cb_lab.core.kv_cache import BlockLedger
 from cb_lab.core.plan import PrefillChunk, StepPlan
 from cb_lab.core.prefix_cache import block_size_of, prefix_hit
 from cb_lab.core.request import Request
 
-__all__ = ["POLICIES", "BlockLedger", "SchedulerConfig", "plan_step"]
+__all__ = ["POLICIES", "SchedulerConfig", "plan_step"]
 
 POLICIES = ("decode_first", "prefill_first", "sjf", "static")
-
-
-class BlockLedger:
-    """Free blocks of each shared pool while a step is planned (nothing is allocated yet)."""
-
-    def __init__(self) -> None:
-        self.pools: dict[int, PoolLedger] = {}
-
-    def _pool(self, cache: BaseKVCache) -> tuple[PagedKVCache, PoolLedger] | None:
-        paged = shared_paged(cache)
-        if paged is None or paged.pool is None:
-            return None
-        ledger = self.pools.get(id(paged.pool))
-        if ledger is None:  # a pool's first cache this step (a ledger counts the pool's free blocks: not per call)
-            ledger = self.pools[id(paged.pool)] = PoolLedger(paged.pool)
-        return paged, ledger
-
-    def fits(self, cache: BaseKVCache, num_rows: int, cached: Sequence[int] = ()) -> bool:
-        """Room for ``num_rows`` more rows of ``cache``, after it takes back the prefix-cache blocks ``cached``."""
-        found = self._pool(cache)
-        if found is None or found[1].pool.growable:
-            return True
-        paged, ledger = found
-        return paged.blocks_needed(num_rows) + ledger.revived(cached) <= ledger.free
-
-    def take(self, cache: BaseKVCache, num_rows: int, cached: Sequence[int] = ()) -> None:
-        found = self._pool(cache)
-        if found is not None:
-            paged, ledger = found
-            ledger.hold(cached)
-            ledger.free -= paged.blocks_needed(num_rows)
-
-    def give_back(self, cache: BaseKVCache) -> None:
-        found = self._pool(cache)
-        if found is not None:
-            paged, ledger = found
-            ledger.drop(paged.block_table)
 
 
 @dataclass(slots=True)

@@ -74,10 +74,6 @@ def _full_blocks(req: Request) -> int:
 
 def pool_counters(plan: StepPlan) -> tuple[int, int]:
     """Evictions and copy-on-write copies so far in the shared pools of a step's requests."""
-    requests = [c.request for c in plan.prefill] + list(plan.decode)
-    pools: dict[int, BlockPool] = {}
-    for req in requests:
-        cache = shared_paged(req.kv_cache)
-        if cache is not None and cache.pool is not None:
-            pools[id(cache.pool)] = cache.pool
+    shared = (r.kv_cache.shared_pool for r in [*(c.request for c in plan.prefill), *plan.decode])
+    pools: dict[int, BlockPool] = {id(pool): pool for pool in shared if pool is not None}
     return sum(p.num_evictions for p in pools.values()), sum(p.num_copies for p in pools.values())

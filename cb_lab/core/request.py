@@ -234,15 +234,16 @@ class Request:
         if self.finished:
             held = f"{len(self.generated_tokens)} of {self.max_new_tokens} tokens"
             raise RequestError(f"request {self.req_id!r} is finished ({self.finish_reason}, {held}); it takes no more")
-        shape, ok = self.token_shape, ((self.dim,), (1, self.dim)) if self.dim else ((),)
+        dim = self.dim  # read once: every step calls this for every token
+        shape, ok = ((dim,), ((dim,), (1, dim))) if dim else ((), ((),))
         if not isinstance(tok, torch.Tensor) or tuple(tok.shape) not in ok:
             got = tuple(tok.shape) if isinstance(tok, torch.Tensor) else type(tok).__name__
             raise ValidationError(f"request {self.req_id!r}: a token must have shape {' or '.join(map(str, ok))}, "
                                   f"got {got}")
-        if tok.is_floating_point() != bool(self.dim):
-            want = "floating point" if self.dim else "an int64 token id"
+        if tok.is_floating_point() != bool(dim):
+            want = "floating point" if dim else "an int64 token id"
             raise ValidationError(f"request {self.req_id!r}: a token must be {want}, got {tok.dtype}")
-        token = tok.reshape(shape)
+        token = tok if tok.dim() == len(shape) else tok.reshape(shape)
         if self.decode_seed is None:
             self.decode_seed = token
         self.generated_tokens.append(token)
