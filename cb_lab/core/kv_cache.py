@@ -1,50 +1,38 @@
 """KV caches: where a request keeps the keys and values of every token it has seen.
 
-Attention at position ``t`` needs the keys and values of positions ``0..t``. Recomputing
-them every step would make generation quadratic, so each request caches them and
-only ever *appends* (one row per token, ``[T, D]`` for keys and for values).
+Attention at position ``t`` needs the keys and values of positions ``0..t``; recomputing them
+every step would make generation quadratic, so each request caches them and only ever
+*appends* (one row per token, ``[T, D]`` for keys and for values). Two layouts, one interface
+(:class:`BaseKVCache`): :class:`DenseKVCache`, one buffer per tensor that doubles when full
+(amortized O(new rows) an append), and :class:`PagedKVCache`, fixed-size blocks of a
+:class:`~cb_lab.core.block_pool.BlockPool` found through a *block table* (vLLM's PagedAttention).
 
-Two layouts, one interface (:class:`BaseKVCache`):
-
-- :class:`DenseKVCache`: one contiguous buffer per tensor that doubles when full,
-  so an append costs amortized O(new rows). Simplest to inspect.
-- :class:`PagedKVCache`: fixed-size blocks from a :class:`~cb_lab.core.block_pool.BlockPool`
-  (private by default, or shared by many requests), found through a *block table*
-  (vLLM's PagedAttention layout). Memory grows one block at a time and nothing needs to
-  be contiguous.
-
-``append_batch`` appends to many caches at once: rows for caches that share a pool go into
-it with one scatter. It is three phases, which a step's commit runs apart:
-``prepare_appends`` (validate, run ``before_append`` hooks; stores nothing), ``store_appends``
-(write, no hook) and ``notify_appended`` (the ``after_append`` hooks, observers).
-
-Appends are validated here, once, at the boundary: malformed tensors raise
-``ValidationError``; well-formed rows that do not fit this cache (dim, device) raise
-``KVCacheError``; a bad ``block_size`` / ``initial_capacity`` raises ``ConfigurationError``.
-Cache plugins (``hooks``) run around every append.
+``append_batch`` appends to many caches at once (one scatter per shared pool) in three phases
+a step's commit runs apart: ``prepare_appends`` (validate, ``before_append`` hooks; stores
+nothing), ``store_appends`` (write) and ``notify_appended`` (the ``after_append`` observers).
+Malformed rows raise ``ValidationError``; rows that do not fit this cache (dim, device)
+``KVCacheError``; a bad ``block_size`` / ``initial_capacity`` ``ConfigurationError``.
 """
 
 from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections import Counter
 from collections.abc import Sequence
-from typing import Protocol, cast
+from typing import Protocol
 
 import torch
 
 from cb_lab.checks import check_int
-from cb_lab.core.block_pool import BlockPool
+from cb_lab.core.block_pool import BlockPool, check_pool_capacity
 from cb_lab.core.view_registry import render
 from cb_lab.exceptions import ConfigurationError, KVCacheError, ValidationError
-from cb_lab.exceptions import MemoryError as CBLabMemoryError
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "Append", "BaseKVCache", "BlockLedger", "CacheHook", "DenseKVCache", "PagedKVCache", "append_batch",
-    "check_pool_capacity", "notify_appended", "prepare_appends", "same_device", "shared_paged", "store_appends",
+    "Append", "BaseKVCache", "CacheHook", "DenseKVCache", "PagedKVCache", "append_batch", "notify_appended",
+    "prepare_appends", "same_device", "shared_paged", "store_appends",
 ]
 
 
@@ -60,7 +48,7 @@ class CacheHook(Protocol):
 
 def same_device(a: torch.device, b: torch.device) -> bool:
     # torch.device("cuda") and torch.device("cuda:0") name the same place.
-    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+    return a == b or (a.type == b.type and (a.index is None or b.index is None or a.index == b.index))
 
 
 def _check_rows(k_new: object, v_new: object) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,11 +133,8 @@ class BaseKVCache(ABC):
 
     @property
     def shared_pool(self) -> BlockPool | None:
-        """The block pool this cache shares with other requests' caches (None: it shares nothing).
-
-        Only caches on a shared pool are limited by its free blocks, take part in prefix caching
-        and forks, and give their blocks back when their request finishes.
-        """
+        """The pool it shares with other requests' caches (None: it shares nothing, so is never short
+        of blocks, shares no prefix and keeps its rows when its request finishes)."""
         return None
 
 
@@ -219,13 +204,10 @@ class DenseKVCache(BaseKVCache):
 class PagedKVCache(BaseKVCache):
     """K/V stored in fixed-size blocks of a :class:`BlockPool`, found through ``block_table``.
 
-    Token position ``p`` lives in block ``block_table[p // block_size]`` at offset
-    ``p % block_size``. Only the last block can be partly filled, so at most
-    ``block_size - 1`` slots are ever wasted. Without ``pool`` the cache gets a private,
-    growable pool at its first append; with a shared ``pool`` (fixed size, one per model)
-    many requests' blocks live side by side and a finished request gives its blocks back
-    (``release``). ``get_kv()`` gathers the blocks into new ``[len, D]`` tensors (a copy);
-    decode avoids that with paged attention.
+    Position ``p`` lives in block ``block_table[p // block_size]`` at offset ``p % block_size``;
+    only the last block is ever partly filled. Without ``pool`` the cache gets a private, growable
+    pool at its first append; with a shared ``pool`` (fixed size, one per model) many requests'
+    blocks live side by side. ``get_kv()`` gathers a copy; decode avoids it with paged attention.
     """
 
     def __init__(
@@ -253,8 +235,8 @@ class PagedKVCache(BaseKVCache):
 
     def blocks_needed(self, num_rows: int) -> int:
         """Blocks an append of ``num_rows`` rows would take from the pool (a copy of a shared last block too)."""
-        rows = self._len + num_rows
-        new_blocks = (rows + self.block_size - 1) // self.block_size - len(self.block_table)  # ceil(rows / bs) - held
+        rows, bs = self._len + num_rows, self.block_size
+        new_blocks = (rows + bs - 1) // bs - len(self.block_table)  # ceil(rows / block_size) - the blocks held
         return new_blocks + (1 if self._must_copy(num_rows) else 0)
 
     def _must_copy(self, num_rows: int) -> bool:
@@ -268,11 +250,11 @@ class PagedKVCache(BaseKVCache):
             raise AssertionError("a cache claims slots only once it has a pool")
         if self._must_copy(num_rows):  # the sharer's rows stay as they are; ours go into a copy
             self.block_table[-1] = self.pool.copy_on_write(self.block_table[-1])
-        missing = self.blocks_needed(num_rows)
+        pos, end, bs = self._len, self._len + num_rows, self.block_size
+        missing = (end + bs - 1) // bs - len(self.block_table)  # the copy above is in the table already
         if missing > 0:
             self.block_table.extend(self.pool.allocate(missing))
         slots: list[int] = []
-        pos, end, bs = self._len, self._len + num_rows, self.block_size
         while pos < end:  # one range per block touched, not one step per token
             block_end = min(end, (pos // bs + 1) * bs)
             base = self.block_table[pos // bs] * bs - (pos // bs) * bs
@@ -373,12 +355,9 @@ def shared_paged(cache: BaseKVCache) -> PagedKVCache | None:
 
 
 def append_batch(items: Sequence[Append]) -> None:
-    """Append rows to several caches at once: ``prepare_appends``, a room check, ``store_appends``,
-    ``notify_appended``.
-
-    Every item is validated (and its ``before_append`` hooks run) and every shared pool is
-    checked for room before anything is stored, so a bad item stores nothing.
-    """
+    """Append rows to several caches at once: every item validated (its ``before_append`` hooks
+    run) and every shared pool checked for room before anything is stored, so a bad item stores
+    nothing; then ``store_appends`` and ``notify_appended``."""
     prepared = prepare_appends(items)
     check_pool_capacity([(cache, k.shape[0]) for cache, k, _ in prepared])
     notify_appended(prepared, store_appends(prepared))
@@ -401,7 +380,7 @@ def store_appends(prepared: Sequence[Append]) -> list[int]:
         paged = shared_paged(cache)
         if paged is not None and paged.pool is not None:
             by_pool.setdefault(id(paged.pool), []).append((paged, k, v))
-            stored.append(2 * k.numel() * paged.pool.key_cache.element_size())  # the pool's dtype, whatever k's
+            stored.append(k.shape[0] * paged.pool.row_nbytes)  # in the pool's dtype, whatever k's
         else:
             before = cache.nbytes
             cache._store(k, v)
@@ -419,88 +398,3 @@ def notify_appended(prepared: Sequence[Append], stored: Sequence[int]) -> None:
     """Run the ``after_append`` hooks: observers, called once the rows are in."""
     for (cache, k, _), nbytes in zip(prepared, stored, strict=True):
         cache._after_append(k.shape[0], nbytes)
-
-
-class BlockLedger:
-    """The free blocks of each shared pool as a plan would leave them; nothing is allocated.
-
-    A block is free when no block table would hold it: its ref count, plus the references the
-    ledger added (a prefix hit takes its cached blocks back), minus those it dropped (a preempted
-    victim lets go of its blocks). So a victim's block that another table shares stays in use, and
-    a hit block nobody held (an evictable one) uses up a free block. Caches without a shared pool,
-    and growable pools, always fit.
-    """
-
-    def __init__(self) -> None:
-        self.pools: dict[int, BlockPool] = {}  # the shared pools seen, by id
-        self.free: dict[int, int] = {}  # id(pool) -> its free blocks as the plan leaves them
-        self._refs: dict[int, Counter[int]] = {}  # id(pool) -> block -> references added (< 0: dropped)
-
-    def fits(self, cache: BaseKVCache, num_rows: int, cached: Sequence[int] = ()) -> bool:
-        """Room for ``num_rows`` more rows of ``cache``, after it takes back the prefix-cache blocks ``cached``."""
-        pool = self._track(cache)
-        if pool is None or pool.growable:
-            return True
-        return cast(PagedKVCache, cache).blocks_needed(num_rows) + self._unheld(pool, cached) <= self.free[id(pool)]
-
-    def take(self, cache: BaseKVCache, num_rows: int, cached: Sequence[int] = ()) -> None:
-        """Book the blocks ``num_rows`` more rows of ``cache`` need, and the hit blocks ``cached`` it takes back."""
-        pool = self._track(cache)
-        if pool is not None:
-            self.free[id(pool)] -= cast(PagedKVCache, cache).blocks_needed(num_rows) + self._unheld(pool, cached)
-            if cached:
-                self._refs[id(pool)].update(cached)
-
-    def give_back(self, cache: BaseKVCache) -> None:
-        """Book ``cache``'s references as dropped (a preemption): its blocks nobody else holds are free again."""
-        pool = self._track(cache)
-        if pool is not None:
-            refs = self._refs[id(pool)]
-            for block in cast(PagedKVCache, cache).block_table:
-                refs[block] -= 1
-                if pool.ref_counts[block] + refs[block] == 0:
-                    self.free[id(pool)] += 1
-
-    def _track(self, cache: BaseKVCache) -> BlockPool | None:
-        pool = cache.shared_pool
-        if pool is not None and id(pool) not in self.pools:  # its free blocks are counted once, at its first cache
-            self.pools[id(pool)], self.free[id(pool)], self._refs[id(pool)] = pool, pool.num_free_blocks, Counter()
-        return pool
-
-    def _unheld(self, pool: BlockPool, cached: Sequence[int]) -> int:
-        """Blocks of a hit that no table would hold: taking them back uses that many free blocks."""
-        if not cached:
-            return 0
-        refs = self._refs[id(pool)]
-        return sum(pool.ref_counts[b] + refs[b] == 0 for b in set(cached))
-
-
-def check_pool_capacity(
-    rows: Sequence[tuple[BaseKVCache, int]], what: str = "this append", released: Sequence[BaseKVCache] = (),
-    adopted: Sequence[tuple[BaseKVCache, Sequence[int]]] = (),
-) -> None:
-    """Raise MemoryError if the shared pools cannot take ``num_rows`` more rows for each ``(cache, num_rows)``.
-
-    ``released`` caches give their blocks back first (a step's preempted requests); ``adopted`` lists
-    the cached blocks prefix-cache hits take back, as ``(cache, block_ids)``. The planner's ledger
-    counts it all.
-    """
-    ledger = BlockLedger()
-    for cache in released:
-        ledger.give_back(cache)
-    for cache, blocks in adopted:
-        ledger.take(cache, 0, blocks)
-    room = dict(ledger.free)  # before the rows; a pool first seen below has its own free blocks
-    per_cache: dict[int, tuple[BaseKVCache, int]] = {}  # a cache may appear twice: its rows are booked together
-    for cache, num_rows in rows:
-        per_cache[id(cache)] = (cache, per_cache.get(id(cache), (cache, 0))[1] + num_rows)
-    for cache, num_rows in per_cache.values():
-        ledger.take(cache, num_rows)
-    for key, free in ledger.free.items():
-        pool = ledger.pools[key]
-        if free < 0 and not pool.growable:
-            had = room.get(key, pool.num_free_blocks)
-            raise CBLabMemoryError(
-                f"{what} needs {had - free} new KV blocks but the shared pool has {had} free of "
-                f"{pool.num_blocks}; give the BlockPool more num_blocks or run fewer requests at once"
-            )

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from cb_lab.checks import check_bool, check_choice, check_int, check_optional_int
+from cb_lab.core.block_pool import BlockLedger
 from cb_lab.core.executor import EXECUTORS
-from cb_lab.core.kv_cache import BlockLedger
 from cb_lab.core.plan import PrefillChunk, StepPlan
 from cb_lab.core.prefix_cache import block_size_of, prefix_hit
 from cb_lab.core.request import Request

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar, cast
 
 from cb_lab.core import invariants
+from cb_lab.core.block_pool import check_pool_capacity
 from cb_lab.core.executor import EXECUTORS, Executor, Sampler, StepModel, check_fits_model
 from cb_lab.core.kv_cache import (
     Append,
     BaseKVCache,
     PagedKVCache,
-    check_pool_capacity,
     notify_appended,
     prepare_appends,
     shared_paged,
