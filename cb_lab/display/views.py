@@ -9,7 +9,7 @@ changes anything. With matplotlib installed, a serving run also inlines its thre
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from cb_lab import viz
@@ -290,11 +290,12 @@ def engine_html(engine: LLMEngine) -> Raw:
     return card("LLMEngine", [scheduler_html(sched), config_html(engine.config)], figures)
 
 
-for _type, _view in [
+_VIEWS: list[tuple[type, Callable[[Any], str]]] = [
     (Request, request_html), (StepPlan, plan_html), (StepStats, step_stats_html), (RaggedBatch, ragged_batch_html),
     (DenseKVCache, dense_cache_html), (PagedKVCache, paged_cache_html), (BlockPool, block_pool_html),
     (Scheduler, scheduler_html), (MetricsCollector, metrics_html), (RunResult, run_html),
     (SamplingParams, config_html),
-]:
+]
+for _type, _view in _VIEWS:
     register_view(_type, _view)
 register_view(RaggedBatch, ragged_batch_text, "text")
