@@ -302,6 +302,18 @@ class BlockLedger:
                 self.free[id(pool)] -= self._unheld(pool, cached)
                 self._refs[id(pool)].update(cached)
 
+    def book(self, cache: BaseKVCache, num_rows: int) -> bool:
+        """``take`` the blocks ``num_rows`` more rows of ``cache`` need if they fit (``fits``, counted once);
+        False, and nothing taken, if they do not."""
+        pool = self._track(cache)
+        if pool is None:
+            return True
+        needed = cast("PagedKVCache", cache).blocks_needed(num_rows)
+        if needed > self.free[id(pool)] and not pool.growable:
+            return False
+        self.free[id(pool)] -= needed
+        return True
+
     def give_back(self, cache: BaseKVCache) -> None:
         """Book ``cache``'s references as dropped (a preemption): its blocks nobody else holds are free again."""
         pool = self._track(cache)

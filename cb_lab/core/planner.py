@@ -103,8 +103,9 @@ class _StepPlanner:
         self.ledger.give_back(victim.kv_cache)
 
     def make_room(self, req: Request, num_rows: int) -> bool:
-        """Preempt the latest-arrived unscheduled requests until ``req`` fits; False if it was the victim."""
-        while not self.ledger.fits(req.kv_cache, num_rows):
+        """Book ``num_rows`` rows of ``req``, preempting the latest-arrived unscheduled requests until they
+        fit; False (nothing booked) if ``req`` itself was the victim."""
+        while not self.ledger.book(req.kv_cache, num_rows):
             scheduled = {id(r) for r in self.decode} | {id(c.request) for c in self.prefill}
             candidates = [r for r in self.running if id(r) not in scheduled and r is not req]
             victim = candidates[-1] if candidates else req
@@ -123,7 +124,6 @@ class _StepPlanner:
             if self.budget == 0:
                 self.skipped[req.req_id] = "budget"
             elif self.make_room(req, 1):
-                self.ledger.take(req.kv_cache, 1)
                 self.decode.append(req)
                 self.budget -= 1
 
@@ -138,8 +138,8 @@ class _StepPlanner:
                 self.add_chunk(req, n)
 
     def add_chunk(self, req: Request, n: int, cached: tuple[int, ...] = ()) -> None:
-        """Schedule ``n`` prefill rows of ``req`` (an admission may start after ``cached`` prefix blocks)."""
-        self.ledger.take(req.kv_cache, n, cached)
+        """Schedule ``n`` prefill rows of ``req``, booked already (an admission may start after ``cached`` prefix
+        blocks)."""
         start = req.prefill_pos + len(cached) * block_size_of(req)
         self.prefill.append(PrefillChunk(req, start, n, cached))
         self.budget -= n
@@ -156,7 +156,9 @@ class _StepPlanner:
                 self.skipped[req.req_id] = blocked
                 continue
             self.admitted.append(req)
-            self.add_chunk(req, self.chunk_len(req, len(cached) * block_size_of(req)), cached)
+            n = self.chunk_len(req, len(cached) * block_size_of(req))
+            self.ledger.take(req.kv_cache, n, cached)
+            self.add_chunk(req, n, cached)
 
     def admission_blocker(self, req: Request, cached: tuple[int, ...] = ()) -> str | None:
         start = len(cached) * block_size_of(req)
