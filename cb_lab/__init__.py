@@ -19,3 +19,6 @@ import logging
 __version__ = "0.1.0"
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+# Last, the notebook views: each registers itself for the type it draws (cb_lab/core/view_registry.py).
+import cb_lab.display  # noqa: E402, F401

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from cb_lab import viz
-from cb_lab.core.scheduler import EXECUTORS
+from cb_lab.core.executor import EXECUTORS
 from cb_lab.exceptions import CBLabException
 from cb_lab.live.hub import StepHub
 from cb_lab.live.recorder import LiveTracePlugin
@@ -316,7 +316,14 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.command == "simulate" and args.live:
         from cb_lab.cli_live import live_main  # uvicorn and FastAPI: imported only to serve
 
-        return live_main(args, specs, about, *next(iter(configs.items())))
+        result = live_main(args, specs, about, *next(iter(configs.items())))
+        if result is None:
+            return 0
+        error = result.oracle_error()
+        print("\n" + results_table([result], None))
+        verdict = "OK" if error < 1e-4 else "MISMATCH"
+        print(f"oracle {result.name}: max |batched - naive recompute| = {error:.1e} ({verdict})")
+        return 0 if error < 1e-4 else 1
     warm_up(specs, next(iter(configs.values())), dim=args.dim, seed=args.seed)
     results = []
     hub = StepHub(window=None) if args.command == "simulate" and args.trace else None

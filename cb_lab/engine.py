@@ -25,10 +25,13 @@ from pathlib import Path
 
 import torch
 
+from cb_lab.checks import check_bool, check_choice, check_int, check_optional_int
 from cb_lab.core.block_pool import BlockPool
+from cb_lab.core.executor import EXECUTORS
 from cb_lab.core.kv_cache import PagedKVCache
 from cb_lab.core.request import Request
-from cb_lab.core.scheduler import EXECUTORS, Scheduler
+from cb_lab.core.scheduler import Scheduler
+from cb_lab.display.views import config_html, engine_html, engine_text  # the engine sits above the views
 from cb_lab.engine_inputs import Prompt, as_params, as_prompt, as_prompts, check_ids
 from cb_lab.exceptions import CBLabException, ConfigurationError, ValidationError
 from cb_lab.model.chat import Message
@@ -65,25 +68,15 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "block_size", "max_tokens_per_step", "prefill_chunk_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigurationError(f"EngineConfig {name} must be an int >= 1, got {value!r}")
-        if self.num_blocks is not None and (isinstance(self.num_blocks, bool) or not isinstance(self.num_blocks, int)
-                                            or self.num_blocks < 1):
-            raise ConfigurationError(f"EngineConfig num_blocks must be an int >= 1 or None, got {self.num_blocks!r}")
+            check_int(f"EngineConfig {name}", getattr(self, name))
+        check_optional_int("EngineConfig num_blocks", self.num_blocks)
         if not self.kv_memory_mb > 0:
             raise ConfigurationError(f"EngineConfig kv_memory_mb must be > 0, got {self.kv_memory_mb!r}")
-        if self.dtype not in DTYPES:
-            raise ConfigurationError(f"EngineConfig dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
-        if self.executor not in EXECUTORS:
-            raise ConfigurationError(f"EngineConfig executor must be one of {sorted(EXECUTORS)}, got {self.executor!r}")
-        if not isinstance(self.enable_prefix_caching, bool):
-            raise ConfigurationError(f"EngineConfig enable_prefix_caching must be a bool, got "
-                                     f"{self.enable_prefix_caching!r}")
+        check_choice("EngineConfig dtype", self.dtype, DTYPES)
+        check_choice("EngineConfig executor", self.executor, EXECUTORS)
+        check_bool("EngineConfig enable_prefix_caching", self.enable_prefix_caching)
 
     def _repr_html_(self) -> str:
-        from cb_lab.display.views import config_html  # the views import the engine: imported on use
-
         return config_html(self)
 
 
@@ -124,13 +117,9 @@ class LLMEngine:
                     num_blocks * c.block_size * row_bytes / 2**20)
 
     def __repr__(self) -> str:
-        from cb_lab.display.views import engine_text  # the views import the engine: imported on use
-
         return engine_text(self)
 
     def _repr_html_(self) -> str:
-        from cb_lab.display.views import engine_html
-
         return engine_html(self)
 
     @classmethod

@@ -27,18 +27,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from cb_lab.checks import check_int, check_optional_int
+from cb_lab.core.view_registry import render
 from cb_lab.exceptions import ConfigurationError
 from cb_lab.logits_processors import TokenHistory, apply_min_tokens, apply_penalties, has_penalties
 
 __all__ = ["GREEDY_BELOW", "NUCLEUS_WINDOW", "LogprobsTensors", "SamplingParams", "compute_logprobs", "sample_batch"]
-
-
-def _check_int(name: str, value: object, low: int, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        none = " or None" if optional else ""
-        raise ConfigurationError(f"SamplingParams {name} must be an int >= {low}{none}, got {value!r}")
 
 
 def _check_number(name: str, value: object, low: float, high: float, fix: str) -> None:
@@ -68,14 +62,14 @@ class SamplingParams:
     presence_penalty: float = 0.0  # in [-2, 2]: minus this once an id occurs in the output
 
     def __post_init__(self) -> None:
-        _check_int("max_tokens", self.max_tokens, 0)
+        check_int("SamplingParams max_tokens", self.max_tokens, 0)
         if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < math.inf):
             raise ConfigurationError(f"SamplingParams temperature must be a number >= 0, got {self.temperature!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ConfigurationError(f"SamplingParams top_k must be an int >= 0 (0: off), got {self.top_k!r}")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise ConfigurationError(f"SamplingParams top_p must be in (0, 1], got {self.top_p!r}")
-        _check_int("n", self.n, 1)
+        check_int("SamplingParams n", self.n, 1)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ConfigurationError(f"SamplingParams seed must be an int or None, got {self.seed!r}")
         stop = self.stop_token_ids
@@ -83,10 +77,10 @@ class SamplingParams:
                 isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in stop):
             raise ConfigurationError(f"SamplingParams stop_token_ids must be a list of int ids >= 0, got {stop!r:.60}")
         object.__setattr__(self, "stop_token_ids", tuple(stop))
-        _check_int("logprobs", self.logprobs, 0, optional=True)
-        _check_int("prompt_logprobs", self.prompt_logprobs, 0, optional=True)
+        check_optional_int("SamplingParams logprobs", self.logprobs, 0)
+        check_optional_int("SamplingParams prompt_logprobs", self.prompt_logprobs, 0)
         self._check_stop()
-        _check_int("min_tokens", self.min_tokens, 0)
+        check_int("SamplingParams min_tokens", self.min_tokens, 0)
         if self.min_tokens > self.max_tokens:
             raise ConfigurationError(f"SamplingParams min_tokens={self.min_tokens} must be at most max_tokens="
                                      f"{self.max_tokens}; lower min_tokens or raise max_tokens")
@@ -109,9 +103,7 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(strings))
 
     def _repr_html_(self) -> str:
-        from cb_lab.display.views import config_html  # the views import the core: imported on use
-
-        return config_html(self)
+        return render(self)
 
     def sample_params(self, index: int) -> SamplingParams:
         """The params of sample ``index`` of ``n``: one sample each, and a seed of its own (``seed + index``).

@@ -31,11 +31,14 @@ from typing import Any
 
 import torch
 
+from cb_lab.checks import check_bool, check_choice, check_int
 from cb_lab.core.block_pool import BlockPool
+from cb_lab.core.executor import EXECUTORS
 from cb_lab.core.kv_cache import PagedKVCache
 from cb_lab.core.planner import POLICIES
 from cb_lab.core.request import Request
-from cb_lab.core.scheduler import EXECUTORS, Scheduler
+from cb_lab.core.scheduler import Scheduler
+from cb_lab.core.view_registry import render
 from cb_lab.exceptions import ConfigurationError
 from cb_lab.model.oracle import oracle_error
 from cb_lab.model.tiny_llm import TinyLLM
@@ -71,12 +74,6 @@ RATIO_KEYS = (
 )
 
 
-def _positive(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"ServingConfig {name} must be an int >= 1, got {value!r}")
-    return value
-
-
 @dataclass(frozen=True, slots=True)
 class ServingConfig:
     """One engine configuration. The defaults are the headline experiment's (docs/serving.md)."""
@@ -95,17 +92,14 @@ class ServingConfig:
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ConfigurationError(f"ServingConfig policy must be one of {POLICIES}, got {self.policy!r}")
-        if self.executor not in EXECUTORS:
-            raise ConfigurationError(
-                f"ServingConfig executor must be one of {sorted(EXECUTORS)}, got {self.executor!r}")
+        check_choice("ServingConfig executor", self.executor, EXECUTORS)
         for flag in ("enable_chunked_prefill", "enable_prefix_caching"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ConfigurationError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
+            check_bool(flag, getattr(self, flag))
         for name in ("max_tokens_per_step", "prefill_chunk_size", "block_size"):
-            _positive(name, getattr(self, name))
+            check_int(f"ServingConfig {name}", getattr(self, name))
         for name in ("max_num_seqs", "num_blocks", "preempt_every"):
             if getattr(self, name) is not None:
-                _positive(name, getattr(self, name))
+                check_int(f"ServingConfig {name}", getattr(self, name))
         if self.enable_prefix_caching and self.num_blocks is None:  # dense caches share nothing: it would do nothing
             raise ConfigurationError("enable_prefix_caching needs a shared block pool; give num_blocks too")
 
@@ -201,9 +195,7 @@ class RunResult:
                 f"wall_s={self.wall_s:.3f})")
 
     def _repr_html_(self) -> str:
-        from cb_lab.display.views import run_html  # the views import serving: imported on use
-
-        return run_html(self)
+        return render(self)
 
 
 def batch_stats(result: RunResult) -> dict[str, float]:

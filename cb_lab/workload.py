@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from cb_lab.checks import check_int
 from cb_lab.core.block_pool import BlockPool
 from cb_lab.core.kv_cache import BaseKVCache, DenseKVCache, PagedKVCache, same_device
 from cb_lab.core.request import Request
@@ -61,12 +62,6 @@ _DIST_RULES: dict[str, tuple[Callable[[float, float], bool], str]] = {
     "lognormal": (lambda a, b: a > 0 and b > 0, "a (median) and b (sigma) must be > 0; for no spread use fixed"),
     "pareto": (lambda a, b: a > 0 and b > 0, "a (scale, the smallest length) and b (alpha) must be > 0"),
 }
-
-
-def _check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigurationError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,8 +90,8 @@ class LengthDist:
         rule, what = _DIST_RULES[self.kind]
         if not rule(self.a, self.b):
             raise ConfigurationError(f"LengthDist {self.kind}: {what}, got a={self.a!r}, b={self.b!r}")
-        _check_int("LengthDist minimum", self.minimum, 0)
-        if _check_int("LengthDist maximum", self.maximum, 0) < self.minimum:
+        check_int("LengthDist minimum", self.minimum, 0)
+        if check_int("LengthDist maximum", self.maximum, 0) < self.minimum:
             raise ConfigurationError(f"LengthDist maximum {self.maximum} is below minimum {self.minimum}; swap them")
 
     @classmethod
@@ -117,7 +112,7 @@ class LengthDist:
 
     def sample(self, n: int, gen: torch.Generator) -> list[int]:
         """``n`` lengths drawn from ``gen`` with one tensor op (``fixed`` draws nothing)."""
-        _check_int("n", n, 0)
+        check_int("n", n, 0)
         if self.kind == "fixed":
             x = torch.full((n,), float(self.a))
         elif self.kind == "uniform":  # the same draws as torch.randint(low, high + 1)
@@ -143,7 +138,7 @@ class WorkloadConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_int("num_requests", self.num_requests, 1)
+        check_int("num_requests", self.num_requests, 1)
         for name in ("prompt_lens", "output_lens"):
             if not isinstance(getattr(self, name), LengthDist):
                 raise ConfigurationError(f"{name} must be a LengthDist, e.g. LengthDist.uniform(4, 64)")
@@ -151,15 +146,15 @@ class WorkloadConfig:
             raise ConfigurationError(f"arrival must be one of {ARRIVALS}, got {self.arrival!r}")
         if isinstance(self.rate, bool) or not isinstance(self.rate, (int, float)) or not 0 < self.rate < math.inf:
             raise ConfigurationError(f"rate (mean arrivals per step) must be a number > 0, got {self.rate!r}")
-        has_prefixes = _check_int("num_prefixes", self.num_prefixes, 0) > 0
-        if has_prefixes != (_check_int("prefix_len", self.prefix_len, 0) > 0):
+        has_prefixes = check_int("num_prefixes", self.num_prefixes, 0) > 0
+        if has_prefixes != (check_int("prefix_len", self.prefix_len, 0) > 0):
             raise ConfigurationError(f"num_prefixes={self.num_prefixes} with prefix_len={self.prefix_len}: "
                                      "shared prefixes need both >= 1 (or both 0 for none)")
         if max(self.prefix_len, 1) > self.prompt_lens.minimum:
             raise ConfigurationError(
                 f"prompt_lens.minimum is {self.prompt_lens.minimum} but every prompt needs at least "
                 f"max(1, prefix_len={self.prefix_len}) rows; raise the LengthDist's minimum")
-        _check_int("seed", self.seed, 0)
+        check_int("seed", self.seed, 0)
 
 
 def generate_workload(config: WorkloadConfig) -> list[RequestSpec]:
@@ -231,7 +226,7 @@ def build_requests(
     """
     specs = check_specs(specs)
     for name, value, low in (("dim", dim, 1), ("block_size", block_size, 1), ("seed", seed, 0)):
-        _check_int(name, value, low)
+        check_int(name, value, low)
     device = torch.device(device)
     if pool is not None and (cache != "shared" or (pool.dim, pool.block_size) != (dim, block_size)
                              or not same_device(pool.device, device)):

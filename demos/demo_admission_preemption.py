@@ -3,7 +3,7 @@
 Requests wait in ``scheduler.waiting`` until the planner admits them, which it does only while
 the budget, ``max_num_seqs`` and the pool's free blocks (the whole prefill must fit) allow; who
 waits, and why, is in ``plan.skipped``. A running decode or prefill chunk that finds no free block
-preempts the latest admitted request: its blocks go back, it returns to the head of the queue, and
+preempts the running request that arrived last: its blocks go back, it waits ahead of new requests, and
 later re-prefills its prompt plus the tokens it had made. Its tokens stay exact (the oracle).
 
 Look at: each step's plan, who waits and why, the pool, each request's latencies in steps.

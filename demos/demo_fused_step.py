@@ -16,9 +16,10 @@ from functools import partial
 import torch
 
 from cb_lab.core.block_pool import BlockPool
+from cb_lab.core.executor import EXECUTORS
 from cb_lab.core.kv_cache import PagedKVCache
 from cb_lab.core.request import Request
-from cb_lab.core.scheduler import EXECUTORS, Scheduler
+from cb_lab.core.scheduler import Scheduler
 from cb_lab.model.oracle import oracle_error
 from demos._common import demo_parser, fmt_diff, make_model
 

@@ -15,7 +15,7 @@
 #
 # Every request's K/V lives in fixed-size blocks of ONE pool; a request's **block table** lists its
 # blocks. A request is admitted only when the pool has room for its whole prompt, and when a
-# running request needs a block the pool does not have, the latest admitted one is **preempted**:
+# running request needs a block the pool does not have, the one that arrived last is **preempted**:
 # its blocks go back and it waits to be recomputed. Here the pool is small on purpose.
 
 # %%
@@ -49,7 +49,7 @@ sched
 
 # %% [markdown]
 # Step until the pool runs out and a request is preempted. Look at the step's table: the preempted
-# request's K/V is dropped, and it goes back to the head of the queue.
+# request's K/V is dropped, and it waits again, ahead of the requests never admitted.
 
 # %%
 while sched.active and not sched.step()["preempted_requests"]:

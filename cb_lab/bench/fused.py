@@ -20,9 +20,10 @@ import torch
 
 from cb_lab.bench.common import now, ratio
 from cb_lab.core.block_pool import BlockPool
+from cb_lab.core.executor import EXECUTORS
 from cb_lab.core.kv_cache import PagedKVCache
 from cb_lab.core.request import Request
-from cb_lab.core.scheduler import EXECUTORS, Scheduler, check_blocks
+from cb_lab.core.scheduler import Scheduler
 from cb_lab.model.tiny_llm import TinyLLM
 
 __all__ = ["add_parser"]
@@ -32,7 +33,7 @@ __all__ = ["add_parser"]
 class StepTiming:
     """One step run the way ``Scheduler.step`` runs it, each phase timed (seconds)."""
 
-    schedule_s: float  # schedule() + check_blocks()
+    schedule_s: float  # schedule()
     forward_s: float  # executor.run(plan): the model
     commit_s: float
     decode_tokens: int
@@ -51,8 +52,7 @@ def timed_steps(args: argparse.Namespace, dim: int) -> int:
 def timed_step(sched: Scheduler) -> StepTiming:
     device = sched.model.device
     t0 = now(device)
-    plan = sched.schedule()
-    check_blocks(plan)
+    plan = sched.schedule()  # (commit checks the plan's blocks, as in step(): not timed twice)
     t1 = now(device)
     result = sched.executor.run(plan)
     t2 = now(device)
@@ -81,9 +81,11 @@ def decoding_schedulers(model: TinyLLM, contexts: list[int], args: argparse.Name
         sched.step()
     assert len(sched.active) == len(contexts), "a request finished during prefill; raise its max_new_tokens"
     twin = Scheduler(model, budget, max(contexts))
-    twin.running, twin.step_id = copy.deepcopy(sched.running), sched.step_id
-    for req in twin.running:
+    twin.step_id = sched.step_id
+    for req in copy.deepcopy(sched.running):
         req.kv_cache.hooks = twin.plugins.cache_plugins  # what add_request would have set
+        twin.queues.add(req)  # queued, then running, in the same arrival order
+        twin.queues.admit(req)
     scheds = {"split": twin, "fused": sched}
     for name, s in scheds.items():
         s.executor = EXECUTORS[name](model)
@@ -201,7 +203,8 @@ def print_fused(rows: list[dict[str, FusedRow]]) -> None:
                   f"{r.forward_s * 1e3:9.2f} {ratio(r.decode_tokens, r.step_s):12,.0f} "
                   f"{ratio(pair['split'].step_s, r.step_s):7.2f}x {r.floor_s * 1e3:9.2f} "
                   f"{ratio(r.step_s, r.floor_s):9.2f}x {r.fresh_floor_s * 1e3:14.2f}")
-    print("\nscheduler bookkeeping per step (fused executor): schedule() + check_blocks() and commit() vs the model")
+    print("\nscheduler bookkeeping per step (fused executor): schedule() and commit() (its check_blocks() included) "
+          "vs the model")
     print(f"{'dim':>5} {'running':>7} {'schedule ms':>11} {'commit ms':>9} {'bookkeeping ms':>14} "
           f"{'us/request':>10} {'fwd ms':>9} {'bookkeeping/fwd':>15}")
     for pair in rows:

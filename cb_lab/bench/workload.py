@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cb_lab.core.scheduler import EXECUTORS, Scheduler
+from cb_lab.core.executor import EXECUTORS
+from cb_lab.core.scheduler import Scheduler
 from cb_lab.model.tiny_llm import TinyLLM
 from cb_lab.monitoring.memory_profiler import DetailedMemoryProfiler, process_peak_rss_mb
 from cb_lab.workload import random_requests, run_workload

@@ -23,6 +23,8 @@ from typing import NamedTuple
 
 import torch
 
+from cb_lab.checks import check_int
+from cb_lab.core.view_registry import render
 from cb_lab.exceptions import ValidationError
 
 __all__ = [
@@ -50,14 +52,10 @@ class RaggedBatch(NamedTuple):
     mask: torch.Tensor  # [N_total, N_total] bool: True where query row i may attend to key row j
 
     def __repr__(self) -> str:
-        from cb_lab.display.views import ragged_batch_text  # the views import the core: imported on use
-
-        return ragged_batch_text(self)
+        return render(self, "text")
 
     def _repr_html_(self) -> str:
-        from cb_lab.display.views import ragged_batch_html
-
-        return ragged_batch_html(self)
+        return render(self)
 
 
 def ragged_positions(starts: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,8 +97,7 @@ def _check_chunk(i: int, chunk: object) -> tuple[str, int, torch.Tensor]:
     req_id, start, tokens = chunk
     if not isinstance(req_id, str):
         raise ValidationError(f"chunk {i}: req_id must be a str, got {req_id!r}")
-    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-        raise ValidationError(f"chunk {i} ({req_id!r}): start_pos must be an int >= 0, got {start!r}")
+    check_int(f"chunk {i} ({req_id!r}): start_pos", start, 0, ValidationError)
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[0] == 0:
         shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
         raise ValidationError(f"chunk {i} ({req_id!r}): tokens must be a non-empty [len, dim] tensor, got {shape}")

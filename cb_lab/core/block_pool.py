@@ -37,15 +37,21 @@ import hashlib
 import logging
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, cast
 
 import torch
 
+from cb_lab.checks import check_int
+from cb_lab.core.view_registry import render
 from cb_lab.exceptions import ConfigurationError, ValidationError
 from cb_lab.exceptions import MemoryError as CBLabMemoryError
 
+if TYPE_CHECKING:  # the caches import this module; the ledger only reads them
+    from cb_lab.core.kv_cache import BaseKVCache, PagedKVCache
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["BlockPool", "PoolLedger", "block_hashes"]
+__all__ = ["BlockLedger", "BlockPool", "block_hashes", "check_pool_capacity"]
 
 
 def block_hashes(rows: torch.Tensor, block_size: int) -> list[int]:
@@ -59,18 +65,6 @@ def block_hashes(rows: torch.Tensor, block_size: int) -> list[int]:
         h.update(data[start : start + block_size].numpy().tobytes())
         hashes.append(int.from_bytes(h.digest(), "little"))
     return hashes
-
-
-def _positive(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"{name} must be an int >= 1, got {value!r}")
-    return value
-
-
-def _count(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValidationError(f"{name} must be an int >= 0, got {value!r}")
-    return value
 
 
 class BlockPool:
@@ -93,10 +87,10 @@ class BlockPool:
         device: torch.device | str | None = None,
         growable: bool = False,
     ) -> None:
-        _positive("num_blocks", num_blocks)
-        self.block_size = _positive("block_size", block_size)
-        self.dim = _positive("dim", dim)
-        self.num_layers = _positive("num_layers", num_layers)
+        check_int("num_blocks", num_blocks)
+        self.block_size = check_int("block_size", block_size)
+        self.dim = check_int("dim", dim)
+        self.num_layers = check_int("num_layers", num_layers)
         if dim % num_layers:
             raise ConfigurationError(f"dim {dim} does not split into num_layers={num_layers} equal parts; a row holds "
                                      "every layer's K (or V) side by side, so dim must be a multiple of num_layers")
@@ -120,6 +114,11 @@ class BlockPool:
         return self.key_cache.shape[1]
 
     @property
+    def row_nbytes(self) -> int:
+        """Bytes one cache row takes in the pool: its K and its V, every layer."""
+        return 2 * self.dim * self.key_cache.element_size()
+
+    @property
     def num_free_blocks(self) -> int:
         """Blocks an ``allocate`` can hand out: truly free ones plus evictable cached ones."""
         return len(self.free_block_ids) + len(self.evictable)
@@ -139,11 +138,11 @@ class BlockPool:
         return self.num_used_blocks * self.block_size - self.num_tokens
 
     def can_allocate(self, num_blocks: int) -> bool:
-        return self.growable or _count("num_blocks", num_blocks) <= self.num_free_blocks
+        return self.growable or check_int("num_blocks", num_blocks, 0, ValidationError) <= self.num_free_blocks
 
     def allocate(self, num_blocks: int = 1) -> list[int]:
         """Take ``num_blocks`` free blocks (ref count 1 each); raises MemoryError when there are too few."""
-        if _count("num_blocks", num_blocks) > self.num_free_blocks:
+        if check_int("num_blocks", num_blocks, 0, ValidationError) > self.num_free_blocks:
             if not self.growable:
                 raise CBLabMemoryError(
                     f"KV block pool exhausted: {num_blocks} block(s) needed, {self.num_free_blocks} free of "
@@ -268,40 +267,101 @@ class BlockPool:
         )
 
     def _repr_html_(self) -> str:
-        from cb_lab.display.views import block_pool_html  # the views import the core: imported on use
-
-        return block_pool_html(self)
+        return render(self)
 
 
-class PoolLedger:
-    """A pool's free blocks as a plan would leave them, counting the references it drops and adds.
+class BlockLedger:
+    """The free blocks of each shared pool as a plan would leave them; nothing is allocated.
 
-    A block is free when nobody holds it: ``ref_counts[b] - dropped[b] + held[b] == 0``. A
-    preempted victim drops its blocks (one shared with another table stays in use); a prefix
-    hit holds its cached blocks (one that nobody held, an evictable block, uses up a free one).
+    A block is free when no block table would hold it: its ref count, plus the references the
+    ledger added (a prefix hit takes its cached blocks back), minus those it dropped (a preempted
+    victim lets go of its blocks). So a victim's block that another table shares stays in use, and
+    a hit block nobody held (an evictable one) uses up a free block. Caches without a shared pool,
+    and growable pools, always fit.
     """
 
-    def __init__(self, pool: BlockPool) -> None:
-        self.pool = pool
-        self.free = pool.num_free_blocks
-        self.dropped: Counter[int] = Counter()
-        self.held: Counter[int] = Counter()
+    def __init__(self) -> None:
+        self.pools: dict[int, BlockPool] = {}  # the shared pools seen, by id
+        self.free: dict[int, int] = {}  # id(pool) -> its free blocks as the plan leaves them
+        self._refs: dict[int, Counter[int]] = {}  # id(pool) -> block -> references added (< 0: dropped)
 
-    def refs(self, block: int) -> int:
-        """Block tables that would hold ``block``."""
-        return self.pool.ref_counts[block] - self.dropped[block] + self.held[block]
+    def fits(self, cache: BaseKVCache, num_rows: int, cached: Sequence[int] = ()) -> bool:
+        """Room for ``num_rows`` more rows of ``cache``, after it takes back the prefix-cache blocks ``cached``."""
+        pool = self._track(cache)
+        if pool is None or pool.growable:
+            return True
+        hits = self._unheld(pool, cached) if cached else 0
+        return cast("PagedKVCache", cache).blocks_needed(num_rows) + hits <= self.free[id(pool)]
 
-    def revived(self, cached: Sequence[int]) -> int:
-        """Blocks of a hit that nobody holds now: taking them back uses that many free blocks."""
-        return sum(self.refs(b) == 0 for b in set(cached))
+    def take(self, cache: BaseKVCache, num_rows: int, cached: Sequence[int] = ()) -> None:
+        """Book the blocks ``num_rows`` more rows of ``cache`` need, and the hit blocks ``cached`` it takes back."""
+        pool = self._track(cache)
+        if pool is not None:
+            self.free[id(pool)] -= cast("PagedKVCache", cache).blocks_needed(num_rows)
+            if cached:
+                self.free[id(pool)] -= self._unheld(pool, cached)
+                self._refs[id(pool)].update(cached)
 
-    def drop(self, blocks: Sequence[int]) -> None:
-        """A block table lets go of ``blocks`` (a preempted request)."""
-        for b in blocks:
-            self.dropped[b] += 1
-            self.free += self.refs(b) == 0
+    def book(self, cache: BaseKVCache, num_rows: int) -> bool:
+        """``take`` the blocks ``num_rows`` more rows of ``cache`` need if they fit (``fits``, counted once);
+        False, and nothing taken, if they do not."""
+        pool = self._track(cache)
+        if pool is None:
+            return True
+        needed = cast("PagedKVCache", cache).blocks_needed(num_rows)
+        if needed > self.free[id(pool)] and not pool.growable:
+            return False
+        self.free[id(pool)] -= needed
+        return True
 
-    def hold(self, cached: Sequence[int]) -> None:
-        """A prefix-cache hit takes ``cached`` back."""
-        self.free -= self.revived(cached)
-        self.held.update(cached)
+    def give_back(self, cache: BaseKVCache) -> None:
+        """Book ``cache``'s references as dropped (a preemption): its blocks nobody else holds are free again."""
+        pool = self._track(cache)
+        if pool is not None:
+            refs = self._refs[id(pool)]
+            for block in cast("PagedKVCache", cache).block_table:
+                refs[block] -= 1
+                if pool.ref_counts[block] + refs[block] == 0:
+                    self.free[id(pool)] += 1
+
+    def _track(self, cache: BaseKVCache) -> BlockPool | None:
+        pool = cache.shared_pool
+        if pool is not None and id(pool) not in self.pools:  # its free blocks are counted once, at its first cache
+            self.pools[id(pool)], self.free[id(pool)], self._refs[id(pool)] = pool, pool.num_free_blocks, Counter()
+        return pool
+
+    def _unheld(self, pool: BlockPool, cached: Sequence[int]) -> int:
+        """Blocks of a hit that no table would hold: taking them back uses that many free blocks."""
+        refs = self._refs[id(pool)]
+        return sum(pool.ref_counts[b] + refs[b] == 0 for b in set(cached))
+
+
+def check_pool_capacity(
+    rows: Sequence[tuple[BaseKVCache, int]], what: str = "this append", released: Sequence[BaseKVCache] = (),
+    adopted: Sequence[tuple[BaseKVCache, Sequence[int]]] = (),
+) -> None:
+    """Raise MemoryError if the shared pools cannot take ``num_rows`` more rows for each ``(cache, num_rows)``.
+
+    ``released`` caches give their blocks back first (a step's preempted requests); ``adopted`` lists
+    the cached blocks prefix-cache hits take back, as ``(cache, block_ids)``. The planner's ledger
+    counts it all.
+    """
+    ledger = BlockLedger()
+    for cache in released:
+        ledger.give_back(cache)
+    for cache, blocks in adopted:
+        ledger.take(cache, 0, blocks)
+    room = dict(ledger.free)  # before the rows; a pool first seen below has its own free blocks
+    per_cache: dict[int, tuple[BaseKVCache, int]] = {}  # a cache may appear twice: its rows are booked together
+    for cache, num_rows in rows:
+        per_cache[id(cache)] = (cache, per_cache.get(id(cache), (cache, 0))[1] + num_rows)
+    for cache, num_rows in per_cache.values():
+        ledger.take(cache, num_rows)
+    for key, free in ledger.free.items():
+        pool = ledger.pools[key]
+        if free < 0 and not pool.growable:
+            had = room.get(key, pool.num_free_blocks)
+            raise CBLabMemoryError(
+                f"{what} needs {had - free} new KV blocks but the shared pool has {had} free of "
+                f"{pool.num_blocks}; give the BlockPool more num_blocks or run fewer requests at once"
+            )

@@ -25,19 +25,30 @@ import torch
 
 from cb_lab.attention.paged_attention import GatherWorkspace, PagedKV
 from cb_lab.core.batch_builder import cached_prefix_mask
-from cb_lab.core.kv_cache import BaseKVCache, PagedKVCache
+from cb_lab.core.kv_cache import BaseKVCache, PagedKVCache, same_device, shared_paged
 from cb_lab.core.output_rows import OutputRows, output_rows, prompt_logprobs
 from cb_lab.core.plan import PrefillChunk, SeqOutput, StepPlan, StepResult
 from cb_lab.core.request import Request
-from cb_lab.exceptions import ValidationError
+from cb_lab.exceptions import SchedulerError, ValidationError
 from cb_lab.logits_processors import TokenHistory, has_penalties
-from cb_lab.model.tiny_llm import KV, AttentionHook
 from cb_lab.sampling import LogprobsTensors, SamplingParams, compute_logprobs, sample_batch
 
-__all__ = ["Executor", "FusedExecutor", "Sampled", "Sampler", "SplitExecutor", "StepModel"]
+__all__ = [
+    "EXECUTORS", "KV", "AttentionHook", "Executor", "FusedExecutor", "Sampled", "Sampler", "SplitExecutor", "StepModel",
+    "check_fits_model",
+]
 
 Sampler = Callable[[torch.Tensor], torch.Tensor]  # output row [D] -> token [D]
 Sampled = tuple[list[torch.Tensor], list[LogprobsTensors | None]]  # per row: its token, its logprobs (if asked)
+
+
+KV = tuple[torch.Tensor, torch.Tensor]  # (K, V), each [rows, D]
+
+
+class AttentionHook(Protocol):
+    """Sees the attention probabilities of every call (``AttentionPlugin`` fits it)."""
+
+    def on_attention(self, phase: str, weights: torch.Tensor) -> None: ...
 
 
 class StepModel(Protocol):
@@ -87,6 +98,29 @@ class StepModel(Protocol):
         attention_hooks: Sequence[AttentionHook] = (),
         output_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
+def check_fits_model(model: StepModel, req: Request) -> None:
+    """Raise SchedulerError unless ``req`` has the model's token shape, cache dim, device and dtype."""
+    if req.token_shape != model.token_shape or req.kv_cache.dim not in (None, model.kv_dim):
+        raise SchedulerError(
+            f"request {req.req_id!r} has {_token_kind(req.token_shape)} (cache dim {req.kv_cache.dim}) but the "
+            f"model has {_token_kind(model.token_shape)} (cache dim {model.kv_dim})"
+        )
+    if not (same_device(req.prompt.device, model.device) and same_device(req.kv_cache.device, model.device)):
+        raise SchedulerError(
+            f"request {req.req_id!r} (prompt on {req.prompt.device}, cache on {req.kv_cache.device}) "
+            f"must be on the model's device {model.device}"
+        )
+    if req.dim and req.prompt.dtype != model.dtype:
+        raise SchedulerError(
+            f"request {req.req_id!r} has a {req.prompt.dtype} prompt but the model computes in "
+            f"{model.dtype}; pass prompt.to({model.dtype})"
+        )
+
+
+def _token_kind(shape: tuple[int, ...]) -> str:
+    return f"dim {shape[0]}" if shape else "token ids"
 
 
 class Executor(ABC):
@@ -233,6 +267,9 @@ class FusedExecutor(Executor):
         return StepResult(prefill, decode)
 
 
+EXECUTORS: dict[str, type[Executor]] = {"fused": FusedExecutor, "split": SplitExecutor}
+
+
 def _history(req: Request) -> TokenHistory:
     """The prompt ids ``[L]`` and output ids ``[n]`` a request's penalties count."""
     output = torch.stack(req.generated_tokens) if req.generated_tokens else req.prompt.new_empty(0)
@@ -275,14 +312,13 @@ def decode_inputs(
     ``[B, S, D]`` tensor, each request's rows as a single block of a one-layer pool (``[1, B, S, D]``).
     """
     lens = torch.tensor([len(c) for c in caches], device=device)
-    first = caches[0]
-    if isinstance(first, PagedKVCache) and first.shares_pool and first.pool is not None:
-        pool = first.pool
-        if all(isinstance(c, PagedKVCache) and c.pool is pool for c in caches):
-            tables = [c.block_table for c in caches if isinstance(c, PagedKVCache)]
-            width = max(len(t) for t in tables)
-            padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device)
-            return PagedKV(pool.key_cache, pool.value_cache, padded, lens, workspace)
+    pool = caches[0].shared_pool
+    paged = [shared_paged(c) for c in caches]
+    if pool is not None and all(c is not None and c.pool is pool for c in paged):
+        tables = [c.block_table for c in paged if c is not None]  # all of them (the filter is for the types)
+        width = max(len(t) for t in tables)
+        padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device)
+        return PagedKV(pool.key_cache, pool.value_cache, padded, lens, workspace)
     rows = [c.get_kv() for c in caches]
     keys = torch.nn.utils.rnn.pad_sequence([k for k, _ in rows], batch_first=True)  # [B, S, D]
     values = torch.nn.utils.rnn.pad_sequence([v for _, v in rows], batch_first=True)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 
@@ -35,17 +35,24 @@ from cb_lab.core.kv_cache import PagedKVCache
 from cb_lab.core.plan import StepPlan
 from cb_lab.core.request import Request
 from cb_lab.exceptions import SchedulerError
-from cb_lab.model.oracle import naive_tokens
-from cb_lab.model.tiny_llm import TinyLLM
 from cb_lab.plugins.base import CachePlugin
 
 if TYPE_CHECKING:
     from cb_lab.core.scheduler import Scheduler
 
-__all__ = ["ORACLE_MAX_DIM", "ORACLE_MAX_ROWS", "check_invariants", "expected_cache_len"]
+__all__ = ["ORACLE_MAX_DIM", "ORACLE_MAX_ROWS", "DenseModel", "check_invariants", "expected_cache_len"]
 
 ORACLE_MAX_DIM = 64  # the recompute check runs for models at most this wide ...
 ORACLE_MAX_ROWS = 256  # ... and requests whose whole sequence is at most this long
+
+
+@runtime_checkable
+class DenseModel(Protocol):
+    """A model with a cache-free dense forward (``TinyLLM``): the recompute the tokens must match."""
+
+    dim: int
+
+    def forward_prefill_dense(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
 def check_invariants(scheduler: Scheduler, plan: StepPlan, finished: Sequence[Request]) -> None:
@@ -61,7 +68,7 @@ def check_invariants(scheduler: Scheduler, plan: StepPlan, finished: Sequence[Re
     _check_pools(requests, where)
     sampler = scheduler.executor.sampler
     rewrites_rows = any(type(p).before_append is not CachePlugin.before_append for p in scheduler.plugins.cache_plugins)
-    if isinstance(scheduler.model, TinyLLM) and scheduler.model.dim <= ORACLE_MAX_DIM and not rewrites_rows:
+    if isinstance(scheduler.model, DenseModel) and scheduler.model.dim <= ORACLE_MAX_DIM and not rewrites_rows:
         for req in [*(c.request for c in plan.prefill if c.completes_prompt), *plan.decode]:
             _check_last_token(scheduler.model, req, sampler, where)
 
@@ -91,7 +98,7 @@ def expected_cache_len(req: Request) -> int:
 
 def _check_positions(req: Request, where: str) -> None:
     cache = req.kv_cache
-    shared_and_done = req.finished and isinstance(cache, PagedKVCache) and cache.shares_pool
+    shared_and_done = req.finished and cache.shared_pool is not None
     want = 0 if shared_and_done else expected_cache_len(req)  # a finished request's shared blocks went back
     if len(cache) != want:
         raise SchedulerError(f"{where}: request {req.req_id!r} caches {len(cache)} rows, expected {want} ({req!r})")
@@ -142,11 +149,14 @@ def _check_hashes(pool: BlockPool, req: Request, cache: PagedKVCache, where: str
 
 
 def _check_last_token(
-    model: TinyLLM, req: Request, sampler: Callable[[torch.Tensor], torch.Tensor] | None, where: str
+    model: DenseModel, req: Request, sampler: Callable[[torch.Tensor], torch.Tensor] | None, where: str
 ) -> None:
     if req.prompt_len + len(req.generated_tokens) > ORACLE_MAX_ROWS:
         return
-    want = naive_tokens(model, req, sampler)[-1]  # a dense forward over prompt + every token fed back
+    # model/oracle.py's naive_tokens, last row only: one dense forward over prompt + every token fed back.
+    seq = torch.cat([req.prompt, *(t[None] for t in req.generated_tokens[:-1])])  # [L + n - 1, D]
+    row = model.forward_prefill_dense(seq)[0][-1]
+    want = row if sampler is None else sampler(row)
     got = req.generated_tokens[-1]
     if not torch.allclose(got, want.to(got.dtype), rtol=1e-4, atol=1e-4):
         raise SchedulerError(

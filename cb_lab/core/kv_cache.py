@@ -1,27 +1,17 @@
 """KV caches: where a request keeps the keys and values of every token it has seen.
 
-Attention at position ``t`` needs the keys and values of positions ``0..t``. Recomputing
-them every step would make generation quadratic, so each request caches them and
-only ever *appends* (one row per token, ``[T, D]`` for keys and for values).
+Attention at position ``t`` needs the keys and values of positions ``0..t``; recomputing them
+every step would make generation quadratic, so each request caches them and only ever
+*appends* (one row per token, ``[T, D]`` for keys and for values). Two layouts, one interface
+(:class:`BaseKVCache`): :class:`DenseKVCache`, one buffer per tensor that doubles when full
+(amortized O(new rows) an append), and :class:`PagedKVCache`, fixed-size blocks of a
+:class:`~cb_lab.core.block_pool.BlockPool` found through a *block table* (vLLM's PagedAttention).
 
-Two layouts, one interface (:class:`BaseKVCache`):
-
-- :class:`DenseKVCache`: one contiguous buffer per tensor that doubles when full,
-  so an append costs amortized O(new rows). Simplest to inspect.
-- :class:`PagedKVCache`: fixed-size blocks from a :class:`~cb_lab.core.block_pool.BlockPool`
-  (private by default, or shared by many requests), found through a *block table*
-  (vLLM's PagedAttention layout). Memory grows one block at a time and nothing needs to
-  be contiguous.
-
-``append_batch`` appends to many caches at once: rows for caches that share a pool go into
-it with one scatter. It is three phases, which a step's commit runs apart:
-``prepare_appends`` (validate, run ``before_append`` hooks; stores nothing), ``store_appends``
-(write, no hook) and ``notify_appended`` (the ``after_append`` hooks, observers).
-
-Appends are validated here, once, at the boundary: malformed tensors raise
-``ValidationError``; well-formed rows that do not fit this cache (dim, device) raise
-``KVCacheError``; a bad ``block_size`` / ``initial_capacity`` raises ``ConfigurationError``.
-Cache plugins (``hooks``) run around every append.
+``append_batch`` appends to many caches at once (one scatter per shared pool) in three phases
+a step's commit runs apart: ``prepare_appends`` (validate, ``before_append`` hooks; stores
+nothing), ``store_appends`` (write) and ``notify_appended`` (the ``after_append`` observers).
+Malformed rows raise ``ValidationError``; rows that do not fit this cache (dim, device)
+``KVCacheError``; a bad ``block_size`` / ``initial_capacity`` ``ConfigurationError``.
 """
 
 from __future__ import annotations
@@ -33,15 +23,16 @@ from typing import Protocol
 
 import torch
 
-from cb_lab.core.block_pool import BlockPool, PoolLedger
+from cb_lab.checks import check_int
+from cb_lab.core.block_pool import BlockPool, check_pool_capacity
+from cb_lab.core.view_registry import render
 from cb_lab.exceptions import ConfigurationError, KVCacheError, ValidationError
-from cb_lab.exceptions import MemoryError as CBLabMemoryError
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "Append", "BaseKVCache", "CacheHook", "DenseKVCache", "PagedKVCache", "append_batch", "check_pool_capacity",
-    "notify_appended", "prepare_appends", "same_device", "store_appends",
+    "Append", "BaseKVCache", "CacheHook", "DenseKVCache", "PagedKVCache", "append_batch", "notify_appended",
+    "prepare_appends", "same_device", "shared_paged", "store_appends",
 ]
 
 
@@ -57,7 +48,7 @@ class CacheHook(Protocol):
 
 def same_device(a: torch.device, b: torch.device) -> bool:
     # torch.device("cuda") and torch.device("cuda:0") name the same place.
-    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+    return a == b or (a.type == b.type and (a.index is None or b.index is None or a.index == b.index))
 
 
 def _check_rows(k_new: object, v_new: object) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,8 +73,8 @@ class BaseKVCache(ABC):
 
     ``append`` validates, runs the cache hooks, then stores; subclasses implement
     ``_store``, ``get_kv``, ``__len__`` and ``release`` (``nbytes`` has a default from
-    ``get_kv``). ``append`` is concrete, unlike the spec's sketch, so that every kind validates
-    and runs cache plugins the same way. ``dim`` and ``dtype`` are fixed by the
+    ``get_kv``). ``append`` is concrete (the API reference shows it abstract) so that every kind
+    validates and runs cache plugins the same way. ``dim`` and ``dtype`` are fixed by the
     first append (after hooks, so a compression hook chooses the storage dtype).
     """
 
@@ -140,6 +131,12 @@ class BaseKVCache(ABC):
     def release(self) -> None:
         """Drop every stored row and give the memory back; the cache is empty again."""
 
+    @property
+    def shared_pool(self) -> BlockPool | None:
+        """The pool it shares with other requests' caches (None: it shares nothing, so is never short
+        of blocks, shares no prefix and keeps its rows when its request finishes)."""
+        return None
+
 
 class DenseKVCache(BaseKVCache):
     """Contiguous K and V buffers that double in capacity when full.
@@ -151,9 +148,7 @@ class DenseKVCache(BaseKVCache):
 
     def __init__(self, device: torch.device | str | None = None, initial_capacity: int = 16) -> None:
         super().__init__(device)
-        if isinstance(initial_capacity, bool) or not isinstance(initial_capacity, int) or initial_capacity < 1:
-            raise ConfigurationError(f"initial_capacity must be an int >= 1, got {initial_capacity!r}")
-        self.initial_capacity = initial_capacity
+        self.initial_capacity = check_int("initial_capacity", initial_capacity)
         self._k: torch.Tensor | None = None  # [capacity, D]
         self._v: torch.Tensor | None = None
         self._len = 0
@@ -203,21 +198,16 @@ class DenseKVCache(BaseKVCache):
         return f"DenseKVCache(len={self._len}, capacity={self.capacity}, dim={self.dim}, device={self.device})"
 
     def _repr_html_(self) -> str:
-        from cb_lab.display.views import dense_cache_html  # the views import the core: imported on use
-
-        return dense_cache_html(self)
+        return render(self)
 
 
 class PagedKVCache(BaseKVCache):
     """K/V stored in fixed-size blocks of a :class:`BlockPool`, found through ``block_table``.
 
-    Token position ``p`` lives in block ``block_table[p // block_size]`` at offset
-    ``p % block_size``. Only the last block can be partly filled, so at most
-    ``block_size - 1`` slots are ever wasted. Without ``pool`` the cache gets a private,
-    growable pool at its first append; with a shared ``pool`` (fixed size, one per model)
-    many requests' blocks live side by side and a finished request gives its blocks back
-    (``release``). ``get_kv()`` gathers the blocks into new ``[len, D]`` tensors (a copy);
-    decode avoids that with paged attention.
+    Position ``p`` lives in block ``block_table[p // block_size]`` at offset ``p % block_size``;
+    only the last block is ever partly filled. Without ``pool`` the cache gets a private, growable
+    pool at its first append; with a shared ``pool`` (fixed size, one per model) many requests'
+    blocks live side by side. ``get_kv()`` gathers a copy; decode avoids it with paged attention.
     """
 
     def __init__(
@@ -226,8 +216,7 @@ class PagedKVCache(BaseKVCache):
         if pool is not None and device is None:
             device = pool.device
         super().__init__(device)
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-            raise ConfigurationError(f"block_size must be an int >= 1, got {block_size!r}")
+        check_int("block_size", block_size)
         if pool is not None and (pool.block_size != block_size or not same_device(pool.device, self.device)):
             raise ConfigurationError(
                 f"the pool has block_size {pool.block_size} on {pool.device}, the cache asks for {block_size} on "
@@ -240,9 +229,15 @@ class PagedKVCache(BaseKVCache):
         self.block_table: list[int] = []
         self._len = 0
 
+    @property
+    def shared_pool(self) -> BlockPool | None:
+        return self.pool if self.shares_pool else None
+
     def blocks_needed(self, num_rows: int) -> int:
         """Blocks an append of ``num_rows`` rows would take from the pool (a copy of a shared last block too)."""
-        return -(-(self._len + num_rows) // self.block_size) - len(self.block_table) + self._must_copy(num_rows)
+        rows, bs = self._len + num_rows, self.block_size
+        new_blocks = (rows + bs - 1) // bs - len(self.block_table)  # ceil(rows / block_size) - the blocks held
+        return new_blocks + (1 if self._must_copy(num_rows) else 0)
 
     def _must_copy(self, num_rows: int) -> bool:
         """True when the next rows go into a partial last block another table shares (copy-on-write)."""
@@ -255,11 +250,11 @@ class PagedKVCache(BaseKVCache):
             raise AssertionError("a cache claims slots only once it has a pool")
         if self._must_copy(num_rows):  # the sharer's rows stay as they are; ours go into a copy
             self.block_table[-1] = self.pool.copy_on_write(self.block_table[-1])
-        missing = self.blocks_needed(num_rows)
+        pos, end, bs = self._len, self._len + num_rows, self.block_size
+        missing = (end + bs - 1) // bs - len(self.block_table)  # the copy above is in the table already
         if missing > 0:
             self.block_table.extend(self.pool.allocate(missing))
         slots: list[int] = []
-        pos, end, bs = self._len, self._len + num_rows, self.block_size
         while pos < end:  # one range per block touched, not one step per token
             block_end = min(end, (pos // bs + 1) * bs)
             base = self.block_table[pos // bs] * bs - (pos // bs) * bs
@@ -348,21 +343,21 @@ class PagedKVCache(BaseKVCache):
         )
 
     def _repr_html_(self) -> str:
-        from cb_lab.display.views import paged_cache_html
-
-        return paged_cache_html(self)
+        return render(self)
 
 
 Append = tuple[BaseKVCache, torch.Tensor, torch.Tensor]  # (cache, k_new [n, D], v_new [n, D])
 
 
-def append_batch(items: Sequence[Append]) -> None:
-    """Append rows to several caches at once: ``prepare_appends``, a room check, ``store_appends``,
-    ``notify_appended``.
+def shared_paged(cache: BaseKVCache) -> PagedKVCache | None:
+    """The cache itself when it draws from a shared pool, typed as what it is: only those share blocks."""
+    return cache if isinstance(cache, PagedKVCache) and cache.shared_pool is not None else None
 
-    Every item is validated (and its ``before_append`` hooks run) and every shared pool is
-    checked for room before anything is stored, so a bad item stores nothing.
-    """
+
+def append_batch(items: Sequence[Append]) -> None:
+    """Append rows to several caches at once: every item validated (its ``before_append`` hooks
+    run) and every shared pool checked for room before anything is stored, so a bad item stores
+    nothing; then ``store_appends`` and ``notify_appended``."""
     prepared = prepare_appends(items)
     check_pool_capacity([(cache, k.shape[0]) for cache, k, _ in prepared])
     notify_appended(prepared, store_appends(prepared))
@@ -382,9 +377,10 @@ def store_appends(prepared: Sequence[Append]) -> list[int]:
     stored: list[int] = []
     by_pool: dict[int, list[tuple[PagedKVCache, torch.Tensor, torch.Tensor]]] = {}
     for cache, k, v in prepared:
-        if isinstance(cache, PagedKVCache) and cache.shares_pool and cache.pool is not None:
-            by_pool.setdefault(id(cache.pool), []).append((cache, k, v))
-            stored.append(2 * k.numel() * cache.pool.key_cache.element_size())  # the pool's dtype, whatever k's
+        paged = shared_paged(cache)
+        if paged is not None and paged.pool is not None:
+            by_pool.setdefault(id(paged.pool), []).append((paged, k, v))
+            stored.append(k.shape[0] * paged.pool.row_nbytes)  # in the pool's dtype, whatever k's
         else:
             before = cache.nbytes
             cache._store(k, v)
@@ -402,35 +398,3 @@ def notify_appended(prepared: Sequence[Append], stored: Sequence[int]) -> None:
     """Run the ``after_append`` hooks: observers, called once the rows are in."""
     for (cache, k, _), nbytes in zip(prepared, stored, strict=True):
         cache._after_append(k.shape[0], nbytes)
-
-
-def check_pool_capacity(
-    rows: Sequence[tuple[BaseKVCache, int]], what: str = "this append", released: Sequence[BaseKVCache] = (),
-    adopted: Sequence[tuple[BaseKVCache, Sequence[int]]] = (),
-) -> None:
-    """Raise MemoryError if the shared pools cannot take ``num_rows`` more rows for each ``(cache, num_rows)``.
-
-    ``released`` caches give their blocks back first (a step's preempted requests; a block shared
-    with another table stays in use); ``adopted`` lists the cached blocks prefix-cache hits take
-    back, as ``(cache, block_ids)`` (one that nobody holds then uses up a free block).
-    """
-    per_cache: dict[int, tuple[PagedKVCache, int]] = {}  # a cache may appear twice: add its rows first
-    for cache, num_rows in rows:
-        if isinstance(cache, PagedKVCache) and cache.shares_pool:
-            per_cache[id(cache)] = (cache, per_cache.get(id(cache), (cache, 0))[1] + num_rows)
-    needed: dict[int, tuple[BlockPool, int]] = {}
-    for cache, num_rows in per_cache.values():
-        assert cache.pool is not None
-        pool, n = needed.get(id(cache.pool), (cache.pool, 0))
-        needed[id(pool)] = (pool, n + cache.blocks_needed(num_rows))
-    for pool, n in needed.values():
-        ledger = PoolLedger(pool)
-        ledger.drop([b for c in released if isinstance(c, PagedKVCache) and c.pool is pool for b in c.block_table])
-        for cache, blocks in adopted:
-            if isinstance(cache, PagedKVCache) and cache.pool is pool:
-                ledger.hold(blocks)
-        if not pool.growable and n > ledger.free:
-            raise CBLabMemoryError(
-                f"{what} needs {n} new KV blocks but the shared pool has {ledger.free} free of "
-                f"{pool.num_blocks}; give the BlockPool more num_blocks or run fewer requests at once"
-            )

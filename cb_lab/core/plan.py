@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from cb_lab.core.request import Request
+from cb_lab.core.view_registry import render
 from cb_lab.sampling import LogprobsTensors
 
 __all__ = ["PrefillChunk", "SeqOutput", "StepPlan", "StepResult", "StepStats"]
@@ -56,7 +57,7 @@ class StepPlan:
     decode: tuple[Request, ...]
     prefill: tuple[PrefillChunk, ...]
     admitted: tuple[Request, ...] = ()  # move from waiting to running (their chunks are in prefill)
-    preempted: tuple[Request, ...] = ()  # lose their K/V and go back to the head of the waiting queue
+    preempted: tuple[Request, ...] = ()  # lose their K/V; wait again, ahead of requests never admitted
     skipped: tuple[tuple[str, str], ...] = ()  # (req_id, why it waits: budget, no_blocks, max_num_seqs, ...)
 
     @property
@@ -83,9 +84,7 @@ class StepPlan:
         return text
 
     def _repr_html_(self) -> str:
-        from cb_lab.display.views import plan_html  # the views import the core: imported on use
-
-        return plan_html(self)
+        return render(self)
 
 
 class StepStats(dict[str, Any]):
@@ -103,9 +102,7 @@ class StepStats(dict[str, Any]):
         self.plan = plan
 
     def _repr_html_(self) -> str:
-        from cb_lab.display.views import step_stats_html
-
-        return step_stats_html(self)
+        return render(self)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,9 +16,9 @@ static          like decode_first, but admit only when nothing runs: a whole
 
 Limits: ``max_num_seqs`` running requests; KV blocks of shared pools (a request is
 admitted only when its pool can hold its whole prefill). A running request (decode or
-prefill chunk) that cannot get a block preempts the lowest-priority running request (the
-latest admitted): vLLM's recompute preemption; the victim goes back to the head of the
-waiting queue. No running request ever waits for blocks a later one holds, so a run
+prefill chunk) that cannot get a block preempts the running request that arrived last
+(``running`` is in arrival order): vLLM's recompute preemption; the victim rejoins the
+waiting queue ahead of the requests never admitted. No running request ever waits for blocks a later one holds, so a run
 finishes whenever each request alone fits its pool. Every request that waits is listed
 in ``plan.skipped`` with the reason: ``budget``, ``no_blocks``, ``max_num_seqs`` or
 ``batch_running``.
@@ -30,72 +30,55 @@ block) as one free block used, and a victim's block another table shares as stil
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from cb_lab.core.block_pool import PoolLedger
-from cb_lab.core.kv_cache import BaseKVCache, PagedKVCache
+from cb_lab.checks import check_bool, check_choice, check_int, check_optional_int
+from cb_lab.core.block_pool import BlockLedger
+from cb_lab.core.executor import EXECUTORS
 from cb_lab.core.plan import PrefillChunk, StepPlan
-from cb_lab.core.prefix_cache import block_size_of, prefix_hit, shared_paged
+from cb_lab.core.prefix_cache import block_size_of, prefix_hit
 from cb_lab.core.request import Request
 
-__all__ = ["POLICIES", "BlockLedger", "PlannerConfig", "plan_step"]
+__all__ = ["POLICIES", "SchedulerConfig", "plan_step"]
 
 POLICIES = ("decode_first", "prefill_first", "sjf", "static")
 
 
-class BlockLedger:
-    """Free blocks of each shared pool while a step is planned (nothing is allocated yet)."""
+@dataclass(slots=True)
+class SchedulerConfig:
+    """The scheduler's settings, checked whenever one is set (the budgets may change between steps)."""
 
-    def __init__(self) -> None:
-        self.pools: dict[int, PoolLedger] = {}
+    max_tokens_per_step: int = 8  # rows a step may run: decode tokens + prefill rows
+    prefill_chunk_size: int = 4  # prompt rows of one request per step, at most
+    executor: str = "fused"  # "fused": one forward per step; "split": one per decode token (same numbers)
+    max_num_seqs: int | None = None  # running requests, at most
+    policy: str = "decode_first"  # in which order the budget is spent (POLICIES)
+    enable_chunked_prefill: bool = True  # False: a prefill runs whole or waits
+    preempt_every: int | None = None  # force a preemption every N steps, to show and test it
+    check_invariants: bool = False  # core/invariants.py after every step: a debug mode
+    enable_prefix_caching: bool = False  # an admission starts after the cached full blocks of its prompt
 
-    def _pool(self, cache: BaseKVCache) -> tuple[PagedKVCache, PoolLedger] | None:
-        paged = shared_paged(cache)
-        if paged is None or paged.pool is None:
-            return None
-        ledger = self.pools.get(id(paged.pool))
-        if ledger is None:  # a pool's first cache this step (a ledger counts the pool's free blocks: not per call)
-            ledger = self.pools[id(paged.pool)] = PoolLedger(paged.pool)
-        return paged, ledger
-
-    def fits(self, cache: BaseKVCache, num_rows: int, cached: Sequence[int] = ()) -> bool:
-        """Room for ``num_rows`` more rows of ``cache``, after it takes back the prefix-cache blocks ``cached``."""
-        found = self._pool(cache)
-        if found is None or found[1].pool.growable:
-            return True
-        paged, ledger = found
-        return paged.blocks_needed(num_rows) + ledger.revived(cached) <= ledger.free
-
-    def take(self, cache: BaseKVCache, num_rows: int, cached: Sequence[int] = ()) -> None:
-        found = self._pool(cache)
-        if found is not None:
-            paged, ledger = found
-            ledger.hold(cached)
-            ledger.free -= paged.blocks_needed(num_rows)
-
-    def give_back(self, cache: BaseKVCache) -> None:
-        found = self._pool(cache)
-        if found is not None:
-            paged, ledger = found
-            ledger.drop(paged.block_table)
+    def __setattr__(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, _SETTING_CHECKS[name](name, value))
 
 
-@dataclass(frozen=True, slots=True)
-class PlannerConfig:
-    """The scheduler's knobs, as the planner reads them."""
-
-    max_tokens_per_step: int
-    prefill_chunk_size: int
-    policy: str = "decode_first"
-    enable_chunked_prefill: bool = True
-    max_num_seqs: int | None = None
-    force_preemption: bool = False  # preempt the latest admitted running request this step
-    enable_prefix_caching: bool = False  # admitted requests start after their cached prefix blocks
+_SETTING_CHECKS: dict[str, Callable[[str, Any], object]] = {
+    "max_tokens_per_step": check_int,
+    "prefill_chunk_size": check_int,
+    "executor": lambda name, value: check_choice(name, value, EXECUTORS),
+    "max_num_seqs": check_optional_int,
+    "policy": lambda name, value: check_choice(name, value, POLICIES),
+    "enable_chunked_prefill": check_bool,
+    "preempt_every": check_optional_int,
+    "check_invariants": check_bool,
+    "enable_prefix_caching": check_bool,
+}
 
 
 class _StepPlanner:
-    def __init__(self, config: PlannerConfig, running: Sequence[Request], turns: dict[str, int]) -> None:
+    def __init__(self, config: SchedulerConfig, running: Sequence[Request], turns: dict[str, int]) -> None:
         self.config = config
         self.budget = config.max_tokens_per_step
         self.ledger = BlockLedger()
@@ -120,8 +103,9 @@ class _StepPlanner:
         self.ledger.give_back(victim.kv_cache)
 
     def make_room(self, req: Request, num_rows: int) -> bool:
-        """Preempt the latest admitted unscheduled requests until ``req`` fits; False if it was the victim."""
-        while not self.ledger.fits(req.kv_cache, num_rows):
+        """Book ``num_rows`` rows of ``req``, preempting the latest-arrived unscheduled requests until they
+        fit; False (nothing booked) if ``req`` itself was the victim."""
+        while not self.ledger.book(req.kv_cache, num_rows):
             scheduled = {id(r) for r in self.decode} | {id(c.request) for c in self.prefill}
             candidates = [r for r in self.running if id(r) not in scheduled and r is not req]
             victim = candidates[-1] if candidates else req
@@ -135,19 +119,18 @@ class _StepPlanner:
         if len(decoders) > self.budget:  # round robin: the least recently served first
             decoders.sort(key=lambda r: self.turns.get(r.req_id, -1))
         for req in decoders:
-            if req not in self.running:
-                continue  # preempted to make room for an earlier one
+            if req in self.preempted:  # made room for an earlier one (a short list: no scan of running)
+                continue
             if self.budget == 0:
                 self.skipped[req.req_id] = "budget"
             elif self.make_room(req, 1):
-                self.ledger.take(req.kv_cache, 1)
                 self.decode.append(req)
                 self.budget -= 1
 
     def schedule_prefills(self) -> None:
         for req in [r for r in self.running if r.in_prefill]:
-            if req not in self.running:
-                continue  # preempted to make room for an earlier one
+            if req in self.preempted:  # made room for an earlier one (a short list: no scan of running)
+                continue
             n = self.chunk_len(req)
             if n == 0:
                 self.skipped[req.req_id] = "budget"
@@ -155,8 +138,8 @@ class _StepPlanner:
                 self.add_chunk(req, n)
 
     def add_chunk(self, req: Request, n: int, cached: tuple[int, ...] = ()) -> None:
-        """Schedule ``n`` prefill rows of ``req`` (an admission may start after ``cached`` prefix blocks)."""
-        self.ledger.take(req.kv_cache, n, cached)
+        """Schedule ``n`` prefill rows of ``req``, booked already (an admission may start after ``cached`` prefix
+        blocks)."""
         start = req.prefill_pos + len(cached) * block_size_of(req)
         self.prefill.append(PrefillChunk(req, start, n, cached))
         self.budget -= n
@@ -173,7 +156,9 @@ class _StepPlanner:
                 self.skipped[req.req_id] = blocked
                 continue
             self.admitted.append(req)
-            self.add_chunk(req, self.chunk_len(req, len(cached) * block_size_of(req)), cached)
+            n = self.chunk_len(req, len(cached) * block_size_of(req))
+            self.ledger.take(req.kv_cache, n, cached)
+            self.add_chunk(req, n, cached)
 
     def admission_blocker(self, req: Request, cached: tuple[int, ...] = ()) -> str | None:
         start = len(cached) * block_size_of(req)
@@ -188,11 +173,16 @@ class _StepPlanner:
 
 
 def plan_step(
-    step_id: int, config: PlannerConfig, running: Sequence[Request], waiting: Sequence[Request], turns: dict[str, int]
+    step_id: int, config: SchedulerConfig, running: Sequence[Request], waiting: Sequence[Request],
+    turns: dict[str, int], force_preemption: bool = False,
 ) -> StepPlan:
-    """The plan of one step; reads ``running`` / ``waiting`` (priority order) and changes nothing."""
+    """The plan of one step; reads ``running`` / ``waiting`` (priority order) and changes nothing.
+
+    ``turns``: each request's latest decode turn (round robin); ``force_preemption``: preempt the
+    decoding request that arrived last.
+    """
     p = _StepPlanner(config, running, turns)
-    if config.force_preemption:
+    if force_preemption:
         # Only a decoding request: it made a token since its last preemption, so forcing one every
         # step still lets every request finish (a request mid-prefill could be sent back forever).
         victims = [r for r in p.running if r.in_decode]

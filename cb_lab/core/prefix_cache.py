@@ -20,16 +20,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from cb_lab.core.block_pool import BlockPool
-from cb_lab.core.kv_cache import BaseKVCache, PagedKVCache
+from cb_lab.core.kv_cache import shared_paged
 from cb_lab.core.plan import PrefillChunk, StepPlan
 from cb_lab.core.request import Request
 
-__all__ = ["block_size_of", "pool_counters", "prefix_hit", "prefix_stats", "register_full_blocks", "shared_paged"]
-
-
-def shared_paged(cache: BaseKVCache) -> PagedKVCache | None:
-    """The cache itself when it draws from a shared pool (only those share blocks)."""
-    return cache if isinstance(cache, PagedKVCache) and cache.shares_pool and cache.pool is not None else None
+__all__ = ["block_size_of", "pool_counters", "prefix_hit", "prefix_stats", "register_full_blocks"]
 
 
 def prefix_hit(req: Request) -> tuple[int, ...]:
@@ -79,10 +74,6 @@ def _full_blocks(req: Request) -> int:
 
 def pool_counters(plan: StepPlan) -> tuple[int, int]:
     """Evictions and copy-on-write copies so far in the shared pools of a step's requests."""
-    requests = [c.request for c in plan.prefill] + list(plan.decode)
-    pools: dict[int, BlockPool] = {}
-    for req in requests:
-        cache = shared_paged(req.kv_cache)
-        if cache is not None and cache.pool is not None:
-            pools[id(cache.pool)] = cache.pool
+    shared = (r.kv_cache.shared_pool for r in [*(c.request for c in plan.prefill), *plan.decode])
+    pools: dict[int, BlockPool] = {id(pool): pool for pool in shared if pool is not None}
     return sum(p.num_evictions for p in pools.values()), sum(p.num_copies for p in pools.values())

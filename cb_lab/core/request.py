@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cb_lab.checks import check_int
 from cb_lab.core.block_pool import block_hashes
 from cb_lab.core.kv_cache import BaseKVCache, PagedKVCache
+from cb_lab.core.view_registry import render
 from cb_lab.exceptions import RequestError, ValidationError
 from cb_lab.sampling import LogprobsTensors, SamplingParams
 
@@ -80,9 +82,7 @@ class Request:
         if not isinstance(self.req_id, str) or not self.req_id:
             raise ValidationError(f"req_id must be a non-empty str, got {self.req_id!r}")
         _check_prompt(self.req_id, self.prompt)
-        n = self.max_new_tokens
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValidationError(f"request {self.req_id!r}: max_new_tokens must be an int >= 0, got {n!r}")
+        n = check_int(f"request {self.req_id!r}: max_new_tokens", self.max_new_tokens, 0, ValidationError)
         if not isinstance(self.kv_cache, BaseKVCache):
             raise ValidationError(
                 f"request {self.req_id!r}: kv_cache must be a BaseKVCache (DenseKVCache or PagedKVCache), "
@@ -162,8 +162,7 @@ class Request:
 
     def get_prefill_chunk(self, chunk_size: int) -> torch.Tensor:
         """The next ``[<= chunk_size, dim]`` prompt rows from ``prefill_pos`` (a pure read; a view)."""
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValidationError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+        check_int("chunk_size", chunk_size, 1, ValidationError)
         return self._prefill_rows[self.prefill_pos : self.prefill_pos + chunk_size]
 
     def preempt(self) -> None:
@@ -235,15 +234,16 @@ class Request:
         if self.finished:
             held = f"{len(self.generated_tokens)} of {self.max_new_tokens} tokens"
             raise RequestError(f"request {self.req_id!r} is finished ({self.finish_reason}, {held}); it takes no more")
-        shape, ok = self.token_shape, ((self.dim,), (1, self.dim)) if self.dim else ((),)
+        dim = self.dim  # read once: every step calls this for every token
+        shape, ok = ((dim,), ((dim,), (1, dim))) if dim else ((), ((),))
         if not isinstance(tok, torch.Tensor) or tuple(tok.shape) not in ok:
             got = tuple(tok.shape) if isinstance(tok, torch.Tensor) else type(tok).__name__
             raise ValidationError(f"request {self.req_id!r}: a token must have shape {' or '.join(map(str, ok))}, "
                                   f"got {got}")
-        if tok.is_floating_point() != bool(self.dim):
-            want = "floating point" if self.dim else "an int64 token id"
+        if tok.is_floating_point() != bool(dim):
+            want = "floating point" if dim else "an int64 token id"
             raise ValidationError(f"request {self.req_id!r}: a token must be {want}, got {tok.dtype}")
-        token = tok.reshape(shape)
+        token = tok if tok.dim() == len(shape) else tok.reshape(shape)
         if self.decode_seed is None:
             self.decode_seed = token
         self.generated_tokens.append(token)
@@ -272,6 +272,4 @@ class Request:
         )
 
     def _repr_html_(self) -> str:
-        from cb_lab.display.views import request_html  # the views import the core: imported on use
-
-        return request_html(self)
+        return render(self)

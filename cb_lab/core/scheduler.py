@@ -1,27 +1,12 @@
 """The token-budget scheduler: continuous batching in one loop.
 
-Requests wait in a queue (``waiting``) until the scheduler admits them into ``running``.
-Every step has a budget of ``max_tokens_per_step`` tokens; with the default policy it
-is spent in this order (``core/planner.py`` has the others):
-
-1. **decode first**: one token for every running request that has finished its prefill
-   (if a lowered budget leaves room for fewer, they take turns: round robin);
-2. **prefill**: running requests' prompt chunks of at most ``prefill_chunk_size`` rows;
-3. **admission**: waiting requests join, first come first served, while the budget,
-   ``max_num_seqs`` and the KV blocks of a shared pool allow.
-
-A decode or prefill chunk that finds no free block preempts the latest admitted
-request (vLLM's recompute preemption). Requests join between steps and leave the step they finish,
-so the batch is re-formed every step: the "continuous" in continuous batching::
-
-    plan   = self.schedule()            # pure: reads state, decides
-    result = self.executor.run(plan)    # compute only: model forward(s)
-    self.commit(plan, result)           # preempt, admit, append K/V, record tokens, finish
-
-Nothing is written before compute succeeds, so an exception from the model leaves
-every request as it was and the next ``step()`` simply retries. Compute runs on one of
-two executors (``core/executor.py``): ``"fused"`` (one forward per step, the default) or
-``"split"`` (one forward for the prefill chunks plus one per decode token).
+Requests wait in ``waiting`` until the planner (``core/planner.py``) admits them into
+``running``; each step spends a budget of ``max_tokens_per_step`` rows on decode tokens and
+prefill chunks, and a request that finds no free KV block preempts the running request that
+arrived last (``core/queues.py``). Requests join between steps and leave the step they
+finish, so the batch is re-formed every step: the "continuous" in continuous batching.
+``step()`` is plan, compute, commit; nothing is written before compute succeeds, so an
+exception from the model leaves every request as it was and the next ``step()`` retries.
 """
 
 from __future__ import annotations
@@ -30,49 +15,58 @@ import logging
 import os
 import time
 from collections import deque
-from typing import cast
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar, cast
 
 from cb_lab.core import invariants
-from cb_lab.core.executor import Executor, FusedExecutor, Sampler, SplitExecutor, StepModel
+from cb_lab.core.block_pool import check_pool_capacity
+from cb_lab.core.executor import EXECUTORS, Executor, Sampler, StepModel, check_fits_model
 from cb_lab.core.kv_cache import (
     Append,
     BaseKVCache,
     PagedKVCache,
-    check_pool_capacity,
     notify_appended,
     prepare_appends,
-    same_device,
+    shared_paged,
     store_appends,
 )
 from cb_lab.core.plan import SeqOutput, StepPlan, StepResult, StepStats
-from cb_lab.core.planner import POLICIES, PlannerConfig, plan_step
+from cb_lab.core.planner import SchedulerConfig, plan_step
 from cb_lab.core.prefix_cache import pool_counters, prefix_stats, register_full_blocks
+from cb_lab.core.queues import RequestQueues
 from cb_lab.core.request import Request
-from cb_lab.exceptions import ConfigurationError, SchedulerError
+from cb_lab.core.view_registry import render
+from cb_lab.exceptions import SchedulerError
 from cb_lab.plugins.base import PluginManager
 from cb_lab.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EXECUTORS", "Scheduler", "check_blocks"]
+__all__ = ["Scheduler", "SchedulerConfig", "check_blocks"]
 
-EXECUTORS: dict[str, type[Executor]] = {"fused": FusedExecutor, "split": SplitExecutor}
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"{name} must be an int >= 1, got {value!r}")
-    return value
+T = TypeVar("T")
 
 
-def _tokens(shape: tuple[int, ...]) -> str:
-    return f"dim {shape[0]}" if shape else "token ids"
+class _Setting(Generic[T]):
+    """A scheduler setting: kept, and checked, in ``scheduler.config``."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, scheduler: Scheduler, owner: type | None = None) -> T:
+        return cast(T, getattr(scheduler.config, self.name))
+
+    def __set__(self, scheduler: Scheduler, value: T) -> None:
+        setattr(scheduler.config, self.name, value)
 
 
-def _ids(req: Request) -> set[str]:
-    """A request's id and those its samples will take (``SamplingParams.n``: ``id.1``, ``id.2``, ...)."""
-    n = 1 if req.sampling is None or req.parent_id is not None else req.sampling.n
-    return {req.req_id} | {f"{req.req_id}.{i}" for i in range(1, n)}
+@dataclass(frozen=True, slots=True)
+class _Committed:
+    """What a commit did beyond its plan."""
+
+    finished: list[Request] = field(default_factory=list)
+    kv_evictions: int = 0
+    kv_copies: int = 0
 
 
 def check_blocks(plan: StepPlan) -> None:
@@ -91,19 +85,21 @@ def check_blocks(plan: StepPlan) -> None:
 class Scheduler:
     """Mixes decode tokens and prefill chunks under a per-step token budget.
 
-    ``sampler`` maps an output row to the token recorded and fed back (identity when
-    None; ``torch.tanh`` is a fun one). ``plugins`` wires scheduler, attention and cache
-    plugins. ``executor`` is ``"fused"`` or ``"split"`` (same numbers, different speed).
-    Serving knobs: ``max_num_seqs`` caps running requests; ``policy`` is one of
-    ``POLICIES``; ``enable_chunked_prefill=False`` runs each prefill in one piece;
-    ``preempt_every=N`` forces a preemption every N steps (to test and show it).
-    ``enable_prefix_caching=True`` lets an admitted request start after the cached full blocks
-    of its prompt (``core/prefix_cache.py``; requests on a shared pool). ``fork`` and
-    ``SamplingParams.n`` share a request's blocks with its forks, copy-on-write.
-    ``check_invariants=True`` checks ``core/invariants.py`` after every step (a debug mode; the
-    default is on when ``CB_LAB_CHECK_INVARIANTS=1``, as in the test suite).
-    Both budgets may be changed between steps.
+    The settings are checked once, into ``config`` (a :class:`SchedulerConfig`, whose fields say
+    what each does); ``scheduler.max_num_seqs`` and the like read and set them there.
+    ``sampler`` maps an output row to the token recorded and fed back (identity when None;
+    ``torch.tanh`` is a fun one); ``plugins`` wires scheduler, attention and cache plugins.
+    ``check_invariants=None`` is on when ``CB_LAB_CHECK_INVARIANTS=1`` (the test suite sets it).
     """
+
+    max_tokens_per_step = _Setting[int]()  # may change between steps, like every setting below
+    prefill_chunk_size = _Setting[int]()
+    max_num_seqs = _Setting[int | None]()
+    policy = _Setting[str]()
+    enable_chunked_prefill = _Setting[bool]()
+    preempt_every = _Setting[int | None]()
+    check_invariants = _Setting[bool]()
+    enable_prefix_caching = _Setting[bool]()
 
     def __init__(
         self,
@@ -121,29 +117,16 @@ class Scheduler:
         check_invariants: bool | None = None,
         enable_prefix_caching: bool = False,
     ) -> None:
-        if executor not in EXECUTORS:
-            raise ConfigurationError(f"executor must be one of {sorted(EXECUTORS)}, got {executor!r}")
-        if policy not in POLICIES:
-            raise ConfigurationError(f"policy must be one of {list(POLICIES)}, got {policy!r}")
-        if not isinstance(enable_chunked_prefill, bool):
-            raise ConfigurationError(f"enable_chunked_prefill must be a bool, got {enable_chunked_prefill!r}")
-        self.max_num_seqs = None if max_num_seqs is None else _positive_int("max_num_seqs", max_num_seqs)
-        self.preempt_every = None if preempt_every is None else _positive_int("preempt_every", preempt_every)
-        if check_invariants is None:
+        if check_invariants is None:  # the test suite turns the debug mode on for every scheduler
             check_invariants = os.environ.get("CB_LAB_CHECK_INVARIANTS") == "1"
-        self.check_invariants = check_invariants
-        if not isinstance(enable_prefix_caching, bool):
-            raise ConfigurationError(f"enable_prefix_caching must be a bool, got {enable_prefix_caching!r}")
-        self.enable_prefix_caching = enable_prefix_caching
-        self.policy = policy
-        self.enable_chunked_prefill = enable_chunked_prefill
+        self.config = SchedulerConfig(
+            max_tokens_per_step, prefill_chunk_size, executor, max_num_seqs, policy, enable_chunked_prefill,
+            preempt_every, check_invariants, enable_prefix_caching,
+        )
         self.model = model
-        self.max_tokens_per_step = max_tokens_per_step
-        self.prefill_chunk_size = prefill_chunk_size
         self.plugins = plugins if plugins is not None else PluginManager()
         self.executor: Executor = EXECUTORS[executor](model, sampler, self.plugins.attention_plugins)
-        self.waiting: deque[Request] = deque()  # not admitted yet; preempted requests rejoin at the head
-        self.running: list[Request] = []  # admission order = priority (the last is preempted first)
+        self.queues = RequestQueues()  # waiting and running, in arrival order (core/queues.py says why)
         self.step_id = 0
         self.num_finished = 0
         self.num_preemptions = 0
@@ -154,61 +137,43 @@ class Scheduler:
         self._next_turn = 0
 
     @property
+    def waiting(self) -> deque[Request]:
+        """Requests not running: the preempted ones, then the never admitted, each by arrival."""
+        return self.queues.waiting
+
+    @property
+    def running(self) -> list[Request]:
+        """Admitted requests by arrival; the last is preempted first."""
+        return self.queues.running
+
+    @property
     def active(self) -> list[Request]:
         """Every request not finished yet: running first, then waiting."""
         return [*self.running, *self.waiting]
-
-    @property
-    def max_tokens_per_step(self) -> int:
-        return self._max_tokens_per_step
-
-    @max_tokens_per_step.setter
-    def max_tokens_per_step(self, value: int) -> None:
-        self._max_tokens_per_step = _positive_int("max_tokens_per_step", value)
-
-    @property
-    def prefill_chunk_size(self) -> int:
-        return self._prefill_chunk_size
-
-    @prefill_chunk_size.setter
-    def prefill_chunk_size(self, value: int) -> None:
-        self._prefill_chunk_size = _positive_int("prefill_chunk_size", value)
 
     def add_request(self, req: Request) -> None:
         """Queue a fresh request; it takes part from the next step on."""
         if not isinstance(req, Request):
             raise SchedulerError(f"add_request takes a Request, got {type(req).__name__}")
-        if any(_ids(req) & _ids(r) for r in self.active):
+        self._check_fresh(req)
+        check_fits_model(self.model, req)
+        self._check_it_can_finish(req)
+        self.plugins.on_request_added(req, self.step_id)  # first: a hook that raises leaves the request out
+        req.kv_cache.hooks = self.plugins.cache_plugins  # live: plugins registered later run too
+        self.queues.add(req)
+        logger.debug("added %r", req)
+
+    def _check_fresh(self, req: Request) -> None:
+        """A new request of its own: unused ids, no parent, nothing run, a cache nobody active holds."""
+        if not self.queues.is_free(req):
             raise SchedulerError(f"request id {req.req_id!r} (or a sample of it) is already active; use a unique "
                                  "req_id")
-        model = self.model
-        if req.token_shape != model.token_shape or req.kv_cache.dim not in (None, model.kv_dim):
-            raise SchedulerError(
-                f"request {req.req_id!r} has {_tokens(req.token_shape)} (cache dim {req.kv_cache.dim}) but the model "
-                f"has {_tokens(model.token_shape)} (cache dim {model.kv_dim})"
-            )
         if req.parent_id is not None:
             raise SchedulerError(f"request {req.req_id!r} names parent {req.parent_id!r}; Scheduler.fork adds forks")
         if req.prefill_pos != 0 or req.generated_tokens or len(req.kv_cache) != 0:
             raise SchedulerError(f"request {req.req_id!r} has already run ({req!r}); add a new Request")
-        if any(r.kv_cache is req.kv_cache for r in self.active):
+        if self.queues.cache_in_use(req):
             raise SchedulerError(f"request {req.req_id!r} shares its kv_cache with an active request; give it its own")
-        device = self.model.device
-        if not (same_device(req.prompt.device, device) and same_device(req.kv_cache.device, device)):
-            raise SchedulerError(
-                f"request {req.req_id!r} (prompt on {req.prompt.device}, cache on {req.kv_cache.device}) "
-                f"must be on the model's device {self.model.device}"
-            )
-        if req.dim and req.prompt.dtype != self.model.dtype:
-            raise SchedulerError(
-                f"request {req.req_id!r} has a {req.prompt.dtype} prompt but the model computes in "
-                f"{self.model.dtype}; pass prompt.to({self.model.dtype})"
-            )
-        self._check_it_can_finish(req)
-        self.plugins.on_request_added(req, self.step_id)  # first: a hook that raises leaves the request out
-        req.kv_cache.hooks = self.plugins.cache_plugins  # live: plugins registered later run too
-        self.waiting.append(req)
-        logger.debug("added %r", req)
 
     def _check_it_can_finish(self, req: Request) -> None:
         rows = req.prompt_len + max(req.max_new_tokens - 1, 0)  # its longest prefill (after a preemption)
@@ -217,10 +182,10 @@ class Scheduler:
                 f"request {req.req_id!r} may need a {rows}-row prefill but chunked prefill is off and the budget is "
                 f"{self.max_tokens_per_step}; raise max_tokens_per_step or enable chunked prefill"
             )
-        cache = req.kv_cache
-        if isinstance(cache, PagedKVCache) and cache.shares_pool and cache.pool is not None:
+        cache = shared_paged(req.kv_cache)
+        if cache is not None and cache.pool is not None and not cache.pool.growable:
             blocks = cache.blocks_needed(rows)
-            if blocks > cache.pool.num_blocks and not cache.pool.growable:
+            if blocks > cache.pool.num_blocks:
                 raise SchedulerError(
                     f"request {req.req_id!r} needs {blocks} KV blocks but its pool has {cache.pool.num_blocks} in all; "
                     "give the BlockPool more num_blocks"
@@ -233,7 +198,7 @@ class Scheduler:
         if parent is None:
             decoding = [r.req_id for r in self.running if r.in_decode]
             raise SchedulerError(f"no running request {req_id!r} in decode to fork; decoding: {decoding}")
-        if any(new_req_id in _ids(r) for r in self.active):
+        if self.queues.id_in_use(new_req_id):
             raise SchedulerError(f"request id {new_req_id!r} is already used; give the fork a unique id")
         child = self._fork(parent, new_req_id, sampling)
         self.plugins.on_request_added(child, self.step_id)
@@ -242,7 +207,7 @@ class Scheduler:
     def _fork(self, parent: Request, new_req_id: str, sampling: SamplingParams | None) -> Request:
         child = parent.fork(new_req_id, sampling)
         child.kv_cache.hooks = self.plugins.cache_plugins
-        self.running.append(child)  # the latest admitted: preempted first
+        self.queues.add_child(parent, child, running=True)
         logger.debug("forked %r from %r", child, parent)
         return child
 
@@ -250,9 +215,10 @@ class Scheduler:
         """``SamplingParams.n``: once a request has drawn its first token, fork its other samples.
 
         As many as ``max_num_seqs`` leaves room for run at once, sharing the prompt's blocks; the
-        others wait at the head of the queue as fresh requests over the same prompt (an empty fork of
-        the cache) and are admitted as requests leave, their prompt's full blocks found by prefix
-        caching. A sample draws the same tokens either way: its own params, its own random stream.
+        others wait (right after their parent's place in the queue) as fresh requests over the same
+        prompt (an empty fork of the cache) and are admitted as requests leave, their prompt's full
+        blocks found by prefix caching. A sample draws the same tokens either way: its own params,
+        its own random stream.
         """
         params = req.sampling
         if params is None or params.n == 1 or req.parent_id is not None or len(req.generated_tokens) != 1:
@@ -262,9 +228,9 @@ class Scheduler:
         samples = [(f"{req.req_id}.{i}", params.sample_params(i)) for i in range(1, params.n)]
         forks = [self._fork(req, child_id, sampling) for child_id, sampling in samples[:room]]
         waiting = [req.new_sample(child_id, sampling) for child_id, sampling in samples[room:]]
-        for child in waiting:
+        for child in waiting:  # in sample order, before the requests that arrived after their parent
             child.kv_cache.hooks = self.plugins.cache_plugins
-        self.waiting.extendleft(reversed(waiting))  # in sample order, before requests that came later
+            self.queues.add_child(req, child, running=False)
         return forks + waiting
 
     def abort(self, req_id: str) -> Request:
@@ -281,10 +247,7 @@ class Scheduler:
         if req is None:
             raise SchedulerError(f"no active request {req_id!r} to {finish_reason}; active: "
                                  f"{[r.req_id for r in self.active]}")
-        if req in self.running:
-            self.running.remove(req)
-        else:
-            self.waiting.remove(req)
+        self.queues.remove(req)
         req.kv_cache.release()
         req.aborted, req.finished, req.finish_reason = finish_reason == "abort", True, finish_reason
         self._decode_turn.pop(req_id, None)
@@ -295,79 +258,65 @@ class Scheduler:
         return req
 
     def step(self) -> StepStats:
-        """Run one step (plan, compute, commit) and return its stats (a dict; ``.plan`` is the plan it ran)."""
-        if not self.active:
-            return self._stats(self.step_id, 0, 0, 0, 0.0, "no_active_requests")
+        """Run one step and return its stats (a dict; ``.plan`` is the plan it ran)."""
+        if not (self.running or self.waiting):
+            return self._stats(StepPlan(self.step_id, (), ()), _Committed(), 0.0, "no_active_requests")
         start = time.perf_counter()
         plan = self.schedule()
         self.plugins.before_step(plan)
         result = self.executor.run(plan)
-        evictions, copies = pool_counters(plan)
-        finished = self.commit(plan, result)
+        done = self._commit(plan, result)
         if self.check_invariants:
-            invariants.check_invariants(self, plan, finished)
-        stats = self._stats(
-            plan.step_id, plan.num_decode_tokens, plan.num_prefill_tokens, len(finished),
-            time.perf_counter() - start, "completed", len(plan.preempted), self._padding(plan), plan,
-        )
-        stats |= prefix_stats(plan)
-        evictions_after, copies_after = pool_counters(plan)
-        stats["kv_evictions"], stats["kv_copies"] = evictions_after - evictions, copies_after - copies
-        self.last_step = stats
+            invariants.check_invariants(self, plan, done.finished)
+        self.last_step = stats = self._stats(plan, done, time.perf_counter() - start)
         self.plugins.after_step(stats)
         return stats
 
     def schedule(self) -> StepPlan:
         """Decide this step's decodes, prefill chunks, admissions and preemptions. Changes nothing."""
-        config = PlannerConfig(
-            self.max_tokens_per_step, self.prefill_chunk_size, self.policy, self.enable_chunked_prefill,
-            self.max_num_seqs, self.preempt_every is not None and (self.step_id + 1) % self.preempt_every == 0,
-            self.enable_prefix_caching,
-        )
-        return plan_step(self.step_id, config, self.running, self.waiting, self._decode_turn)
-
-    def _padding(self, plan: StepPlan) -> int:
-        """Static batching pads finished requests' slots until the whole batch is done."""
-        if self.policy != "static" or plan.prefill or not plan.decode:
-            return 0
-        return self._batch_size - len(plan.decode)
+        every = self.preempt_every
+        force = every is not None and (self.step_id + 1) % every == 0
+        return plan_step(self.step_id, self.config, self.running, self.waiting, self._decode_turn, force)
 
     def commit(self, plan: StepPlan, result: StepResult) -> list[Request]:
-        """Write a computed step into the requests; returns the requests it finished.
+        """Write a computed step into the requests; returns the requests it finished."""
+        return self._commit(plan, result).finished
 
-        Three phases, so that a fault changes nothing or lets the step finish: first every check
-        and every hook that may refuse or rewrite rows (``before_append``), which write nothing;
-        then the writes, which cannot fail; then the observers (``after_append``,
-        ``on_request_added`` of the step's forks, ``on_request_completion``), which see the step
-        committed.
-        """
-        check_blocks(plan)  # a plan the pool cannot hold changes nothing
+    def _commit(self, plan: StepPlan, result: StepResult) -> _Committed:
+        """Three phases, so that a fault changes nothing or lets the step finish."""
+        # 1. Every check, and the hooks that may refuse or rewrite rows (before_append): no writes.
+        check_blocks(plan)
         requests = [chunk.request for chunk in plan.prefill] + list(plan.decode)
         outputs = result.prefill + result.decode
         prepared = prepare_appends([(req.kv_cache, out.k, out.v) for req, out in zip(requests, outputs, strict=True)])
-        stored, finished, forks = self._write(plan, requests, outputs, prepared)
+        # 2. The writes, which cannot fail. The pools count their own evictions and copies.
+        evictions, copies = pool_counters(plan)
+        self._requeue(plan)
+        stored = self._store(plan, prepared)
+        forks = self._record(plan, requests, outputs)
+        finished = self._retire(plan.step_id)
+        evictions_after, copies_after = pool_counters(plan)
+        # 3. The observers, which see the step committed.
         notify_appended(prepared, stored)
         for child in forks:
             self.plugins.on_request_added(child, self.step_id)
         for req in finished:
             self.plugins.on_request_completion(req)
-        return finished
+        return _Committed(finished, evictions_after - evictions, copies_after - copies)
 
-    def _write(
-        self, plan: StepPlan, requests: list[Request], outputs: tuple[SeqOutput, ...], prepared: list[Append]
-    ) -> tuple[list[int], list[Request], list[Request]]:
-        """Every write of a commit, in order; its inputs were all checked before."""
+    def _requeue(self, plan: StepPlan) -> None:
+        """Preempted requests wait again and admitted ones run, each in its arrival place."""
         for req in plan.preempted:  # first: the step's appends may need the blocks they free
-            self.running.remove(req)
-            req.preempt()
-            self.waiting.appendleft(req)
+            self.queues.preempt(req)
             self.num_preemptions += 1
             logger.info("step %d preempted %r", plan.step_id, req)
         if plan.admitted and not self.running:
             self._batch_size = len(plan.admitted)
         for req in plan.admitted:
-            self.waiting.remove(req)
-            self.running.append(req)
+            self.queues.admit(req)
+
+    def _store(self, plan: StepPlan, prepared: list[Append]) -> list[int]:
+        """The step's K/V rows into the caches; returns the bytes each append took."""
         for chunk in plan.prefill:  # prefix-cache hits first: no allocation below may evict their blocks
             if chunk.cached_blocks:
                 cast(PagedKVCache, chunk.request.kv_cache).adopt(chunk.cached_blocks)
@@ -376,55 +325,61 @@ class Scheduler:
             chunk.request.prefill_pos = chunk.end
         if self.enable_prefix_caching:
             register_full_blocks(plan.prefill)
+        return stored
+
+    def _record(self, plan: StepPlan, requests: list[Request], outputs: tuple[SeqOutput, ...]) -> list[Request]:
+        """The step's tokens and logprobs into the requests; returns the samples it forked."""
         for req, out in zip(requests, outputs):
             if out.prompt_logprobs is not None:
                 req.prompt_logprobs.append(out.prompt_logprobs)
             if out.token is not None:
                 req.append_token(out.token, out.logprobs)
-        forks = [child for c in plan.prefill if c.completes_prompt for child in self._fork_samples(c.request)]
         for req in plan.decode:
             self._decode_turn[req.req_id] = self._next_turn
             self._next_turn += 1
-        finished = [r for r in self.active if r.finished]  # zero-token requests finish straight from waiting
-        self.running = [r for r in self.running if not r.finished]
-        self.waiting = deque(r for r in self.waiting if not r.finished)
-        self.step_id = plan.step_id + 1
+        return [child for c in plan.prefill if c.completes_prompt for child in self._fork_samples(c.request)]
+
+    def _retire(self, step_id: int) -> list[Request]:
+        """Finished requests leave the queues; a shared pool gets their blocks back at once."""
+        finished = self.queues.remove_finished()
+        self.step_id = step_id + 1
         self.num_finished += len(finished)
         for req in finished:
             self._decode_turn.pop(req.req_id, None)
-            if isinstance(req.kv_cache, PagedKVCache) and req.kv_cache.shares_pool:
-                req.kv_cache.release()  # a shared pool's blocks go back at once; private caches stay readable
-            logger.debug("step %d finished %r", plan.step_id, req)
-        return stored, finished, forks
+            if req.kv_cache.shared_pool is not None:
+                req.kv_cache.release()  # the others can use the blocks now; a private cache stays readable
+            logger.debug("step %d finished %r", step_id, req)
+        return finished
 
-    def _stats(
-        self, step_id: int, decode: int, prefill: int, finished: int, duration: float, status: str,
-        preempted: int = 0, padding: int = 0, plan: StepPlan | None = None,
-    ) -> StepStats:
+    def _stats(self, plan: StepPlan, done: _Committed, duration: float, status: str = "completed") -> StepStats:
+        """A step's figures, all built here: from its plan, what its commit did, and the queues after it."""
         return StepStats({
-            "step_id": step_id,
-            "decode_tokens": decode,
-            "prefill_tokens": prefill,
-            "total_tokens": decode + prefill,
+            "step_id": plan.step_id,
+            "decode_tokens": plan.num_decode_tokens,
+            "prefill_tokens": plan.num_prefill_tokens,
+            "total_tokens": plan.total_tokens,
             "active_requests": len(self.running) + len(self.waiting),
             "waiting_requests": len(self.waiting),
-            "finished_requests": finished,
-            "preempted_requests": preempted,
-            "padding_tokens": padding,
+            "finished_requests": len(done.finished),
+            "preempted_requests": len(plan.preempted),
+            "padding_tokens": self._padding(plan),
             "step_duration": duration,
             "status": status,
-            "prefix_hit_tokens": 0,  # prefill rows admissions took from cached blocks instead of computing
-            "prefix_hit_blocks": 0,  # ... and the cached blocks that hold them
-            "admitted_prompt_tokens": 0,  # prefill rows of the requests admitted in the step
-            "admitted_prompt_blocks": 0,  # ... and their full blocks (what a hit could at most save)
-            "kv_evictions": 0,  # cached blocks the step's allocations evicted
-            "kv_copies": 0,  # copy-on-write copies the step's writes made
-        }, plan)
+            **prefix_stats(plan),  # what admissions took from the prefix cache, out of their prefills
+            "kv_evictions": done.kv_evictions,  # cached blocks the step's allocations evicted
+            "kv_copies": done.kv_copies,  # copy-on-write copies its writes made
+        }, plan if status == "completed" else None)
+
+    def _padding(self, plan: StepPlan) -> int:
+        """Static batching pads finished requests' slots until the whole batch is done."""
+        if self.policy != "static" or plan.prefill or not plan.decode:
+            return 0
+        return self._batch_size - len(plan.decode)
 
     def run_until_complete(self, max_steps: int | None = None) -> list[StepStats]:
         """Step until no request is active; returns every step's stats."""
         history: list[StepStats] = []
-        while self.active and (max_steps is None or len(history) < max_steps):
+        while (self.running or self.waiting) and (max_steps is None or len(history) < max_steps):
             history.append(self.step())
         return history
 
@@ -436,6 +391,4 @@ class Scheduler:
         )
 
     def _repr_html_(self) -> str:
-        from cb_lab.display.views import scheduler_html  # the views import the core: imported on use
-
-        return scheduler_html(self)
+        return render(self)

@@ -8,4 +8,6 @@ function of :mod:`cb_lab.display.views` that draws them, built from the
 pieces in :mod:`cb_lab.display.markup`. Plain ``repr`` stays the text everywhere else.
 """
 
+from cb_lab.display import views as _views  # noqa: F401  (loading it registers every view)
+
 __all__: list[str] = []

@@ -1,14 +1,15 @@
 """What each object shows in a notebook: one function per object, called by its ``_repr_html_``.
 
-The objects import this module inside ``_repr_html_`` (it imports them, so it cannot be
-imported by them at load time). Every view reads the object's state and draws it; none
+This module imports the objects it draws, so they cannot import it: it registers each view by
+type in ``cb_lab.core.view_registry`` (the end of this file), where ``_repr_html_`` finds it
+(the engine, above this layer, imports its views directly). Every view reads the object's state and draws it; none
 changes anything. With matplotlib installed, a serving run also inlines its three plots.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from cb_lab import viz
@@ -18,8 +19,10 @@ from cb_lab.core.kv_cache import BaseKVCache, DenseKVCache, PagedKVCache
 from cb_lab.core.plan import StepPlan, StepStats
 from cb_lab.core.request import Request
 from cb_lab.core.scheduler import Scheduler
+from cb_lab.core.view_registry import register_view
 from cb_lab.display.markup import Cell, Raw, bar, card, escape, grid, image, request_colour, table
 from cb_lab.monitoring.metrics import MetricsCollector
+from cb_lab.sampling import SamplingParams
 from cb_lab.serving import SUMMARY_KEYS, RunResult
 
 if TYPE_CHECKING:  # the engine imports the Llama model and its loader: only its type is needed here
@@ -77,7 +80,7 @@ def _plan_rows(plan: StepPlan) -> list[list[object]]:
     for req in plan.decode:
         rows.append([req.req_id, "decode", 1, "running: one token per step"])
     for req in plan.preempted:
-        rows.append([req.req_id, "preempted", 0, "its K/V is dropped; back to the head of the queue"])
+        rows.append([req.req_id, "preempted", 0, "its K/V is dropped; waits again, ahead of new requests"])
     for req_id, reason in plan.skipped:
         rows.append([req_id, "waits", 0, reason])
     return rows
@@ -285,3 +288,14 @@ def engine_html(engine: LLMEngine) -> Raw:
                "pool": f"{fmt(pool.num_blocks)} blocks x {pool.block_size} tokens ({fmt(pool.num_free_blocks)} free)",
                "running": len(sched.running), "waiting": len(sched.waiting)}
     return card("LLMEngine", [scheduler_html(sched), config_html(engine.config)], figures)
+
+
+_VIEWS: list[tuple[type, Callable[[Any], str]]] = [
+    (Request, request_html), (StepPlan, plan_html), (StepStats, step_stats_html), (RaggedBatch, ragged_batch_html),
+    (DenseKVCache, dense_cache_html), (PagedKVCache, paged_cache_html), (BlockPool, block_pool_html),
+    (Scheduler, scheduler_html), (MetricsCollector, metrics_html), (RunResult, run_html),
+    (SamplingParams, config_html),
+]
+for _type, _view in _VIEWS:
+    register_view(_type, _view)
+register_view(RaggedBatch, ragged_batch_text, "text")

@@ -9,14 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cb_lab.checks import check_int
 from cb_lab.exceptions import ConfigurationError
 
 __all__ = ["LlamaConfig"]
-
-
-def _positive(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"LlamaConfig {name} must be an int >= 1, got {value!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +36,7 @@ class LlamaConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_position"):
-            _positive(name, getattr(self, name))
+            check_int(f"LlamaConfig {name}", getattr(self, name))
         if self.n_heads % self.n_kv_heads:
             raise ConfigurationError(
                 f"LlamaConfig n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads} "
@@ -49,7 +45,7 @@ class LlamaConfig:
         if self.head_dim is None and self.dim % self.n_heads:
             raise ConfigurationError(f"dim={self.dim} is not a multiple of n_heads={self.n_heads}; give head_dim")
         if self.head_dim is not None:
-            _positive("head_dim", self.head_dim)
+            check_int("LlamaConfig head_dim", self.head_dim)
         if self.head_size % 2:
             raise ConfigurationError(f"head_dim must be even for RoPE (pairs of dims rotate), got {self.head_size}")
         if not (self.rope_theta > 0 and self.norm_eps > 0):

@@ -25,7 +25,6 @@ Shape letters: ``T`` one sequence, ``N`` rows of a ragged batch, ``C`` cached ro
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
 
 import torch
 from torch import nn
@@ -33,18 +32,12 @@ from torch import nn
 from cb_lab.attention.dense_attention import dense_causal_attention, scaled_dot_product_attention
 from cb_lab.attention.paged_attention import PagedKV, paged_attention
 from cb_lab.attention.ragged_attention import ragged_attention
+from cb_lab.checks import check_int
+from cb_lab.core.executor import KV, AttentionHook
 from cb_lab.core.kv_cache import BaseKVCache, PagedKVCache
-from cb_lab.exceptions import ConfigurationError, ModelError
+from cb_lab.exceptions import ModelError
 
-__all__ = ["AttentionHook", "TinyLLM"]
-
-KV = tuple[torch.Tensor, torch.Tensor]
-
-
-class AttentionHook(Protocol):
-    """Sees the attention probabilities of every call (``AttentionPlugin`` fits it)."""
-
-    def on_attention(self, phase: str, weights: torch.Tensor) -> None: ...
+__all__ = ["TinyLLM"]
 
 
 class TinyLLM(nn.Module):
@@ -56,9 +49,7 @@ class TinyLLM(nn.Module):
 
     def __init__(self, dim: int = 16) -> None:
         super().__init__()
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ConfigurationError(f"TinyLLM dim must be an int >= 1, got {dim!r}")
-        self.dim = dim
+        self.dim = check_int("TinyLLM dim", dim)
         self.eps = 1e-6
         self.q_proj = nn.Linear(dim, dim, bias=False)
         self.k_proj = nn.Linear(dim, dim, bias=False)

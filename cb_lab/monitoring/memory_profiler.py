@@ -24,7 +24,6 @@ than at one reading. Nothing runs in a background thread: you call ``sample()`` 
 from __future__ import annotations
 
 import logging
-import math
 import resource
 import statistics
 import sys
@@ -37,7 +36,7 @@ from typing import Any
 import psutil  # type: ignore[import-untyped, unused-ignore]
 import torch
 
-from cb_lab.exceptions import ConfigurationError
+from cb_lab.checks import check_number
 from cb_lab.exceptions import MemoryError as CBLabMemoryError
 
 __all__ = ["DetailedMemoryProfiler", "MemoryLeakDetector", "MemoryProfiler", "MemorySnapshot", "make_memory_reader"]
@@ -74,12 +73,6 @@ def process_peak_rss_mb() -> float:
     """Kernel high-water mark of RSS; ``ru_maxrss`` is KiB on Linux but bytes on macOS."""
     divisor = BYTES_PER_MB if sys.platform == "darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / divisor
-
-
-def _check_positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigurationError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
 
 
 class MemoryProfiler:
@@ -138,7 +131,7 @@ class DetailedMemoryProfiler:
         read_rss_mb: Reader | None = None, read_vms_mb: Reader | None = None,
         read_gpu: Callable[[], tuple[float, float]] = read_gpu_mb,
     ) -> None:
-        self.sampling_interval = _check_positive("sampling_interval", sampling_interval)
+        self.sampling_interval = check_number("sampling_interval", sampling_interval, strict=True)
         self._clock = clock
         self._read_rss_mb = read_rss_mb or make_memory_reader()
         self._read_vms_mb = read_vms_mb or make_memory_reader("vms")
@@ -229,7 +222,7 @@ class MemoryLeakDetector:
     """
 
     def __init__(self, threshold_mb: float = 10.0, *, read_rss_mb: Reader | None = None) -> None:
-        self.threshold_mb = _check_positive("threshold_mb", threshold_mb)
+        self.threshold_mb = check_number("threshold_mb", threshold_mb, strict=True)
         self._read_rss_mb = read_rss_mb or make_memory_reader()
         self.baseline_mb: float | None = None
         self.measurements: list[tuple[str, float]] = []

@@ -40,11 +40,13 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
-from cb_lab.exceptions import ConfigurationError, ValidationError
+from cb_lab.checks import check_int
+from cb_lab.core.view_registry import render
+from cb_lab.exceptions import ValidationError
 from cb_lab.monitoring.memory_profiler import Reader, make_memory_reader
+from cb_lab.monitoring.records import RequestMetrics, StepMetrics
 
 __all__ = ["MetricsCollector", "PerformanceBenchmark", "RequestMetrics", "StepMetrics"]
 
@@ -52,14 +54,6 @@ logger = logging.getLogger(__name__)
 
 STEP_STATUSES = ("completed", "no_active_requests")
 PERCENTILE_METHOD = "statistics.quantiles(n=100, method='inclusive')"
-_Num = TypeVar("_Num", int, float)
-
-
-def _check_int(name: str, value: object, minimum: int = 0, error: type[Exception] = ValidationError) -> int:
-    """``value`` if it is an int >= ``minimum`` (a bool is not accepted), else raise ``error``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise error(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 def _check_duration(value: object) -> float:
@@ -79,10 +73,6 @@ def _ratio_or_none(a: int, b: int) -> float | None:
     return a / b if b else None
 
 
-def _minus(end: _Num | None, start: _Num | None) -> _Num | None:
-    return None if end is None or start is None else end - start
-
-
 def _distribution(name: str, unit: str, data: list[float]) -> dict[str, float | None]:
     """``{name}_{mean,p50,p90,p99}_{unit}``; every value None when ``data`` is empty."""
     keys = [f"{name}_{stat}_{unit}" for stat in ("mean", "p50", "p90", "p99")]
@@ -93,105 +83,6 @@ def _distribution(name: str, unit: str, data: list[float]) -> dict[str, float | 
 
 # The per-request latencies the summaries report, each in steps and in seconds.
 LATENCIES = ("queueing", "ttft", "tpot", "e2e")
-
-
-@dataclass(slots=True)
-class StepMetrics:
-    """One scheduler step. ``memory_mb`` is the process RSS, or None when profiling is off."""
-
-    step_id: int
-    decode_tokens: int
-    prefill_tokens: int
-    total_tokens: int
-    active_requests: int
-    finished_requests: int
-    step_duration: float
-    status: str
-    timestamp: float
-    memory_mb: float | None
-    waiting_requests: int = 0  # admitted nowhere yet (serving simulation)
-    preempted_requests: int = 0  # preempted in this step
-    padding_tokens: int = 0  # static batching: batch slots held by finished requests
-    kv_blocks_used: int | None = None  # blocks in use in the shared KV pool after the step (None: no shared pool)
-    max_tokens_per_step: int | None = None  # the step's token budget, when the stats carry it
-    prefix_hit_tokens: int = 0  # prefill rows taken from cached blocks (prefix caching)
-    prefix_hit_blocks: int = 0  # ... the cached blocks holding them
-    admitted_prompt_tokens: int = 0  # prefill rows of the requests admitted in the step
-    admitted_prompt_blocks: int = 0  # ... their full blocks
-    kv_evictions: int = 0  # cached blocks evicted to make room
-    kv_copies: int = 0  # copy-on-write copies of shared blocks
-
-
-@dataclass(slots=True)
-class RequestMetrics:
-    """One tracked request; token counts are absolute (the latest reported), not increments."""
-
-    req_id: str
-    total_tokens: int
-    start_time: float
-    prefill_tokens: int = 0
-    decode_tokens: int = 0
-    first_token_time: float | None = None
-    end_time: float | None = None
-    # Steps (the module docstring defines the latencies built from them); None when not reported.
-    arrival_step: int | None = None
-    first_scheduled_step: int | None = None
-    first_token_step: int | None = None
-    finish_step: int | None = None
-    token_steps: list[int] = field(default_factory=list)  # the step of each generated token
-    preemptions: int = 0
-    first_scheduled_time: float | None = None
-
-    @property
-    def latency(self) -> float | None:
-        return None if self.end_time is None else self.end_time - self.start_time
-
-    @property
-    def time_to_first_token(self) -> float | None:
-        """Set by the first progress update that reports a decode token, not by prefill."""
-        return None if self.first_token_time is None else self.first_token_time - self.start_time
-
-    @property
-    def is_finished(self) -> bool:
-        return self.end_time is not None
-
-    @property
-    def queueing_steps(self) -> int | None:
-        return _minus(self.first_scheduled_step, self.arrival_step)
-
-    @property
-    def ttft_steps(self) -> int | None:
-        gap = _minus(self.first_token_step, self.arrival_step)
-        return None if gap is None else gap + 1
-
-    @property
-    def e2e_steps(self) -> int | None:
-        gap = _minus(self.finish_step, self.arrival_step)
-        return None if gap is None else gap + 1
-
-    @property
-    def tpot_steps(self) -> float | None:
-        return self._per_token(_minus(self.finish_step, self.first_token_step))
-
-    @property
-    def queueing_s(self) -> float | None:
-        return _minus(self.first_scheduled_time, self.start_time)
-
-    @property
-    def ttft_s(self) -> float | None:
-        return self.time_to_first_token
-
-    @property
-    def e2e_s(self) -> float | None:
-        return self.latency
-
-    @property
-    def tpot_s(self) -> float | None:
-        return self._per_token(_minus(self.end_time, self.first_token_time))
-
-    def _per_token(self, span: float | None) -> float | None:
-        # n tokens leave n - 1 gaps after the first one.
-        return None if span is None or self.decode_tokens < 2 else span / (self.decode_tokens - 1)
 
 
 class MetricsCollector:
@@ -230,16 +121,16 @@ class MetricsCollector:
                   "admitted_prompt_blocks": admitted_prompt_blocks, "kv_evictions": kv_evictions,
                   "kv_copies": kv_copies}
         for name, value in counts.items():
-            _check_int(name, value)
+            check_int(name, value, 0, ValidationError)
         if kv_blocks_used is not None:
-            _check_int("kv_blocks_used", kv_blocks_used)
+            check_int("kv_blocks_used", kv_blocks_used, 0, ValidationError)
         if max_tokens_per_step is not None:
-            _check_int("max_tokens_per_step", max_tokens_per_step, 1)
+            check_int("max_tokens_per_step", max_tokens_per_step, 1, ValidationError)
         duration = _check_duration(step_duration)
         if status not in STEP_STATUSES:
             raise ValidationError(f"status must be one of {STEP_STATUSES}, got {status!r}")
         expected = decode_tokens + prefill_tokens
-        if total_tokens is not None and _check_int("total_tokens", total_tokens) != expected:
+        if total_tokens is not None and check_int("total_tokens", total_tokens, 0, ValidationError) != expected:
             raise ValidationError(
                 f"total_tokens ({total_tokens}) must equal decode_tokens + prefill_tokens "
                 f"({decode_tokens} + {prefill_tokens} = {expected})"
@@ -285,9 +176,9 @@ class MetricsCollector:
         """
         if req_id in self.requests:
             raise ValidationError(f"request {req_id!r} is already tracked; request ids must be unique")
-        _check_int("total_tokens", total_tokens)
+        check_int("total_tokens", total_tokens, 0, ValidationError)
         if step is not None:
-            _check_int("step", step)
+            check_int("step", step, 0, ValidationError)
         self.requests[req_id] = RequestMetrics(req_id, total_tokens, self._clock(), arrival_step=step)
 
     def _get_open(self, req_id: str, step: int | None = None) -> RequestMetrics:
@@ -298,13 +189,13 @@ class MetricsCollector:
         request = self.requests[req_id]
         if request.is_finished:
             raise ValidationError(f"request {req_id!r} is already finished")
-        if step is not None and _check_int("step", step) < (request.arrival_step or 0):
+        if step is not None and check_int("step", step, 0, ValidationError) < (request.arrival_step or 0):
             raise ValidationError(f"request {req_id!r} arrived at step {request.arrival_step}; step {step} is earlier")
         return request
 
     def record_request_scheduled(self, req_id: str, step: int) -> None:
         """The request runs a token (prefill chunk or decode) in ``step``; only the first call counts."""
-        request = self._get_open(req_id, _check_int("step", step))
+        request = self._get_open(req_id, check_int("step", step, 0, ValidationError))
         if request.first_scheduled_step is None:
             request.first_scheduled_step = step
             request.first_scheduled_time = self._clock()
@@ -325,9 +216,9 @@ class MetricsCollector:
         """
         request = self._get_open(req_id, step)
         if prefill_tokens is not None:
-            request.prefill_tokens = _check_int("prefill_tokens", prefill_tokens)
+            request.prefill_tokens = check_int("prefill_tokens", prefill_tokens, 0, ValidationError)
         if decode_tokens is not None:
-            request.decode_tokens = _check_int("decode_tokens", decode_tokens)
+            request.decode_tokens = check_int("decode_tokens", decode_tokens, 0, ValidationError)
             if decode_tokens >= 1 and request.first_token_time is None:
                 request.first_token_time = self._clock()
             if step is not None and decode_tokens > len(request.token_steps):
@@ -406,7 +297,7 @@ class MetricsCollector:
         :meth:`get_request_summary`.
         """
         if num_blocks is not None:
-            _check_int("num_blocks", num_blocks, 1)
+            check_int("num_blocks", num_blocks, 1, ValidationError)
         ran = [s for s in self.steps if s.status == "completed"]
         total_time = math.fsum(s.step_duration for s in self.steps)
         decode = sum(s.decode_tokens for s in ran)
@@ -461,9 +352,7 @@ class MetricsCollector:
         return f"MetricsCollector(steps={len(self.steps)}, requests={len(self.requests)}, finished={done})"
 
     def _repr_html_(self) -> str:
-        from cb_lab.display.views import metrics_html  # the views import the monitoring: imported on use
-
-        return metrics_html(self)
+        return render(self)
 
 
 class PerformanceBenchmark:
@@ -474,8 +363,8 @@ class PerformanceBenchmark:
     """
 
     def __init__(self, warmup: int = 1, repeats: int = 5, *, clock: Callable[[], float] = time.perf_counter) -> None:
-        self.warmup = _check_int("warmup", warmup, 0, ConfigurationError)
-        self.repeats = _check_int("repeats", repeats, 1, ConfigurationError)
+        self.warmup = check_int("warmup", warmup, 0)
+        self.repeats = check_int("repeats", repeats, 1)
         self._clock = clock
         self._results: dict[str, dict[str, float]] = {}
 

@@ -59,7 +59,7 @@ class StepTrace:
     finished: tuple[str, ...]
     skipped: tuple[tuple[str, str], ...]  # (req_id, reason: budget, no_blocks, max_num_seqs, batch_running)
     waiting: tuple[str, ...]  # queue order: the head is admitted first
-    running: tuple[str, ...]  # admission order: the last is preempted first
+    running: tuple[str, ...]  # arrival order: the last is preempted first
     block_tables: tuple[tuple[str, tuple[int, ...]], ...]  # paged caches of the requests that ran
     pool_used_blocks: int | None  # of the shared pool(s); None when no request uses one
     pool_num_blocks: int | None
@@ -156,9 +156,9 @@ class TracePlugin(SchedulerPlugin):
         self._has_token: set[str] = set()
 
     def _watch_pool(self, request: Request) -> None:
-        cache = request.kv_cache
-        if isinstance(cache, PagedKVCache) and cache.shares_pool and cache.pool is not None:
-            self._pools.setdefault(id(cache.pool), cache.pool)
+        pool = request.kv_cache.shared_pool
+        if pool is not None:
+            self._pools.setdefault(id(pool), pool)
 
     def on_request_added(self, request: Request, step_id: int) -> None:
         if request.parent_id is None:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from cb_lab.core.kv_cache import PagedKVCache
+from cb_lab.checks import check_int
 from cb_lab.exceptions import ConfigurationError, ValidationError
 from cb_lab.monitoring.metrics import MetricsCollector
 from cb_lab.plugins.base import AttentionPlugin, CachePlugin, SchedulerPlugin
@@ -93,9 +93,9 @@ class MetricsPlugin(SchedulerPlugin):
     def _track(self, req: Request, step: int | None = None) -> None:
         if req.req_id not in self.collector.requests:
             self.collector.start_request_tracking(req.req_id, req.prompt_len + req.max_new_tokens, step=step)
-        cache = req.kv_cache
-        if isinstance(cache, PagedKVCache) and cache.shares_pool and cache.pool is not None:
-            self._pools.setdefault(id(cache.pool), cache.pool)
+        pool = req.kv_cache.shared_pool
+        if pool is not None:
+            self._pools.setdefault(id(pool), pool)
 
     def on_request_added(self, request: Request, step_id: int) -> None:
         self._track(request, step_id)
@@ -239,8 +239,7 @@ class AttentionVisualizationPlugin(AttentionPlugin):
         max_records = config.get("max_records", self.max_records)
         if not isinstance(save_dir, str) or not save_dir:
             raise ConfigurationError(f"save_dir must be a non-empty str, got {save_dir!r}")
-        if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 1:
-            raise ConfigurationError(f"max_records must be an int >= 1, got {max_records!r}")
+        check_int("max_records", max_records)
         self.save_dir, self.max_records = save_dir, max_records
 
     def on_attention(self, phase: str, weights: torch.Tensor) -> None:
