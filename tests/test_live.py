@@ -67,8 +67,10 @@ def test_first_tokens_are_where_the_requests_first_produced_a_token_not_where_a_
     assert first == {rid: r.first_token_step for rid, r in metrics.collector.requests.items()}
     # The case the page got wrong: preempted after its first token, before any decode; its recompute
     # ends later, but its first token stays where it came out.
-    decoded = {rid: min(e["step_id"] for e in events if rid in e["decode"]) for rid in first}
-    tricky = [(rid, e["step_id"]) for e in events for rid in e["preempted"] if first[rid] < e["step_id"] < decoded[rid]]
+    decodes = {rid: [e["step_id"] for e in events if rid in e["decode"]] for rid in first}
+    decoded = {rid: min(steps) for rid, steps in decodes.items() if steps}  # a one-token answer never decodes
+    tricky = [(rid, e["step_id"]) for e in events for rid in e["preempted"]
+              if rid in decoded and first[rid] < e["step_id"] < decoded[rid]]
     assert tricky, "the workload should preempt a request between its first token and its first decode"
     for rid, _ in tricky:  # the prefill before its first decode is the recompute, after its first token
         prefills = [e["step_id"] for e in events if any(c[0] == rid for c in e["prefill"])]
