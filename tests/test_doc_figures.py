@@ -274,7 +274,7 @@ FIGURES: dict[str, list[Run]] = {
         )),
         Run("python -m demos.demo_prefix_caching --quick --num-blocks 12", quotes=(
             "caching off   675 ...",
-            "caching on   171 ...   3",
+            "caching on   162 ...   4",
         )),
     ],
 }

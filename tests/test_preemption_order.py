@@ -73,3 +73,27 @@ def test_an_older_request_is_not_starved_by_a_younger_one() -> None:
     assert steps == sorted(steps), f"finish steps by arrival: {steps}"
     for r in reqs:
         assert_oracle(model, r, check_cache=False)
+
+
+def test_a_step_that_preempts_for_blocks_admits_nobody() -> None:
+    """vLLM's rule: when a running request had to preempt another for blocks, no waiting request is
+    admitted in that step (it would take blocks the running ones are short of and be preempted next).
+    Requests arrive while others decode on a small pool, over several pool sizes."""
+    model = make_model(D)
+    crowded = 0
+    for blocks in (5, 6, 8):
+        pool = BlockPool(blocks, 2, D)
+        sched = Scheduler(model, 6, 4)
+        reqs = [make_request(f"r{i}", 2 + i % 3, 5, D, PagedKVCache(2, pool=pool), seed=i) for i in range(8)]
+        for step in range(200):
+            if step < len(reqs):
+                sched.add_request(reqs[step])  # one arrival a step: some arrive while the pool is full
+            if not (sched.running or sched.waiting):
+                break
+            plan = sched.schedule()
+            assert not (plan.preempted and plan.admitted), (blocks, step, plan.preempted, plan.admitted)
+            crowded += bool(plan.preempted and sched.waiting)
+            sched.step()
+        for r in reqs:
+            assert_oracle(model, r, check_cache=False)
+    assert crowded, "the pools should be short while requests wait"

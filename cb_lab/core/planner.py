@@ -19,7 +19,8 @@ admitted only when its pool can hold its whole prefill). A running request (deco
 prefill chunk) that cannot get a block preempts the running request that arrived last
 (``running`` is in arrival order): vLLM's recompute preemption; the victim rejoins the
 waiting queue ahead of the requests never admitted. No running request ever waits for blocks a later one holds, so a run
-finishes whenever each request alone fits its pool. Every request that waits is listed
+finishes whenever each request alone fits its pool; and a step that had to preempt for blocks
+admits nobody (as vLLM's scheduler), so it never takes in new requests only to preempt them next. Every request that waits is listed
 in ``plan.skipped`` with the reason: ``budget``, ``no_blocks``, ``max_num_seqs`` or
 ``batch_running``.
 
@@ -88,6 +89,7 @@ class _StepPlanner:
         self.prefill: list[PrefillChunk] = []
         self.admitted: list[Request] = []
         self.preempted: list[Request] = []
+        self.out_of_blocks = False  # a running request had to preempt another for blocks this step
         self.skipped: dict[str, str] = {}
 
     def chunk_len(self, req: Request, start: int | None = None) -> int:
@@ -110,6 +112,7 @@ class _StepPlanner:
             candidates = [r for r in self.running if id(r) not in scheduled and r is not req]
             victim = candidates[-1] if candidates else req
             self.preempt(victim)
+            self.out_of_blocks = True
             if victim is req:
                 return False
         return True
@@ -161,6 +164,8 @@ class _StepPlanner:
             self.add_chunk(req, n, cached)
 
     def admission_blocker(self, req: Request, cached: tuple[int, ...] = ()) -> str | None:
+        if self.out_of_blocks:  # the pool is short: the requests it has come first
+            return "no_blocks"
         start = len(cached) * block_size_of(req)
         limit = self.config.max_num_seqs
         if limit is not None and len(self.running) + len(self.admitted) >= limit:
