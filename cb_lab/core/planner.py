@@ -18,11 +18,11 @@ Limits: ``max_num_seqs`` running requests; KV blocks of shared pools (a request 
 admitted only when its pool can hold its whole prefill). A running request (decode or
 prefill chunk) that cannot get a block preempts the running request that arrived last
 (``running`` is in arrival order): vLLM's recompute preemption; the victim rejoins the
-waiting queue ahead of the requests never admitted. No running request ever waits for blocks a later one holds, so a run
-finishes whenever each request alone fits its pool; and a step that had to preempt for blocks
-admits nobody (as vLLM's scheduler), so it never takes in new requests only to preempt them next. Every request that waits is listed
-in ``plan.skipped`` with the reason: ``budget``, ``no_blocks``, ``max_num_seqs`` or
-``batch_running``.
+waiting queue ahead of the requests never admitted. No running request ever waits for blocks
+a later one holds, so a run finishes whenever each request alone fits its pool; and a step
+that had to preempt for blocks admits nobody (as vLLM's scheduler), so it never takes in new
+requests only to preempt them next. Every request that waits is listed in ``plan.skipped``
+with the reason: ``budget``, ``no_blocks``, ``max_num_seqs`` or ``batch_running``.
 
 With ``enable_prefix_caching`` an admission starts after the cached full blocks of its prefill
 (``prefix_cache.prefix_hit``); the ledger counts each of them that nobody holds (an evictable
