@@ -93,12 +93,12 @@ def test_a_subscriber_that_does_not_read_loses_its_oldest_steps_not_the_engine_i
             hub.publish(i, str(i))
         batch = await sub.next_batch(5)
         assert batch is not None
-        steps, dropped = batch
-        assert [i for i, _ in steps] == list(range(92, 100)) and dropped == 92
+        steps, dropped, abort = batch
+        assert [i for i, _ in steps] == list(range(92, 100)) and dropped == 92 and abort is None
         assert len(hub.window) == 50 and hub.window[0][0] == 50
         assert [i for i, _ in hub.subscribe(loop, after=95)[1]] == [96, 97, 98, 99]  # a reconnect goes on
         assert [i for i, _ in hub.subscribe(loop, backfill=10)[1]] == list(range(90, 100))  # a new page: the latest
-        assert await sub.next_batch(0.01) == ([], 0)  # silence: a keep-alive
+        assert await sub.next_batch(0.01) == ([], 0, None)  # silence: a keep-alive
         hub.close()
         assert await sub.next_batch(5) is None and hub.subscribe(loop)[0].closed
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,9 @@ import httpx
 from helpers import make_llama
 from live_helpers import PlanLog, assert_events_are_the_plans, assert_pool_adds_up, sse
 
+from cb_lab.core.request import Request
 from cb_lab.engine import EngineConfig, LLMEngine
+from cb_lab.plugins.base import SchedulerPlugin
 from cb_lab.server import RunningServer, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,5 +147,65 @@ def test_two_hundred_requests_in_flight_keep_the_page_backlog_bounded(page: tupl
         assert not errors, errors
     finally:
         cdp.send("Emulation.setCPUThrottlingRate", {"rate": 1})
+        p.close()
+        server.stop()
+
+
+class HoldWhenAllDecode(SchedulerPlugin):
+    """Holds the engine thread after the first step in which every request has two tokens, until
+    ``release`` is set: the test hangs up while they are surely running, with many tokens to go."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.requests, self.release = n, [], threading.Event()
+
+    def on_request_added(self, request: Request, step_id: int) -> None:
+        self.requests.append(request)
+
+    def after_step(self, stats: dict[str, Any]) -> None:
+        if len(self.requests) == self.n and all(len(r.generated_tokens) >= 2 for r in self.requests):
+            self.release.wait()
+
+
+def test_requests_aborted_on_an_idle_engine_leave_the_page_at_once(page: tuple[Any, list[str]]) -> None:
+    """A client that hangs up aborts its requests between steps; nothing is left to run, so no step
+    follows. The ``aborted`` message says so anyway: to a page watching, and to one that connects later."""
+    p, errors = page
+    hold = HoldWhenAllDecode(3)
+    server = serve(EngineConfig(max_num_seqs=6, block_size=4, num_blocks=160, max_tokens_per_step=32,
+                                prefill_chunk_size=8), hold)
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as client, client.stream("GET", "/events") as r:
+            messages = sse(r.iter_lines())
+            assert next(messages)["event"] == "hello"
+            body = {"prompt": ["a", "b", "c"], "max_tokens": 300, "ignore_eos": True, "stream": True}
+            with client.stream("POST", "/v1/completions", json=body) as answer:
+                assert next(answer.iter_lines()).startswith("data: ")
+            hold.release.set()  # the client is gone: its three requests are aborted
+            steps: list[dict[str, Any]] = []
+
+            def until_none_runs() -> dict[str, Any]:  # keep-alives keep the stream open: bounded below
+                while (m := next(messages))["event"] != "aborted" or json.loads(m["data"])["running"]:
+                    steps.extend(json.loads(m["data"])["steps"] if m["event"] == "steps" else [])
+                return dict(json.loads(m["data"]))
+
+            pool = ThreadPoolExecutor(1)
+            try:
+                abort = pool.submit(until_none_runs).result(timeout=WAIT_MS / 1000)
+            finally:
+                pool.shutdown(wait=False)  # a reader still waiting ends when the stream closes
+            assert len(steps[-1]["running"]) == 3 and steps[-1]["pool_used_blocks"] > 0  # what the page showed
+            assert abort["after_step"] == steps[-1]["step_id"]
+            assert sorted(abort["aborted"]) == sorted(steps[-1]["running"])
+            assert (abort["waiting"], abort["pool_used_blocks"], abort["blocks"].count("u")) == ([], 0, 0)
+        trace = httpx.get(server.url + "/trace", timeout=10).json()["steps"]
+        assert trace[-1]["step_id"] == steps[-1]["step_id"]  # no step ran after the abort; the file holds steps only
+        p.goto(server.url + "/")  # a page that connects later: the backfill, then the abort
+        p.wait_for_function("document.querySelectorAll('#timeline-rows [data-state=aborted]').length === 3",
+                            timeout=WAIT_MS)
+        assert (p.inner_text("#num-running"), p.inner_text("#pool-used"), p.inner_text("#step-id")) == (
+            "0", "0", str(steps[-1]["step_id"]))
+        assert not errors, errors
+    finally:
+        hold.release.set()
         p.close()
         server.stop()

@@ -240,7 +240,7 @@ class Scheduler:
     def finish_request(self, req_id: str, finish_reason: str) -> Request:
         """End a waiting or running request now and free its KV memory (vLLM's ``finish_requests``):
         ``"abort"``, or ``"stop"`` when its caller found a stop string in its text; a stop counts as a
-        finished request (``on_request_completion`` fires), an abort does not."""
+        finished request (``on_request_completion`` fires), an abort does not (``on_request_aborted``)."""
         if finish_reason not in ("abort", "stop"):
             raise SchedulerError(f"finish_reason must be 'abort' or 'stop', got {finish_reason!r}")
         req = next((r for r in self.active if r.req_id == req_id), None)
@@ -252,7 +252,9 @@ class Scheduler:
         req.aborted, req.finished, req.finish_reason = finish_reason == "abort", True, finish_reason
         self._decode_turn.pop(req_id, None)
         logger.info("%s %r", "aborted" if req.aborted else "stopped", req)
-        if not req.aborted:
+        if req.aborted:
+            self.plugins.on_request_aborted(req)
+        else:
             self.num_finished += 1
             self.plugins.on_request_completion(req)
         return req

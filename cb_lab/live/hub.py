@@ -6,8 +6,13 @@ behind (a slow page, a slow network) loses its oldest steps, and is told how man
 instead of making the engine or the server's memory wait for it::
 
     engine thread: hub.publish(step_id, text)     # O(subscribers), a short lock each, no await
+                   hub.publish_abort(text)        # requests aborted since the last step (no step may follow)
     event loop:    sub, first = hub.subscribe(loop)
-                   steps, dropped = await sub.next_batch(timeout)   # all that piled up, in one go
+                   steps, dropped, abort = await sub.next_batch(timeout)   # all that piled up, in one go
+
+An abort is not a step (a trace file holds steps only; the next step lists the aborted requests
+anyway), but an idle engine runs no next step: so the latest abort since the last step is kept
+beside the window, and sent after the steps, until a step replaces it.
 
 The hub also keeps a bounded window of the latest steps (``window`` steps; None: all of them,
 for a trace file), which a page that connects late, or reconnects, is sent first, and which
@@ -48,6 +53,7 @@ class Subscriber:
         self._lock = threading.Lock()
         self._queue: deque[Encoded] = deque(maxlen=maxlen)
         self._dropped = 0  # steps pushed out of the full queue since the last batch
+        self._abort: str | None = None  # the latest abort after the queued steps (a newer step replaces it)
         self._ready = asyncio.Event()  # set on the loop when the queue has something
         self._wake_sent = False  # a wake-up is on its way: the engine sends one per batch, not one per step
         self.closed = False
@@ -58,6 +64,16 @@ class Subscriber:
             if len(self._queue) == self._queue.maxlen:
                 self._dropped += 1
             self._queue.append(step)
+            self._abort = None  # the step lists the aborts and the queues after them
+            if self._wake_sent:
+                return True
+            self._wake_sent = True
+        return self._wake()
+
+    def offer_abort(self, text: str) -> bool:
+        """Keep ``text``, the latest abort since the last step, in place of any earlier one (any thread)."""
+        with self._lock:
+            self._abort = text
             if self._wake_sent:
                 return True
             self._wake_sent = True
@@ -75,22 +91,22 @@ class Subscriber:
             return False
         return True
 
-    async def next_batch(self, timeout: float) -> tuple[list[Encoded], int] | None:
-        """``(steps, dropped)``: what was queued (oldest first) and how many steps were lost to a full
-        queue since the last batch; ``([], 0)`` after ``timeout`` seconds of silence; None once closed
-        and empty."""
+    async def next_batch(self, timeout: float) -> tuple[list[Encoded], int, str | None] | None:
+        """``(steps, dropped, abort)``: what was queued (oldest first), how many steps were lost to a
+        full queue since the last batch, and the latest abort after those steps (or None);
+        ``([], 0, None)`` after ``timeout`` seconds of silence; None once closed and empty."""
         if not self.closed:
             try:
                 await asyncio.wait_for(self._ready.wait(), timeout)
             except TimeoutError:
-                return [], 0
+                return [], 0, None
         with self._lock:
             self._ready.clear()
             self._wake_sent = False
-            steps, dropped = list(self._queue), self._dropped
+            steps, dropped, abort = list(self._queue), self._dropped, self._abort
             self._queue.clear()
-            self._dropped = 0
-        return None if self.closed and not steps else (steps, dropped)
+            self._dropped, self._abort = 0, None
+        return None if self.closed and not steps else (steps, dropped, abort)
 
 
 class StepHub:
@@ -108,6 +124,7 @@ class StepHub:
         self.window: deque[Encoded] = deque(maxlen=window)
         self.queue_size = queue_size
         self.run_id = uuid.uuid4().hex[:8]
+        self.abort: str | None = None  # the latest abort since the last step, for pages that connect later
         self._subscribers: list[Subscriber] = []
         self._lock = threading.Lock()
         self._on_subscribe = on_subscribe
@@ -117,8 +134,19 @@ class StepHub:
         """Keep one encoded step and offer it to every subscriber (engine thread; never waits)."""
         with self._lock:
             self.window.append((step_id, text))
+            self.abort = None
             subscribers = list(self._subscribers)
-        gone = [sub for sub in subscribers if not sub.offer((step_id, text))]
+        self._forget([sub for sub in subscribers if not sub.offer((step_id, text))])
+
+    def publish_abort(self, text: str) -> None:
+        """Offer every subscriber the requests aborted since the last step and the queues and pool
+        after them (engine thread; never waits). Not kept in the window: it is no step."""
+        with self._lock:
+            self.abort = text
+            subscribers = list(self._subscribers)
+        self._forget([sub for sub in subscribers if not sub.offer_abort(text)])
+
+    def _forget(self, gone: list[Subscriber]) -> None:  # subscribers whose loop has closed
         for sub in gone:
             self.unsubscribe(sub)
 
@@ -132,6 +160,8 @@ class StepHub:
                 sub.closed = True
             self._subscribers.append(sub)
             steps = list(self.window)
+            if self.abort is not None:  # sent after the first steps (the route sends those before any batch)
+                sub.offer_abort(self.abort)
         if after is not None:
             steps = [step for step in steps if step[0] > after]
         first = list(itertools.islice(steps, max(len(steps) - backfill, 0), None))

@@ -13,6 +13,15 @@ the live pool can tell::
      "t": 12.504,                  # seconds since the plugin was made (the page's clock for rates)
      "pool_cached_blocks": 5,      # evictable prefix-cache blocks (rows kept, nobody holds them)
      "blocks": "uus.cc...."}       # one character per block: u in use, s shared, c cached, . free
+
+``Scheduler.abort`` (a client hung up) frees blocks between steps, and an idle engine may run no
+step for minutes: so each abort also publishes the state after it (:func:`abort_event`), which
+the hub sends as its own kind of message (it is no step, and no trace file holds it)::
+
+    {"after_step": 41,             # the last step published before the abort
+     "aborted": ["r3", "r7"],      # every request aborted since that step (the next step lists them too)
+     "waiting": [], "running": ["r9"], "pool_used_blocks": 3, "pool_num_blocks": 64,
+     "t": 13.2, "pool_cached_blocks": 5, "blocks": "uuu.cc...."}
 """
 
 from __future__ import annotations
@@ -24,10 +33,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from cb_lab.core.block_pool import BlockPool
+from cb_lab.core.request import Request
 from cb_lab.live.hub import StepHub
 from cb_lab.monitoring.trace import StepTrace, TracePlugin
 
-__all__ = ["BLOCK_CHARS", "MAX_GRID_BLOCKS", "LiveTracePlugin", "pool_blocks", "step_event"]
+__all__ = ["BLOCK_CHARS", "MAX_GRID_BLOCKS", "LiveTracePlugin", "abort_event", "pool_blocks", "step_event"]
 
 BLOCK_CHARS = {"u": "in use (one block table)", "s": "shared (two or more block tables)",
                "c": "cached, evictable (no table holds it; its rows wait for a prefix hit)", ".": "free"}
@@ -56,9 +66,21 @@ def step_event(step: StepTrace, pools: Sequence[BlockPool], t: float) -> dict[st
     that of ``step.to_dict()``): ``asdict``'s deep copy cost a millisecond a step with 200
     requests running, on the engine thread.
     """
-    cached = sum(p.num_evictable_blocks for p in pools) if pools else None
     fields = {name: getattr(step, name) for name in _STEP_FIELDS}
-    return fields | {"t": round(t, 4), "pool_cached_blocks": cached, "blocks": pool_blocks(pools)}
+    return fields | _live_fields(pools, t)
+
+
+def _live_fields(pools: Sequence[BlockPool], t: float) -> dict[str, Any]:
+    cached = sum(p.num_evictable_blocks for p in pools) if pools else None
+    return {"t": round(t, 4), "pool_cached_blocks": cached, "blocks": pool_blocks(pools)}
+
+
+def abort_event(after_step: int | None, aborted: Sequence[str], waiting: Sequence[str], running: Sequence[str],
+                pools: Sequence[BlockPool], t: float) -> dict[str, Any]:
+    """What the page gets when requests are aborted between steps: who, and the queues and pool now."""
+    return {"after_step": after_step, "aborted": list(aborted), "waiting": list(waiting), "running": list(running),
+            "pool_used_blocks": sum(p.num_used_blocks for p in pools) if pools else None,
+            "pool_num_blocks": sum(p.num_blocks for p in pools) if pools else None} | _live_fields(pools, t)
 
 
 class LiveTracePlugin(TracePlugin):
@@ -72,7 +94,15 @@ class LiveTracePlugin(TracePlugin):
         super().__init__(budget)
         self.hub = hub
         self._start = time.monotonic()
+        self._last_step: int | None = None
 
     def record(self, step: StepTrace) -> None:
+        self._last_step = step.step_id
         event = step_event(step, self.pools, time.monotonic() - self._start)
         self.hub.publish(step.step_id, json.dumps(event, separators=(",", ":")))
+
+    def on_request_aborted(self, request: Request) -> None:
+        super().on_request_aborted(request)
+        event = abort_event(self._last_step, self._aborted, self._waiting, self._running, self.pools,
+                            time.monotonic() - self._start)
+        self.hub.publish_abort(json.dumps(event, separators=(",", ":")))

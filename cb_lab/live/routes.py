@@ -8,6 +8,13 @@ batch of steps: every step that piled up since the last message, in one JSON obj
     id: 3f9a01c2:41                       # run id : last step id (EventSource resends it on reconnect)
     data: {"dropped": 0, "steps": [{...step 40...}, {...step 41...}]}
 
+When requests are aborted between steps (a client hung up), an ``aborted`` message says who, and
+the queues and pool after them (``recorder.abort_event``; an idle engine may run no step for
+minutes, so the page cannot wait for the next one)::
+
+    event: aborted
+    data: {"after_step": 41, "aborted": ["r3"], "waiting": [], "running": [], "pool_used_blocks": 0, ...}
+
 A page that reconnects sends that id back (``Last-Event-ID``): the same run goes on from the
 step after it; another run (the server restarted) starts over. A comment line every
 ``keepalive_s`` seconds of silence lets the server notice a page that has gone.
@@ -86,8 +93,13 @@ def live_router(hub: StepHub, model_name: str | None = None, *, max_prompts: int
                 if first:
                     yield _steps_message(hub.run_id, first, 0)
                 while (batch := await sub.next_batch(keepalive_s)) is not None:
-                    steps, dropped = batch
-                    yield _steps_message(hub.run_id, steps, dropped) if steps else ": keep-alive\n\n"
+                    steps, dropped, abort = batch
+                    if steps:
+                        yield _steps_message(hub.run_id, steps, dropped)
+                    if abort is not None:
+                        yield f"event: aborted\ndata: {abort}\n\n"
+                    if not steps and abort is None:
+                        yield ": keep-alive\n\n"
             finally:  # the page left (the response was cancelled) or the hub closed
                 hub.unsubscribe(sub)
 

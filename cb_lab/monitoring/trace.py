@@ -15,8 +15,9 @@ Timeline characters, one per step: ``' '`` not arrived yet (or finished), ``'.'`
 ``'x'`` preempted in this step (its K/V is gone; it waits again from the next step).
 
 Idle steps (nothing active) call no hook and do not advance ``step_id``: they leave no trace.
-``Scheduler.abort`` calls no hook either: the next step's trace lists the requests aborted
-since the step before in ``aborted`` and drops them from its queues (a server's clients hang up).
+``Scheduler.abort`` (a server's client hung up) calls ``on_request_aborted``: the request leaves the
+rebuilt queues at once, and the next step's trace lists the requests aborted since the step before
+in ``aborted``.
 """
 
 from __future__ import annotations
@@ -149,7 +150,6 @@ class TracePlugin(SchedulerPlugin):
         self._plan: StepPlan | None = None
         self._finished: list[str] = []
         self._forked: list[str] = []
-        self._queued: dict[str, Request] = {}  # the requests in _waiting or _running, to see aborts
         self._aborted: list[str] = []
         # Requests that have produced a token, until they finish: a preempted one recomputes its
         # prefill and ends it again, but its first token came out long before.
@@ -168,19 +168,17 @@ class TracePlugin(SchedulerPlugin):
         else:  # a sample forked by this step's commit: it joins running after the step's admissions
             self._forked.append(request.req_id)
         self._arrived.append(request.req_id)
-        self._queued[request.req_id] = request
         self._watch_pool(request)
 
     def before_step(self, plan: StepPlan) -> None:
         self._plan, self._finished = plan, []  # a step that failed in compute is simply planned again
-        gone = [req_id for req_id, req in self._queued.items() if req.aborted]
-        if gone:
-            self._waiting = [r for r in self._waiting if r not in gone]
-            self._running = [r for r in self._running if r not in gone]
-            self._aborted += gone
-            for req_id in gone:
-                del self._queued[req_id]
-                self._has_token.discard(req_id)
+
+    def on_request_aborted(self, request: Request) -> None:
+        req_id = request.req_id
+        self._waiting = [r for r in self._waiting if r != req_id]
+        self._running = [r for r in self._running if r != req_id]
+        self._aborted.append(req_id)
+        self._has_token.discard(req_id)
 
     def on_request_completion(self, request: Request) -> None:
         self._finished.append(request.req_id)
@@ -200,7 +198,6 @@ class TracePlugin(SchedulerPlugin):
         self._running = [r for r in self._running if r not in done]
         first_tokens = self._first_tokens(plan)
         for req_id in done:
-            self._queued.pop(req_id, None)
             self._has_token.discard(req_id)
         ran = [*plan.decode, *(chunk.request for chunk in plan.prefill)]
         for req in ran:

@@ -77,6 +77,9 @@ class SchedulerPlugin(Plugin):
     def on_request_completion(self, request: Request) -> None:
         """Called once per request, in the step that finishes it."""
 
+    def on_request_aborted(self, request: Request) -> None:
+        """Called when ``Scheduler.abort`` removed ``request`` (between steps; its blocks are freed)."""
+
 
 class AttentionPlugin(Plugin):
     """Sees attention probabilities: ``weights [rows, keys]`` (masked keys are exactly 0)."""
@@ -169,3 +172,7 @@ class PluginManager:
     def on_request_completion(self, request: Request) -> None:
         for plugin in self.scheduler_plugins:
             plugin.on_request_completion(request)
+
+    def on_request_aborted(self, request: Request) -> None:
+        for plugin in self.scheduler_plugins:
+            plugin.on_request_aborted(request)
