@@ -313,8 +313,22 @@ def test_a_burst_size_is_checked_before_anything_is_sent(quiet: tuple[Any, list[
     for value in ("1000", "0", "-1", "2.5", "65"):
         p.fill("#burst-n", value)
         p.click("#burst")
-        wait_for_text(p, "#burst-error", f"a burst of {value}? give a whole number from 1 to 64")
-        assert p.is_visible("#burst-error")
+        wait_for_text(p, "#input-error", f"a burst of {value}? give a whole number from 1 to 64")
+        assert p.is_visible("#input-error")
+    assert posts == [] and p.locator("#answers div").count() == 0 and not errors
+
+
+def test_max_tokens_is_checked_before_anything_is_sent(quiet: tuple[Any, list[str]]) -> None:
+    """-3 and 2.5 came back as the server's 400, 0 as an empty answer nobody explained."""
+    p, errors = quiet
+    posts: list[str] = []
+    p.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
+    for value in ("-3", "2.5", "0", "40000", ""):
+        for button in ("#send", "#burst"):
+            p.fill("#max-tokens", value)
+            p.click(button)
+            wait_for_text(p, "#input-error", f"max tokens of {value or '(not a number)'}? "
+                          "give a whole number from 1 to 32768")
     assert posts == [] and p.locator("#answers div").count() == 0 and not errors
 
 
@@ -341,3 +355,13 @@ def test_long_answers_and_error_bodies_stay_inside_the_side_panel(quiet: tuple[A
     assert all(inside and cut <= 0 and scrolls for inside, cut, scrolls in boxes["entries"])
     assert p.inner_text("#answers div.error span") == "error 400: " + "y" * 3000
     assert [e for e in errors if "400" not in e] == []  # Chromium logs the refused POST itself
+
+
+def test_a_replay_says_it_is_one_and_counts_evictions_in_words(quiet: tuple[Any, list[str]], tmp_path: Path) -> None:
+    p, errors = quiet
+    replay(p, tmp_path, [trace_step(0, kv_evictions=2), trace_step(1, kv_evictions=1)])
+    assert p.inner_text("#budget-text").endswith(", 1 eviction")
+    assert p.inner_text("#page-stats").startswith("replaying a trace of 2 steps, redraw ")
+    p.fill("#replay-slider", "0")
+    wait_for_text(p, "#budget-step", "0")
+    assert p.inner_text("#budget-text").endswith(", 2 evictions") and not errors
