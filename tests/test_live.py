@@ -19,7 +19,7 @@ from live_helpers import PlanLog, assert_events_are_the_plans, assert_pool_adds_
 from cb_lab.cli import serve
 from cb_lab.core.plan import StepPlan
 from cb_lab.live.hub import StepHub
-from cb_lab.live.recorder import LiveTracePlugin
+from cb_lab.live.recorder import MAX_GRID_BLOCKS, LiveTracePlugin
 from cb_lab.live.routes import dashboard_html
 from cb_lab.live.simulation import BackgroundServer, LiveSimulation, live_app
 from cb_lab.monitoring.trace import StepTrace, load_trace
@@ -52,6 +52,19 @@ def test_each_event_is_the_step_the_scheduler_planned(recorded: tuple[RunResult,
     assert all(seen.values()), f"the workload should show every event the page draws: {seen}"
     assert "s" in "".join(e["blocks"] for e in events)
     assert events[-1]["pool_used_blocks"] == 0 and events[-1]["running"] == events[-1]["waiting"] == []
+
+
+def test_a_pool_over_the_grid_limit_sends_its_cached_block_ids(
+        recorded: tuple[RunResult, list[StepPlan], StepHub]) -> None:
+    """No per-block states over MAX_GRID_BLOCKS, but the (few) cached blocks, so the page can still show them."""
+    hub = StepHub(window=None)
+    plugin = LiveTracePlugin(hub, CONFIG.max_tokens_per_step)
+    simulate(SPECS, replace(CONFIG, num_blocks=MAX_GRID_BLOCKS + 1), plugins=[plugin])
+    events = [json.loads(text) for _, text in hub.window]
+    assert all(e["blocks"] is None and len(e["cached_ids"]) == e["pool_cached_blocks"] for e in events)
+    assert events[-1]["cached_ids"] == sorted(plugin.pools[0].evictable) != []
+    small = [json.loads(text) for _, text in recorded[2].window]  # 16 blocks: the grid says it all
+    assert all(e["cached_ids"] is None and e["blocks"] is not None for e in small)
 
 
 class ReferenceMetrics(MetricsPlugin):

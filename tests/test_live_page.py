@@ -222,7 +222,7 @@ PIXEL = """([k]) => { const g = window.cbLive.grid(), c = document.getElementByI
 
 
 def test_a_huge_pool_is_drawn_as_squares_of_several_blocks(quiet: tuple[Any, list[str]], tmp_path: Path) -> None:
-    """``serve``'s default pool (32,768 blocks, over the server's MAX_GRID_BLOCKS: no "blocks" in the
+    """``serve --model random``'s default pool (32,768 blocks, over the server's MAX_GRID_BLOCKS: no "blocks" in the
     steps): the page draws one readable square per K blocks, coloured by the busiest of them."""
     p, errors = quiet
     tables = [["a", list(range(100))], ["b", [*range(16), *range(100, 120)]]]  # 0-15 shared, 16-119 in use
@@ -237,6 +237,21 @@ def test_a_huge_pool_is_drawn_as_squares_of_several_blocks(quiet: tuple[Any, lis
     assert p.evaluate(PIXEL, [0]) == shared  # blocks 0-15 (and up to per - 1): the busiest is shared
     assert p.evaluate(PIXEL, [119 // per]) == in_use
     assert p.evaluate(PIXEL, [grid["count"] - 1]) == free
+    assert not errors
+
+
+def test_cached_blocks_of_a_huge_pool_show_as_cached(quiet: tuple[Any, list[str]], tmp_path: Path) -> None:
+    """Over MAX_GRID_BLOCKS the server sends no per-block states, but the cached blocks' ids: their squares
+    are orange (experiment 3 of the docs, on ``serve --model random``'s 32,768 blocks), not free."""
+    p, errors = quiet
+    cached = list(range(4000, 4130))
+    replay(p, tmp_path, [trace_step(0, arrived=["a"], running=["a"], block_tables=[["a", list(range(100))]],
+                                    pool_used_blocks=100, pool_num_blocks=32768, pool_cached_blocks=130,
+                                    cached_ids=cached)])
+    per = p.evaluate("window.cbLive.grid().perCell")
+    assert p.evaluate(PIXEL, [4000 // per]) == [245, 183, 112]  # --c
+    assert p.evaluate(PIXEL, [4200 // per]) == [238, 238, 238]  # --free
+    assert p.inner_text("#pool-cached") == "130" and "cached blocks show as free" not in p.inner_text("#pool-scale")
     assert not errors
 
 
@@ -365,3 +380,17 @@ def test_a_replay_says_it_is_one_and_counts_evictions_in_words(quiet: tuple[Any,
     p.fill("#replay-slider", "0")
     wait_for_text(p, "#budget-step", "0")
     assert p.inner_text("#budget-text").endswith(", 2 evictions") and not errors
+
+
+def test_a_timeline_over_its_row_cap_says_how_many_it_shows(quiet: tuple[Any, list[str]], tmp_path: Path) -> None:
+    """After a burst of 256 the header said "running 38" with no row for some of them: the page keeps
+    the latest 200 rows, and now says so."""
+    p, errors = quiet
+    ids = [f"r{i:03d}" for i in range(256)]
+    replay(p, tmp_path, [trace_step(0, arrived=ids, waiting=ids)])
+    assert p.inner_text("#timeline-note") == "showing the latest 200 of 256 requests"
+    assert p.locator("#timeline-rows div").count() == 200
+    assert p.locator("#timeline-rows div").first.get_attribute("data-req") == "r056"
+    (tmp_path / "fewer").mkdir()  # another file: the same one again fires no change
+    replay(p, tmp_path / "fewer", [trace_step(0, arrived=ids[:200], waiting=ids[:200])])
+    assert p.inner_text("#timeline-note") == "" and not errors

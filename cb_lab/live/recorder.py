@@ -12,7 +12,8 @@ the live pool can tell::
      "pool_used_blocks": 9, "pool_num_blocks": 64, "duration_s": 0.0021, ...,   # the StepTrace
      "t": 12.504,                  # seconds since the plugin was made (the page's clock for rates)
      "pool_cached_blocks": 5,      # evictable prefix-cache blocks (rows kept, nobody holds them)
-     "blocks": "uus.cc...."}       # one character per block: u in use, s shared, c cached, . free
+     "blocks": "uus.cc....",       # one character per block: u in use, s shared, c cached, . free
+     "cached_ids": None}           # over MAX_GRID_BLOCKS ("blocks" None): the cached blocks' ids, else None
 
 ``Scheduler.abort`` (a client hung up) frees blocks between steps, and an idle engine may run no
 step for minutes: so each abort also publishes the state after it (:func:`abort_event`), which
@@ -37,7 +38,8 @@ from cb_lab.core.request import Request
 from cb_lab.live.hub import StepHub
 from cb_lab.monitoring.trace import StepTrace, TracePlugin
 
-__all__ = ["BLOCK_CHARS", "MAX_GRID_BLOCKS", "LiveTracePlugin", "abort_event", "pool_blocks", "step_event"]
+__all__ = ["BLOCK_CHARS", "MAX_GRID_BLOCKS", "LiveTracePlugin", "abort_event", "cached_block_ids", "pool_blocks",
+           "step_event"]
 
 BLOCK_CHARS = {"u": "in use (one block table)", "s": "shared (two or more block tables)",
                "c": "cached, evictable (no table holds it; its rows wait for a prefix hit)", ".": "free"}
@@ -59,6 +61,21 @@ def pool_blocks(pools: Sequence[BlockPool]) -> str | None:
     return "".join(text)
 
 
+def cached_block_ids(pools: Sequence[BlockPool]) -> list[int] | None:
+    """The evictable blocks of a pool too large for :func:`pool_blocks` (ids counted across ``pools``, one
+    after the other), so that its aggregated grid can still show them; None when the grid is sent, or
+    when they are too many (over :data:`MAX_GRID_BLOCKS`)."""
+    if not pools or sum(p.num_blocks for p in pools) <= MAX_GRID_BLOCKS:
+        return None
+    if sum(p.num_evictable_blocks for p in pools) > MAX_GRID_BLOCKS:
+        return None
+    ids, offset = [], 0
+    for pool in pools:
+        ids += sorted(offset + block_id for block_id in pool.evictable)
+        offset += pool.num_blocks
+    return ids
+
+
 def step_event(step: StepTrace, pools: Sequence[BlockPool], t: float) -> dict[str, Any]:
     """What the page gets for one step: the ``StepTrace``'s fields, the clock and the pool's blocks.
 
@@ -72,7 +89,8 @@ def step_event(step: StepTrace, pools: Sequence[BlockPool], t: float) -> dict[st
 
 def _live_fields(pools: Sequence[BlockPool], t: float) -> dict[str, Any]:
     cached = sum(p.num_evictable_blocks for p in pools) if pools else None
-    return {"t": round(t, 4), "pool_cached_blocks": cached, "blocks": pool_blocks(pools)}
+    return {"t": round(t, 4), "pool_cached_blocks": cached, "blocks": pool_blocks(pools),
+            "cached_ids": cached_block_ids(pools)}
 
 
 def abort_event(after_step: int | None, aborted: Sequence[str], waiting: Sequence[str], running: Sequence[str],
