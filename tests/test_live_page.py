@@ -394,3 +394,51 @@ def test_a_timeline_over_its_row_cap_says_how_many_it_shows(quiet: tuple[Any, li
     (tmp_path / "fewer").mkdir()  # another file: the same one again fires no change
     replay(p, tmp_path / "fewer", [trace_step(0, arrived=ids[:200], waiting=ids[:200])])
     assert p.inner_text("#timeline-note") == "" and not errors
+
+
+# The tokens chart as the page drew it: per column of CSS pixels, the topmost drawn row (None: nothing).
+TPS_TOPS = """(() => { const c = document.getElementById('chart-tps'), dpr = window.devicePixelRatio || 1;
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data, tops = [];
+  for (let x = 0; x < c.width; x += Math.round(dpr)) {
+    let top = null;
+    for (let y = 0; y < c.height && top === null; y++) if (d[(y * c.width + x) * 4 + 3] > 0) top = y / dpr;
+    tops.push(top);
+  }
+  return {tops, height: c.height / dpr}; })()"""
+
+
+def live_steps(p: Any, times: list[float]) -> None:
+    """The page watching a server whose steps (16 tokens each) ran at ``times`` seconds, then stopped."""
+    hub = StepHub()
+    for i, t in enumerate(times):
+        step = trace_step(i, arrived=["a"] if i == 0 else [], running=["a"], decode=["a"] * 16)
+        hub.publish(i, json.dumps(step | {"t": t}))
+    app = FastAPI()
+    app.include_router(live_router(hub))
+    server = BackgroundServer(app, hub)
+    try:
+        p.goto(server.url + "/")
+        wait_for_text(p, "#step-id", str(len(times) - 1))
+    finally:
+        server.stop()
+
+
+def test_a_short_run_draws_its_charts(page: tuple[Any, list[str]]) -> None:
+    """A burst over in under a second fills one half-second bucket: it used to draw 0 pixels."""
+    p, errors = page
+    live_steps(p, [0.01 * i for i in range(8)])
+    drawn = [top for top in p.evaluate(TPS_TOPS)["tops"] if top is not None]
+    assert len(drawn) >= 3 and min(drawn) < 5  # a bar of the highest value, at least 3 px wide
+    assert p.inner_text("#label-tps").endswith("(prefill + decode; max 256)") and not errors  # 128 tokens in 0.5 s
+
+
+def test_idle_time_is_drawn_at_zero_not_bridged(page: tuple[Any, list[str]]) -> None:
+    """Steps for a second, 30 idle seconds, steps again: the tokens/s line lies at 0 in between."""
+    p, errors = page
+    times = [0.1 * i for i in range(10)] + [30 + 0.1 * i for i in range(10)]
+    live_steps(p, times)
+    chart = p.evaluate(TPS_TOPS)
+    tops, height, n = chart["tops"], chart["height"], len(chart["tops"])
+    gap = tops[n * 55 // 100: n * 90 // 100]  # the last 60 s end at 31.5 s: 4.5 s to 25.5 s, all idle
+    assert all(top is not None and top >= height - 4 for top in gap), gap
+    assert min(top for top in tops if top is not None) < 5 and not errors  # the busy seconds reach the top
