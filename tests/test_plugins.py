@@ -34,6 +34,7 @@ class CountScheduler(SchedulerPlugin):
         self.plans: list[StepPlan] = []
         self.stats: list[dict[str, Any]] = []
         self.completed: list[str] = []
+        self.aborted: list[str] = []
         self.added: list[tuple[str, int]] = []
 
     def on_request_added(self, request: Request, step_id: int) -> None:
@@ -47,6 +48,9 @@ class CountScheduler(SchedulerPlugin):
 
     def on_request_completion(self, request: Request) -> None:
         self.completed.append(request.req_id)
+
+    def on_request_aborted(self, request: Request) -> None:
+        self.aborted.append(request.req_id)
 
 
 class CountAttention(AttentionPlugin):
@@ -85,6 +89,19 @@ def run(
     return model, reqs, sched.run_until_complete()
 
 
+def test_an_abort_calls_on_request_aborted_at_once_and_a_stop_counts_as_completed() -> None:
+    manager, counts = PluginManager(), CountScheduler()
+    manager.register_scheduler_plugin(counts)
+    sched = Scheduler(make_model(8), 6, 3, plugins=manager)
+    for i, (L, n) in enumerate(SHAPES[:3]):
+        sched.add_request(make_request(f"r{i}", L, n, 8))
+    sched.step()
+    sched.abort("r0")
+    assert (counts.aborted, counts.completed) == (["r0"], [])  # between steps, before any next step
+    sched.finish_request("r1", "stop")
+    assert (counts.aborted, counts.completed) == (["r0"], ["r1"])
+
+
 @pytest.mark.parametrize("executor", ["fused", "split"])
 @pytest.mark.parametrize("cache", ["dense", "paged"])
 def test_every_hook_is_called_the_expected_number_of_times(cache: str, executor: str) -> None:
@@ -99,6 +116,7 @@ def test_every_hook_is_called_the_expected_number_of_times(cache: str, executor:
     assert sched_p.stats == history
     assert sched_p.added == [(r.req_id, 0) for r in reqs]  # each once, in order, before step 0
     assert sorted(sched_p.completed) == sorted(r.req_id for r in reqs)  # each exactly once, zero-token one too
+    assert sched_p.aborted == []
     prefill_steps = sum(1 for p in sched_p.plans if p.prefill)
     decodes = sum(p.num_decode_tokens for p in sched_p.plans)
     phases = [phase for phase, _ in attn_p.calls]

@@ -206,7 +206,8 @@ def test_prefix_hits_samples_and_copies_are_traced(tmp_path: Path) -> None:
 
 
 def test_an_aborted_request_leaves_the_queues_at_the_next_step() -> None:
-    """Scheduler.abort calls no hook; the next step's trace says who went, and its queues are the scheduler's."""
+    """Scheduler.abort calls on_request_aborted; the next step's trace says who went, and its queues are the
+    scheduler's."""
     sched, trace = traced(4, 4, max_num_seqs=1)
     for req_id in "ABC":
         sched.add_request(make_request(req_id, 3, 4, DIM))
