@@ -156,13 +156,14 @@ class HoldWhenAllDecode(SchedulerPlugin):
     ``release`` is set: the test hangs up while they are surely running, with many tokens to go."""
 
     def __init__(self, n: int) -> None:
-        self.n, self.requests, self.release = n, [], threading.Event()
+        self.n, self.requests, self.reached, self.release = n, [], threading.Event(), threading.Event()
 
     def on_request_added(self, request: Request, step_id: int) -> None:
         self.requests.append(request)
 
     def after_step(self, stats: dict[str, Any]) -> None:
         if len(self.requests) == self.n and all(len(r.generated_tokens) >= 2 for r in self.requests):
+            self.reached.set()
             self.release.wait()
 
 
@@ -174,12 +175,14 @@ def test_requests_aborted_on_an_idle_engine_leave_the_page_at_once(page: tuple[A
     server = serve(EngineConfig(max_num_seqs=6, block_size=4, num_blocks=160, max_tokens_per_step=32,
                                 prefill_chunk_size=8), hold)
     try:
+        p.goto(server.url + "/")  # a page that watches as it happens
+        p.wait_for_function("document.getElementById('status').dataset.state === 'live'", timeout=WAIT_MS)
         with httpx.Client(base_url=server.url, timeout=60) as client, client.stream("GET", "/events") as r:
             messages = sse(r.iter_lines())
             assert next(messages)["event"] == "hello"
-            body = {"prompt": ["a", "b", "c"], "max_tokens": 300, "ignore_eos": True, "stream": True}
-            with client.stream("POST", "/v1/completions", json=body) as answer:
-                assert next(answer.iter_lines()).startswith("data: ")
+            body = {"prompt": ["a", "b", "c"], "max_tokens": 300, "ignore_eos": True, "stream": True, "temperature": 0}
+            with client.stream("POST", "/v1/completions", json=body) as answer:  # its text may not have begun:
+                assert answer.status_code == 200 and hold.reached.wait(WAIT_MS / 1000)  # bytes of half a character
             hold.release.set()  # the client is gone: its three requests are aborted
             steps: list[dict[str, Any]] = []
 
@@ -199,11 +202,12 @@ def test_requests_aborted_on_an_idle_engine_leave_the_page_at_once(page: tuple[A
             assert (abort["waiting"], abort["pool_used_blocks"], abort["blocks"].count("u")) == ([], 0, 0)
         trace = httpx.get(server.url + "/trace", timeout=10).json()["steps"]
         assert trace[-1]["step_id"] == steps[-1]["step_id"]  # no step ran after the abort; the file holds steps only
-        p.goto(server.url + "/")  # a page that connects later: the backfill, then the abort
-        p.wait_for_function("document.querySelectorAll('#timeline-rows [data-state=aborted]').length === 3",
-                            timeout=WAIT_MS)
-        assert (p.inner_text("#num-running"), p.inner_text("#pool-used"), p.inner_text("#step-id")) == (
-            "0", "0", str(steps[-1]["step_id"]))
+        for _ in ("watching", "reloaded"):  # reloaded: a page that connects later gets the steps, then the abort
+            p.wait_for_function("document.querySelectorAll('#timeline-rows [data-state=aborted]').length === 3",
+                                timeout=WAIT_MS)
+            assert (p.inner_text("#num-running"), p.inner_text("#pool-used"), p.inner_text("#step-id")) == (
+                "0", "0", str(steps[-1]["step_id"]))
+            p.reload()
         assert not errors, errors
     finally:
         hold.release.set()
