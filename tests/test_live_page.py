@@ -10,6 +10,7 @@ test`` installs it where it can) these tests skip. Waits are Playwright's, with 
 from __future__ import annotations
 
 import json
+import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -174,11 +175,13 @@ def test_a_page_that_cannot_keep_up_drops_steps_instead_of_queueing_them(page: t
 @pytest.fixture
 def quiet(page: tuple[Any, list[str]]) -> Iterator[tuple[Any, list[str]]]:
     """The page on a server with no steps, that says it serves a model "tiny" taking at most 64
-    prompts a POST (there is no such endpoint: a test answers the page's POSTs with ``page.route``)."""
+    prompts a POST (there is no such endpoint: a test answers the page's POSTs with ``page.route``);
+    ``/v1/models`` lists it without a context length."""
     p, errors = page
     hub = StepHub()
     app = FastAPI()
     app.include_router(live_router(hub, "tiny", max_prompts=64))
+    app.get("/v1/models")(lambda: {"object": "list", "data": [{"id": "tiny", "object": "model"}]})
     server = BackgroundServer(app, hub)
     try:
         p.goto(server.url + "/")
@@ -345,6 +348,32 @@ def test_max_tokens_is_checked_before_anything_is_sent(quiet: tuple[Any, list[st
             wait_for_text(p, "#input-error", f"max tokens of {value or '(not a number)'}? "
                           "give a whole number from 1 to 32768")
     assert posts == [] and p.locator("#answers div").count() == 0 and not errors
+
+
+def test_max_tokens_stops_at_the_served_models_context(quiet: tuple[Any, list[str]]) -> None:
+    """The box said "1 to 32768" where the model's context was 2048 (its /v1/models entry says so)."""
+    p, errors = quiet
+    models = {"object": "list", "data": [{"id": "tiny", "object": "model", "max_model_len": 2048}]}
+    p.route("**/v1/models", lambda route: route.fulfill(status=200, json=models))
+    p.reload()
+    p.wait_for_function("document.getElementById('max-tokens').max === '2048'", timeout=WAIT_MS)
+    p.fill("#max-tokens", "3000")
+    p.click("#send")
+    wait_for_text(p, "#input-error", "max tokens of 3000? give a whole number from 1 to 2048")
+    assert not errors
+
+
+def test_a_timeline_wider_than_its_panel_says_which_steps_it_shows(quiet: tuple[Any, list[str]],
+                                                                  tmp_path: Path) -> None:
+    """Past about 130 steps the first columns left the timeline with no word; at 800 px the step
+    numbers of the axis ran into each other."""
+    p, errors = quiet
+    p.set_viewport_size({"width": 800, "height": 600})
+    replay(p, tmp_path, [trace_step(i, arrived=["a"] if i == 0 else [], running=["a"], decode=["a"])
+                         for i in range(300)])
+    note = re.fullmatch(r"showing steps (\d+) to 299", p.inner_text("#timeline-note"))
+    assert note and 0 < int(note[1]) < 299, p.inner_text("#timeline-note")
+    assert stats(p)["axisEvery"] > 10 and not errors  # 10 columns are too narrow for a 3-digit number
 
 
 def test_long_answers_and_error_bodies_stay_inside_the_side_panel(quiet: tuple[Any, list[str]]) -> None:
