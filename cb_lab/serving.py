@@ -34,7 +34,6 @@ import torch
 from cb_lab.checks import check_bool, check_choice, check_int
 from cb_lab.core.block_pool import BlockPool
 from cb_lab.core.executor import EXECUTORS
-from cb_lab.core.kv_cache import PagedKVCache
 from cb_lab.core.planner import POLICIES
 from cb_lab.core.request import Request
 from cb_lab.core.scheduler import Scheduler
@@ -273,7 +272,7 @@ def simulate(
     wall_s = time.perf_counter() - start
     requests = [req for _, req in arrivals]
     for req in requests:
-        if not (isinstance(req.kv_cache, PagedKVCache) and req.kv_cache.shares_pool):
+        if req.kv_cache.shared_pool is None:  # a shared pool's blocks went back when the request finished
             req.kv_cache.release()
     name = name or config.policy
     run = metrics.get_summary()["run"]

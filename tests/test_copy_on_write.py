@@ -17,6 +17,7 @@ from cb_lab.core.scheduler import Scheduler
 from cb_lab.engine import EngineConfig, LLMEngine
 from cb_lab.exceptions import ConfigurationError, KVCacheError, RequestError, SchedulerError
 from cb_lab.model.llama_step import LlamaStepModel
+from cb_lab.monitoring.metrics import MetricsCollector
 from cb_lab.sampling import SamplingParams
 
 D, BS, VOCAB = 8, 4, 97
@@ -216,3 +217,21 @@ def test_the_engine_returns_n_outputs_per_prompt_each_equal_to_its_params_run_al
     for request_id, text in engine.stream("abc", SamplingParams(max_tokens=3, n=2, seed=1, ignore_eos=True)):
         streamed[request_id] = streamed.get(request_id, "") + text
     assert sorted(streamed) == ["req-2", "req-2.1"]
+
+
+def test_a_fork_joins_a_static_batch_and_pads_its_slot() -> None:
+    """Static batching pads the slots of finished requests until the batch is done; a fork is one more
+    slot of the batch running (before, it was not counted and the padding went negative)."""
+    model = make_model(8)
+    pool = BlockPool(16, 4, 8)
+    sched = Scheduler(model, 8, 8, policy="static")
+    sched.add_request(Request("a", torch.randn(3, 8), 4, PagedKVCache(4, pool=pool)))
+    sched.step()
+    sched.step()
+    sched.fork("a", "a.x")
+    collector = MetricsCollector(enable_memory_profiling=False)
+    history = sched.run_until_complete()
+    for stats in history:
+        collector.record_step(**stats)
+    assert [len(s.plan.decode) for s in history] == [1, 2, 1]
+    assert [s["padding_tokens"] for s in history] == [0, 0, 1]  # a finished a step before its fork

@@ -155,7 +155,7 @@ FIGURES: dict[str, list[Run]] = {
         ), bounds=(oracle("max |out - oracle|"),)),
     ],
     "phase7_tests": [
-        Run("pytest tests/test_scheduler.py", quotes=("43 passed in ...s",)),
+        Run("pytest tests/test_scheduler.py", quotes=("51 passed in ...s",)),
         Run("pytest tests/test_scheduler.py -k fault", quotes=("24 passed, ... deselected",)),
         Run("pytest tests/test_bad_inputs.py -k scheduler", quotes=("17 passed, ... deselected",)),
         Run("pytest tests/test_serving_engine.py -k any_serving_run", quotes=("1 passed, ... deselected",)),

@@ -9,6 +9,7 @@ the head of ``waiting``: an older request could wait behind younger ones again a
 
 from __future__ import annotations
 
+import torch
 from helpers import assert_oracle, make_model, make_request
 
 from cb_lab.core.block_pool import BlockPool
@@ -97,3 +98,49 @@ def test_a_step_that_preempts_for_blocks_admits_nobody() -> None:
         for r in reqs:
             assert_oracle(model, r, check_cache=False)
     assert crowded, "the pools should be short while requests wait"
+
+
+def test_the_victim_is_the_latest_arrival_even_when_it_is_already_scheduled() -> None:
+    """Decodes are planned before prefill chunks, so the younger B's decode is scheduled when the older A's
+    chunk finds no block: B is the victim (it gives back its token and blocks), as vLLM takes the tail of
+    ``running``. Before, A preempted itself while B kept its blocks."""
+    model = make_model(D)
+    pool = BlockPool(4, 2, D)
+    sched = Scheduler(model, 4, 2)
+    a = make_request("a", 6, 1, D, PagedKVCache(2, pool=pool), seed=1)
+    b = make_request("b", 1, 4, D, PagedKVCache(2, pool=pool), seed=2)
+    for r in (a, b):
+        sched.add_request(r)
+    sched.step()
+    sched.step()  # a has run 4 of its 6 prompt rows, b decodes
+    plan = sched.schedule()
+    assert plan.preempted == (b,) and plan.decode == () and [c.request for c in plan.prefill] == [a]
+    sched.run_until_complete()
+    for r in (a, b):
+        assert_oracle(model, r, check_cache=False)
+
+
+def test_every_victim_arrived_after_every_request_that_runs_in_its_step() -> None:
+    model = make_model(D)
+    gen = torch.Generator().manual_seed(0)
+    victims = 0
+    for blocks, budget, chunk in ((5, 6, 2), (6, 4, 4), (8, 8, 3)):
+        pool = BlockPool(blocks, 2, D)
+        sched = Scheduler(model, budget, chunk)
+        sizes = torch.randint(1, 7, (10, 2), generator=gen).tolist()
+        reqs = [make_request(f"r{i}", p, n, D, PagedKVCache(2, pool=pool), seed=i) for i, (p, n) in enumerate(sizes)]
+        arrival = {r.req_id: i for i, r in enumerate(reqs)}
+        for step in range(300):
+            if step < len(reqs):
+                sched.add_request(reqs[step])
+            if not (sched.running or sched.waiting):
+                break
+            plan = sched.schedule()
+            ran = [*plan.decode, *(c.request for c in plan.prefill if c.request not in plan.admitted)]
+            for victim in plan.preempted:
+                assert all(arrival[victim.req_id] > arrival[r.req_id] for r in ran), (blocks, step, plan)
+            victims += len(plan.preempted)
+            sched.step()
+        for r in reqs:
+            assert_oracle(model, r, check_cache=False)
+    assert victims, "the pools should be short enough to preempt"

@@ -15,7 +15,7 @@ from cb_lab.core.block_pool import BlockPool
 from cb_lab.core.kv_cache import PagedKVCache
 from cb_lab.core.request import Request
 from cb_lab.core.scheduler import Scheduler
-from cb_lab.exceptions import ValidationError
+from cb_lab.exceptions import KVCacheError, ValidationError
 from cb_lab.monitoring.metrics import MetricsCollector
 
 STAT_KEYS = {
@@ -255,6 +255,52 @@ def test_a_fault_in_compute_changes_nothing_and_the_run_completes(
     for r in reqs:
         assert_oracle(model, r, check_cache=cache != "shared")
     assert pool.stats()["used_blocks"] == 0
+
+
+class BadKVModel(FlakyModel):
+    """Wraps a model; forward call number ``bad_call`` returns its K and V rows spoiled by ``spoil``."""
+
+    def __init__(self, model: Any, bad_call: int, spoil: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__(model, set())
+        self.bad_call, self.spoil = bad_call, spoil
+
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        out, k, v = super()._call(name, *args, **kwargs)
+        return (out, self.spoil(k), self.spoil(v)) if self.calls == self.bad_call else (out, k, v)
+
+
+@pytest.mark.parametrize("executor", ["fused", "split"])
+@pytest.mark.parametrize(("spoil", "error", "message"), [
+    (lambda kv: kv[:, :-1], KVCacheError, "dim 7 but the model's KV cache holds dim 8"),
+    (lambda kv: torch.cat([kv, kv[:1]]), ValidationError, "K/V rows for"),
+    (lambda kv: kv.to(torch.int64), ValidationError, "floating point"),
+    (lambda kv: kv[:, :, None], ValidationError, "equal shapes"),
+], ids=["dim", "rows", "dtype", "3d"])
+def test_a_model_that_returns_bad_kv_rows_fails_its_step_in_compute(
+    executor: str, spoil: Callable[[torch.Tensor], torch.Tensor], error: type[Exception], message: str,
+) -> None:
+    """The executor checks the model's new K/V of a whole call once (the commit stores them unchecked): a
+    spoiled call fails in compute, nothing changes, and the step then runs."""
+    model = make_model(8)
+    pool = BlockPool(16, 3, 8)
+    sched = Scheduler(BadKVModel(model, 3, spoil), 6, 3, executor=executor)  # type: ignore[arg-type]
+    reqs = [make_request(f"r{i}", L, n, 8, PagedKVCache(3, pool=pool), 3) for i, (L, n) in enumerate([(5, 4), (2, 6)])]
+    for r in reqs:
+        sched.add_request(r)
+    faults = 0
+    while sched.active:
+        before, step_id, pool_before = snapshot(reqs), sched.step_id, pool.stats()
+        try:
+            sched.step()
+        except error as e:  # the one spoiled call (split: maybe not its step's first)
+            faults += 1
+            assert message in str(e) and sched.step_id == step_id and pool.stats() == pool_before
+            for (*meta_b, k_b), (*meta_a, k_a) in zip(before, snapshot(reqs)):
+                assert meta_b == meta_a
+                torch.testing.assert_close(k_b, k_a, rtol=0, atol=0)
+    assert faults == 1
+    for r in reqs:
+        assert_oracle(model, r, check_cache=False)
 
 
 def test_a_failing_sampler_changes_nothing() -> None:

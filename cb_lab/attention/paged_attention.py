@@ -101,8 +101,13 @@ def paged_attention(
         block_ids, owner = block_tables.reshape(-1), None
     else:  # gather only the n blocks in use; owner[i]: the query row of block i
         block_ids, owner = block_tables[in_use], torch.arange(B, device=query.device).repeat_interleave(num_blocks)
-    keys = _gather(workspace, "keys", key_cache, block_ids).to(query.dtype)  # [n, block_size, D]
-    values = _gather(workspace, "values", value_cache, block_ids).to(query.dtype)
+    n = block_ids.shape[0]
+    if n == key_cache.shape[0] and torch.equal(block_ids, torch.arange(n, device=query.device)):
+        keys, values = key_cache, value_cache  # every block in order (padded contiguous caches): read in place
+    else:  # [n, block_size, D] each
+        keys = _gather(workspace, "keys", key_cache, block_ids)
+        values = _gather(workspace, "values", value_cache, block_ids)
+    keys, values = keys.to(query.dtype), values.to(query.dtype)
     if owner is not None:
         block_scores = torch.bmm(keys, query[owner][:, :, None])[:, :, 0] * scale  # [n, block_size]
         # Laid out per row, [B, S]: small (no D axis); the padding blocks score -inf.

@@ -52,11 +52,11 @@ def timed_steps(args: argparse.Namespace, dim: int) -> int:
 def timed_step(sched: Scheduler) -> StepTiming:
     device = sched.model.device
     t0 = now(device)
-    plan = sched.schedule()  # (commit checks the plan's blocks, as in step(): not timed twice)
+    plan = sched.schedule()
     t1 = now(device)
     result = sched.executor.run(plan)
     t2 = now(device)
-    sched.commit(plan, result)
+    sched._commit(plan, result)  # as step() commits: the planner has booked the plan's blocks
     t3 = now(device)
     return StepTiming(t1 - t0, t2 - t1, t3 - t2, plan.num_decode_tokens, plan.num_prefill_tokens)
 
@@ -203,7 +203,7 @@ def print_fused(rows: list[dict[str, FusedRow]]) -> None:
                   f"{r.forward_s * 1e3:9.2f} {ratio(r.decode_tokens, r.step_s):12,.0f} "
                   f"{ratio(pair['split'].step_s, r.step_s):7.2f}x {r.floor_s * 1e3:9.2f} "
                   f"{ratio(r.step_s, r.floor_s):9.2f}x {r.fresh_floor_s * 1e3:14.2f}")
-    print("\nscheduler bookkeeping per step (fused executor): schedule() and commit() (its check_blocks() included) "
+    print("\nscheduler bookkeeping per step (fused executor): schedule() and commit() "
           "vs the model")
     print(f"{'dim':>5} {'running':>7} {'schedule ms':>11} {'commit ms':>9} {'bookkeeping ms':>14} "
           f"{'us/request':>10} {'fwd ms':>9} {'bookkeeping/fwd':>15}")

@@ -314,6 +314,12 @@ class BlockLedger:
         self.free[id(pool)] -= needed
         return True
 
+    def unbook(self, cache: BaseKVCache, num_rows: int) -> None:
+        """Undo a ``book`` of ``num_rows`` rows (its request was preempted after all)."""
+        pool = self._track(cache)
+        if pool is not None:
+            self.free[id(pool)] += cast("PagedKVCache", cache).blocks_needed(num_rows)
+
     def give_back(self, cache: BaseKVCache) -> None:
         """Book ``cache``'s references as dropped (a preemption): its blocks nobody else holds are free again."""
         pool = self._track(cache)

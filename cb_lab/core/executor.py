@@ -25,7 +25,7 @@ import torch
 
 from cb_lab.attention.paged_attention import GatherWorkspace, PagedKV
 from cb_lab.core.batch_builder import cached_prefix_mask
-from cb_lab.core.kv_cache import BaseKVCache, PagedKVCache, same_device, shared_paged
+from cb_lab.core.kv_cache import BaseKVCache, check_rows, same_device, shared_paged
 from cb_lab.core.output_rows import OutputRows, output_rows, prompt_logprobs
 from cb_lab.core.plan import PrefillChunk, SeqOutput, StepPlan, StepResult
 from cb_lab.core.request import Request
@@ -162,6 +162,14 @@ class Executor(ABC):
             raise ValidationError("the sampler returned NaN or inf; it must map a row to finite values")
         return token
 
+    def _checked_kv(self, k: object, v: object, num_rows: int) -> KV:
+        """The model's new K/V rows, checked once for the whole call: the commit stores them without checking
+        each request's rows again."""
+        k, v = check_rows(k, v, self.model.kv_dim, self.model.device, "the model's KV cache")
+        if k.shape[0] != num_rows:
+            raise ValidationError(f"the model returned {k.shape[0]} K/V rows for {num_rows} tokens")
+        return k, v
+
     def _prefill_inputs(self, chunks: Sequence[PrefillChunk]) -> tuple[torch.Tensor, torch.Tensor, KV | None]:
         """Chunk rows ``[P, D]``, their mask ``[P, C + P]`` and cached prefixes ``[C, D]`` (None if all start at 0)."""
         device = self.model.device
@@ -220,6 +228,7 @@ class SplitExecutor(Executor):
             out, k, v = self.model.forward_prefill_ragged(tokens, mask, past, attention_hooks=self.attention_hooks,
                                                           output_rows=rows.rows)
             self.num_model_calls += 1
+            k, v = self._checked_kv(k, v, len(tokens))
             sampled = self.sample_rows(rows.tokens(out), self._completing(plan.prefill))
             prefill = self._outputs(plan.prefill, sampled, prompt_logprobs(out, rows, plan.prefill), k, v)
         decode = tuple(self._run_decode(req) for req in plan.decode)
@@ -228,6 +237,7 @@ class SplitExecutor(Executor):
     def _run_decode(self, req: Request) -> SeqOutput:
         out, k, v = self.model.forward_decode(req.last_token, req.kv_cache, attention_hooks=self.attention_hooks)
         self.num_model_calls += 1
+        k, v = self._checked_kv(k, v, 1)
         if req.sampling is None:  # a vector token
             return SeqOutput(k, v, self.sample(out[0], req))
         (token,), (logprobs,) = self.sample_rows(out[:1], [req])
@@ -255,13 +265,16 @@ class FusedExecutor(Executor):
             return StepResult((), ())
         B = len(plan.decode)
         rows = self._output_rows(plan.prefill, first=B)
+        flat = torch.cat(parts)  # [B + P, D]
         out, k, v = self.model.forward_fused(
-            torch.cat(parts), decode_kv, mask, past, attention_hooks=self.attention_hooks, output_rows=rows.rows,
+            flat, decode_kv, mask, past, attention_hooks=self.attention_hooks, output_rows=rows.rows,
         )
         self.num_model_calls += 1
+        k, v = self._checked_kv(k, v, len(flat))
         # One token per token row: the decodes', then those of the chunks that end their prompt.
         drawn, logprobs = self.sample_rows(rows.tokens(out), [*plan.decode, *self._completing(plan.prefill)])
-        decode = tuple(SeqOutput(k[i : i + 1], v[i : i + 1], drawn[i], logprobs[i]) for i in range(B))
+        rows_k, rows_v = torch.split(k[:B], 1), torch.split(v[:B], 1)  # [1, D] views, one call each (not 2B slicings)
+        decode = tuple(map(SeqOutput, rows_k, rows_v, drawn[:B], logprobs[:B]))
         prefill = self._outputs(plan.prefill, (drawn[B:], logprobs[B:]), prompt_logprobs(out, rows, plan.prefill),
                                 k[B:], v[B:]) if plan.prefill else ()
         return StepResult(prefill, decode)
@@ -298,8 +311,9 @@ def prefix_rows(chunk: PrefillChunk) -> KV:
     if not chunk.cached_blocks:
         assert len(cache) == chunk.start, "a prefilling cache holds exactly prefill_pos rows"
         return cache.get_kv()
-    assert isinstance(cache, PagedKVCache) and cache.pool is not None and len(cache) == 0
-    return cache.pool.read(torch.tensor(chunk.cached_blocks, device=cache.pool.device))
+    pool = cache.shared_pool  # only a cache on a shared pool has prefix-cache hits
+    assert pool is not None and len(cache) == 0, "a hit starts an empty cache on a shared pool"
+    return pool.read(torch.tensor(chunk.cached_blocks, device=pool.device))
 
 
 def decode_inputs(

@@ -31,8 +31,8 @@ from cb_lab.exceptions import ConfigurationError, KVCacheError, ValidationError
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "Append", "BaseKVCache", "CacheHook", "DenseKVCache", "PagedKVCache", "append_batch", "notify_appended",
-    "prepare_appends", "same_device", "shared_paged", "store_appends",
+    "Append", "BaseKVCache", "CacheHook", "DenseKVCache", "PagedKVCache", "append_batch", "check_rows",
+    "notify_appended", "prepare_appends", "same_device", "shared_paged", "store_appends",
 ]
 
 
@@ -51,7 +51,11 @@ def same_device(a: torch.device, b: torch.device) -> bool:
     return a == b or (a.type == b.type and (a.index is None or b.index is None or a.index == b.index))
 
 
-def _check_rows(k_new: object, v_new: object) -> tuple[torch.Tensor, torch.Tensor]:
+def check_rows(
+    k_new: object, v_new: object, dim: int | None, device: torch.device, holder: str = "this cache",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K/V rows ``[n, dim]`` each (n >= 1, floating point) that ``holder`` on ``device`` can store:
+    ``ValidationError`` if they are malformed, ``KVCacheError`` if they do not fit (``dim`` None: any)."""
     if not isinstance(k_new, torch.Tensor) or not isinstance(v_new, torch.Tensor):
         raise ValidationError(
             f"K/V rows must be torch.Tensor, got {type(k_new).__name__} and {type(v_new).__name__}"
@@ -65,6 +69,12 @@ def _check_rows(k_new: object, v_new: object) -> tuple[torch.Tensor, torch.Tenso
         raise ValidationError("append at least one K/V row, got 0 rows")
     if not (k_new.is_floating_point() and v_new.is_floating_point()):
         raise ValidationError(f"K/V must be floating point, got {k_new.dtype} and {v_new.dtype}")
+    if dim is not None and k_new.shape[1] != dim:
+        raise KVCacheError(f"K/V rows have dim {k_new.shape[1]} but {holder} holds dim {dim}; use one cache per "
+                           "request and one model dim")
+    if not same_device(k_new.device, device) or not same_device(v_new.device, device):
+        raise KVCacheError(f"K/V rows are on {k_new.device}/{v_new.device} but {holder} is on {device}; create "
+                           "the cache on the model's device")
     return k_new, v_new
 
 
@@ -73,9 +83,9 @@ class BaseKVCache(ABC):
 
     ``append`` validates, runs the cache hooks, then stores; subclasses implement
     ``_store``, ``get_kv``, ``__len__`` and ``release`` (``nbytes`` has a default from
-    ``get_kv``). ``append`` is concrete (the API reference shows it abstract) so that every kind
-    validates and runs cache plugins the same way. ``dim`` and ``dtype`` are fixed by the
-    first append (after hooks, so a compression hook chooses the storage dtype).
+    ``get_kv``). ``append`` is concrete so that every kind validates and runs cache plugins the
+    same way. ``dim`` and ``dtype`` are fixed by the first append (after hooks, so a compression
+    hook chooses the storage dtype).
     """
 
     def __init__(self, device: torch.device | str | None = None) -> None:
@@ -90,17 +100,9 @@ class BaseKVCache(ABC):
 
     def _prepare(self, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Validate rows and run the ``before_append`` hooks; stores nothing."""
-        k_new, v_new = _check_rows(k_new, v_new)
-        if self.dim is not None and k_new.shape[1] != self.dim:
-            raise KVCacheError(
-                f"K/V rows have dim {k_new.shape[1]} but this cache holds dim {self.dim}; "
-                "use one cache per request and one model dim"
-            )
-        if not same_device(k_new.device, self.device) or not same_device(v_new.device, self.device):
-            raise KVCacheError(
-                f"K/V rows are on {k_new.device}/{v_new.device} but the cache is on {self.device}; "
-                "create the cache on the model's device"
-            )
+        return self._run_hooks(*check_rows(k_new, v_new, self.dim, self.device))
+
+    def _run_hooks(self, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         for hook in self.hooks:
             k_new, v_new = hook.before_append(self, k_new, v_new)
         return k_new, v_new
@@ -246,20 +248,14 @@ class PagedKVCache(BaseKVCache):
 
     def _claim_slots(self, num_rows: int) -> list[int]:
         """Allocate blocks for the next ``num_rows`` positions; returns their flat slots."""
-        if self.pool is None:
-            raise AssertionError("a cache claims slots only once it has a pool")
+        assert self.pool is not None, "a cache claims slots only once it has a pool"
         if self._must_copy(num_rows):  # the sharer's rows stay as they are; ours go into a copy
             self.block_table[-1] = self.pool.copy_on_write(self.block_table[-1])
-        pos, end, bs = self._len, self._len + num_rows, self.block_size
-        missing = (end + bs - 1) // bs - len(self.block_table)  # the copy above is in the table already
+        start, end, bs, table = self._len, self._len + num_rows, self.block_size, self.block_table
+        missing = (end + bs - 1) // bs - len(table)  # the copy above is in the table already
         if missing > 0:
-            self.block_table.extend(self.pool.allocate(missing))
-        slots: list[int] = []
-        while pos < end:  # one range per block touched, not one step per token
-            block_end = min(end, (pos // bs + 1) * bs)
-            base = self.block_table[pos // bs] * bs - (pos // bs) * bs
-            slots.extend(range(base + pos, base + block_end))
-            pos = block_end
+            table.extend(self.pool.allocate(missing))
+        slots = [table[p // bs] * bs + p % bs for p in range(start, end)]  # position p's flat slot
         self._len = end
         self.pool.num_tokens += num_rows
         return slots
@@ -363,9 +359,10 @@ def append_batch(items: Sequence[Append]) -> None:
     notify_appended(prepared, store_appends(prepared))
 
 
-def prepare_appends(items: Sequence[Append]) -> list[Append]:
-    """Validate every item and run its ``before_append`` hooks (which may replace the rows); stores nothing."""
-    return [(cache, *cache._prepare(k, v)) for cache, k, v in items]
+def prepare_appends(items: Sequence[Append], *, checked: bool = False) -> list[Append]:
+    """Validate every item (not when ``checked``: a commit's rows, which its executor checked for the whole
+    step at once) and run its ``before_append`` hooks (which may replace the rows); stores nothing."""
+    return [(cache, *(cache._run_hooks(k, v) if checked else cache._prepare(k, v))) for cache, k, v in items]
 
 
 def store_appends(prepared: Sequence[Append]) -> list[int]:
@@ -397,4 +394,5 @@ def store_appends(prepared: Sequence[Append]) -> list[int]:
 def notify_appended(prepared: Sequence[Append], stored: Sequence[int]) -> None:
     """Run the ``after_append`` hooks: observers, called once the rows are in."""
     for (cache, k, _), nbytes in zip(prepared, stored, strict=True):
-        cache._after_append(k.shape[0], nbytes)
+        if cache.hooks:  # most caches have none: a step skips a call per request
+            cache._after_append(k.shape[0], nbytes)

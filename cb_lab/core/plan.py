@@ -4,7 +4,7 @@
 
     plan   = scheduler.schedule()        # StepPlan: who runs which tokens (reads state only)
     result = executor.run(plan)          # StepResult: new K/V rows and sampled tokens
-    scheduler.commit(plan, result)       # the only place request state changes
+    scheduler.commit(plan, result)       # the only place a step changes request state
 
 Print a plan to see a step before it runs: ``step 3: decode [a, b] | prefill [c 4:8] (6 tokens)``.
 """
@@ -59,6 +59,11 @@ class StepPlan:
     admitted: tuple[Request, ...] = ()  # move from waiting to running (their chunks are in prefill)
     preempted: tuple[Request, ...] = ()  # lose their K/V; wait again, ahead of requests never admitted
     skipped: tuple[tuple[str, str], ...] = ()  # (req_id, why it waits: budget, no_blocks, max_num_seqs, ...)
+
+    @property
+    def requests(self) -> list[Request]:
+        """The requests that run: each chunk's, then the decodes (a ``StepResult``'s order)."""
+        return [*(chunk.request for chunk in self.prefill), *self.decode]
 
     @property
     def num_decode_tokens(self) -> int:

@@ -17,7 +17,8 @@ static          like decode_first, but admit only when nothing runs: a whole
 Limits: ``max_num_seqs`` running requests; KV blocks of shared pools (a request is
 admitted only when its pool can hold its whole prefill). A running request (decode or
 prefill chunk) that cannot get a block preempts the running request that arrived last
-(``running`` is in arrival order): vLLM's recompute preemption; the victim rejoins the
+(``running`` is in arrival order), itself if it is that one, and a victim already scheduled
+this step gives back its tokens and blocks: vLLM's recompute preemption; the victim rejoins the
 waiting queue ahead of the requests never admitted. No running request ever waits for blocks
 a later one holds, so a run finishes whenever each request alone fits its pool; and a step
 that had to preempt for blocks admits nobody (as vLLM's scheduler), so it never takes in new
@@ -37,7 +38,6 @@ from typing import Any
 
 from cb_lab.checks import check_bool, check_choice, check_int, check_optional_int
 from cb_lab.core.block_pool import BlockLedger
-from cb_lab.core.executor import EXECUTORS
 from cb_lab.core.plan import PrefillChunk, StepPlan
 from cb_lab.core.prefix_cache import block_size_of, prefix_hit
 from cb_lab.core.request import Request
@@ -53,7 +53,6 @@ class SchedulerConfig:
 
     max_tokens_per_step: int = 8  # rows a step may run: decode tokens + prefill rows
     prefill_chunk_size: int = 4  # prompt rows of one request per step, at most
-    executor: str = "fused"  # "fused": one forward per step; "split": one per decode token (same numbers)
     max_num_seqs: int | None = None  # running requests, at most
     policy: str = "decode_first"  # in which order the budget is spent (POLICIES)
     enable_chunked_prefill: bool = True  # False: a prefill runs whole or waits
@@ -68,7 +67,6 @@ class SchedulerConfig:
 _SETTING_CHECKS: dict[str, Callable[[str, Any], object]] = {
     "max_tokens_per_step": check_int,
     "prefill_chunk_size": check_int,
-    "executor": lambda name, value: check_choice(name, value, EXECUTORS),
     "max_num_seqs": check_optional_int,
     "policy": lambda name, value: check_choice(name, value, POLICIES),
     "enable_chunked_prefill": check_bool,
@@ -100,17 +98,25 @@ class _StepPlanner:
         return remaining if remaining <= self.budget else 0  # whole prefills only
 
     def preempt(self, victim: Request) -> None:
+        """``victim`` loses its blocks and its place in this step (vLLM: a scheduled victim is unscheduled)."""
         self.running.remove(victim)
         self.preempted.append(victim)
         self.ledger.give_back(victim.kv_cache)
+        if victim in self.decode:
+            self.decode.remove(victim)
+            self.budget += 1
+            self.ledger.unbook(victim.kv_cache, 1)
+        for chunk in [c for c in self.prefill if c.request is victim]:
+            self.prefill.remove(chunk)
+            self.budget += chunk.length
+            self.ledger.unbook(victim.kv_cache, chunk.length)
 
     def make_room(self, req: Request, num_rows: int) -> bool:
-        """Book ``num_rows`` rows of ``req``, preempting the latest-arrived unscheduled requests until they
-        fit; False (nothing booked) if ``req`` itself was the victim."""
+        """Book ``num_rows`` rows of ``req``, preempting the running request that arrived last until they fit
+        (vLLM's victim: the tail of ``running``, scheduled this step or not); False (nothing booked) if
+        ``req`` itself was the victim."""
         while not self.ledger.book(req.kv_cache, num_rows):
-            scheduled = {id(r) for r in self.decode} | {id(c.request) for c in self.prefill}
-            candidates = [r for r in self.running if id(r) not in scheduled and r is not req]
-            victim = candidates[-1] if candidates else req
+            victim = self.running[-1]
             self.preempt(victim)
             self.out_of_blocks = True
             if victim is req:

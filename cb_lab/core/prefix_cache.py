@@ -24,7 +24,7 @@ from cb_lab.core.kv_cache import shared_paged
 from cb_lab.core.plan import PrefillChunk, StepPlan
 from cb_lab.core.request import Request
 
-__all__ = ["block_size_of", "pool_counters", "prefix_hit", "prefix_stats", "register_full_blocks"]
+__all__ = ["block_size_of", "pool_counters", "prefix_hit", "prefix_stats", "register_full_blocks", "step_pools"]
 
 
 def prefix_hit(req: Request) -> tuple[int, ...]:
@@ -72,8 +72,12 @@ def _full_blocks(req: Request) -> int:
     return req.prefill_len // size if size else 0
 
 
-def pool_counters(plan: StepPlan) -> tuple[int, int]:
-    """Evictions and copy-on-write copies so far in the shared pools of a step's requests."""
-    shared = (r.kv_cache.shared_pool for r in [*(c.request for c in plan.prefill), *plan.decode])
-    pools: dict[int, BlockPool] = {id(pool): pool for pool in shared if pool is not None}
-    return sum(p.num_evictions for p in pools.values()), sum(p.num_copies for p in pools.values())
+def step_pools(plan: StepPlan) -> list[BlockPool]:
+    """The shared pools of a step's requests, each once."""
+    shared = (r.kv_cache.shared_pool for r in plan.requests)
+    return list({id(pool): pool for pool in shared if pool is not None}.values())
+
+
+def pool_counters(pools: Sequence[BlockPool]) -> tuple[int, int]:
+    """Evictions and copy-on-write copies so far in ``pools`` (a commit takes the difference)."""
+    return sum(p.num_evictions for p in pools), sum(p.num_copies for p in pools)

@@ -12,8 +12,8 @@ It is finished once it holds ``max_new_tokens`` generated tokens; its cache then
 from a shared block pool: then the scheduler gives its blocks back at once. A request
 with ``max_new_tokens == 0`` is finished from the start.
 
-The scheduler changes a request only in its commit phase; ``get_prefill_chunk`` is a
-pure read, so planning a step never consumes anything.
+A step changes a request only in its commit phase (its plan reads ``prefill_pos`` and
+``prefill_rows`` and consumes nothing), so a step that fails can be planned again.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 
 from cb_lab.checks import check_int
 from cb_lab.core.block_pool import block_hashes
-from cb_lab.core.kv_cache import BaseKVCache, PagedKVCache
+from cb_lab.core.kv_cache import BaseKVCache, shared_paged
 from cb_lab.core.view_registry import render
 from cb_lab.exceptions import RequestError, ValidationError
 from cb_lab.sampling import LogprobsTensors, SamplingParams
@@ -52,7 +52,8 @@ def _check_prompt(req_id: str, prompt: object) -> None:
 
 @dataclass(eq=False, repr=False)
 class Request:
-    """One inference request: a prompt ``[seq_len, dim]``, a token budget, and its KV cache."""
+    """One inference request: a prompt (``[seq_len, dim]`` vectors or ``[seq_len]`` token ids), a token
+    budget, and its KV cache."""
 
     req_id: str
     prompt: torch.Tensor
@@ -194,8 +195,8 @@ class Request:
             parent  [p0 p1 p2 | p3 g0 g1 .]   blocks A B (B partial, shared)
             child   [p0 p1 p2 | p3 g0 ...]    shares A and B, recomputes g0, draws its own g1'
         """
-        cache = self.kv_cache
-        if not (isinstance(cache, PagedKVCache) and cache.shares_pool):
+        cache = shared_paged(self.kv_cache)
+        if cache is None:
             raise RequestError(f"request {self.req_id!r} has a private cache; forking needs a PagedKVCache on a "
                                "shared BlockPool")
         if self.prefill_pos < self.prefill_len or not self.generated_tokens:
@@ -214,8 +215,8 @@ class Request:
     def new_sample(self, req_id: str, sampling: SamplingParams) -> Request:
         """A new request over this one's prompt, from scratch, on an empty cache of the same pool: a
         sample of ``SamplingParams.n`` that waits for room to run (``Scheduler`` forks the others)."""
-        cache = self.kv_cache
-        if not (isinstance(cache, PagedKVCache) and cache.shares_pool):
+        cache = shared_paged(self.kv_cache)
+        if cache is None:
             raise RequestError(f"request {self.req_id!r} has a private cache; its samples need a PagedKVCache on a "
                                "shared BlockPool")
         return Request(req_id, self.prompt, self.max_new_tokens, cache.fork(0), sampling=sampling,
@@ -243,7 +244,11 @@ class Request:
         if tok.is_floating_point() != bool(dim):
             want = "floating point" if dim else "an int64 token id"
             raise ValidationError(f"request {self.req_id!r}: a token must be {want}, got {tok.dtype}")
-        token = tok if tok.dim() == len(shape) else tok.reshape(shape)
+        self.record_token(tok if tok.dim() == len(shape) else tok.reshape(shape), logprobs)
+
+    def record_token(self, token: torch.Tensor, logprobs: LogprobsTensors | None = None) -> None:
+        """``append_token`` of a token known to be well formed (``[dim]`` or a 0-d id): the scheduler's
+        commit records what its executor checked, so every step skips the checks for every token."""
         if self.decode_seed is None:
             self.decode_seed = token
         self.generated_tokens.append(token)

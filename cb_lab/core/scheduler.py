@@ -1,12 +1,11 @@
 """The token-budget scheduler: continuous batching in one loop.
 
-Requests wait in ``waiting`` until the planner (``core/planner.py``) admits them into
-``running``; each step spends a budget of ``max_tokens_per_step`` rows on decode tokens and
-prefill chunks, and a request that finds no free KV block preempts the running request that
-arrived last (``core/queues.py``). Requests join between steps and leave the step they
-finish, so the batch is re-formed every step: the "continuous" in continuous batching.
-``step()`` is plan, compute, commit; nothing is written before compute succeeds, so an
-exception from the model leaves every request as it was and the next ``step()`` retries.
+Requests wait in ``waiting`` until the planner (``core/planner.py``) admits them into ``running``; each
+step spends a budget of ``max_tokens_per_step`` rows on decode tokens and prefill chunks, and a request
+that finds no free KV block preempts the running request that arrived last (``core/queues.py``).
+Requests join between steps and leave the step they finish: the "continuous" in continuous batching.
+``step()`` is plan, ``before_step`` hooks, compute, commit, ``after_step`` observers; nothing is written
+before compute succeeds, so an exception from the model leaves every request as it was.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar, cast
 
+from cb_lab.checks import check_choice
 from cb_lab.core import invariants
 from cb_lab.core.block_pool import check_pool_capacity
 from cb_lab.core.executor import EXECUTORS, Executor, Sampler, StepModel, check_fits_model
@@ -32,7 +32,7 @@ from cb_lab.core.kv_cache import (
 )
 from cb_lab.core.plan import SeqOutput, StepPlan, StepResult, StepStats
 from cb_lab.core.planner import SchedulerConfig, plan_step
-from cb_lab.core.prefix_cache import pool_counters, prefix_stats, register_full_blocks
+from cb_lab.core.prefix_cache import pool_counters, prefix_stats, register_full_blocks, step_pools
 from cb_lab.core.queues import RequestQueues
 from cb_lab.core.request import Request
 from cb_lab.core.view_registry import render
@@ -70,10 +70,8 @@ class _Committed:
 
 
 def check_blocks(plan: StepPlan) -> None:
-    """Raise MemoryError if a shared block pool cannot hold the step's new rows.
-
-    The planner already keeps to the free blocks; this guards plans built or edited by hand.
-    """
+    """Raise MemoryError if a shared block pool cannot hold the step's new rows (the planner keeps to the
+    free blocks: this guards plans made or edited by hand)."""
     rows: list[tuple[BaseKVCache, int]] = [(c.request.kv_cache, c.length) for c in plan.prefill]
     check_pool_capacity(
         rows + [(r.kv_cache, 1) for r in plan.decode], f"step {plan.step_id}",
@@ -120,12 +118,13 @@ class Scheduler:
         if check_invariants is None:  # the test suite turns the debug mode on for every scheduler
             check_invariants = os.environ.get("CB_LAB_CHECK_INVARIANTS") == "1"
         self.config = SchedulerConfig(
-            max_tokens_per_step, prefill_chunk_size, executor, max_num_seqs, policy, enable_chunked_prefill,
-            preempt_every, check_invariants, enable_prefix_caching,
+            max_tokens_per_step, prefill_chunk_size, max_num_seqs, policy, enable_chunked_prefill, preempt_every,
+            check_invariants, enable_prefix_caching,
         )
         self.model = model
         self.plugins = plugins if plugins is not None else PluginManager()
-        self.executor: Executor = EXECUTORS[executor](model, sampler, self.plugins.attention_plugins)
+        run = EXECUTORS[check_choice("executor", executor, EXECUTORS)]  # fused: 1 forward a step; split: 1 a decode
+        self.executor: Executor = run(model, sampler, self.plugins.attention_plugins)
         self.queues = RequestQueues()  # waiting and running, in arrival order (core/queues.py says why)
         self.step_id = 0
         self.num_finished = 0
@@ -208,6 +207,7 @@ class Scheduler:
         child = parent.fork(new_req_id, sampling)
         child.kv_cache.hooks = self.plugins.cache_plugins
         self.queues.add_child(parent, child, running=True)
+        self._batch_size += 1  # it joins the batch now running: static batching pads its slot too
         logger.debug("forked %r from %r", child, parent)
         return child
 
@@ -281,23 +281,26 @@ class Scheduler:
         return plan_step(self.step_id, self.config, self.running, self.waiting, self._decode_turn, force)
 
     def commit(self, plan: StepPlan, result: StepResult) -> list[Request]:
-        """Write a computed step into the requests; returns the requests it finished."""
+        """Write a computed step into the requests; returns the requests it finished. The plan is checked
+        against the free blocks first (``check_blocks``): a hand-made one that does not fit raises, writing nothing."""
+        check_blocks(plan)
         return self._commit(plan, result).finished
 
     def _commit(self, plan: StepPlan, result: StepResult) -> _Committed:
-        """Three phases, so that a fault changes nothing or lets the step finish."""
-        # 1. Every check, and the hooks that may refuse or rewrite rows (before_append): no writes.
-        check_blocks(plan)
-        requests = [chunk.request for chunk in plan.prefill] + list(plan.decode)
+        """Three phases, so that a fault changes nothing or lets the step finish (the planner booked the blocks)."""
+        # 1. The hooks that may refuse or rewrite rows (before_append), and their checks: no writes.
+        requests = plan.requests
         outputs = result.prefill + result.decode
-        prepared = prepare_appends([(req.kv_cache, out.k, out.v) for req, out in zip(requests, outputs, strict=True)])
+        appends = [(req.kv_cache, out.k, out.v) for req, out in zip(requests, outputs, strict=True)]
+        prepared = prepare_appends(appends, checked=True)  # the executor checked the step's K/V
         # 2. The writes, which cannot fail. The pools count their own evictions and copies.
-        evictions, copies = pool_counters(plan)
+        pools = step_pools(plan)
+        evictions, copies = pool_counters(pools)
         self._requeue(plan)
         stored = self._store(plan, prepared)
         forks = self._record(plan, requests, outputs)
         finished = self._retire(plan.step_id)
-        evictions_after, copies_after = pool_counters(plan)
+        evictions_after, copies_after = pool_counters(pools)
         # 3. The observers, which see the step committed.
         notify_appended(prepared, stored)
         for child in forks:
@@ -335,7 +338,7 @@ class Scheduler:
             if out.prompt_logprobs is not None:
                 req.prompt_logprobs.append(out.prompt_logprobs)
             if out.token is not None:
-                req.append_token(out.token, out.logprobs)
+                req.record_token(out.token, out.logprobs)  # the executor made it: [dim] or a 0-d id
         for req in plan.decode:
             self._decode_turn[req.req_id] = self._next_turn
             self._next_turn += 1

@@ -40,7 +40,8 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import MISSING, fields
+from typing import Any, cast
 
 from cb_lab.checks import check_int
 from cb_lab.core.view_registry import render
@@ -81,6 +82,12 @@ def _distribution(name: str, unit: str, data: list[float]) -> dict[str, float | 
     return dict(zip(keys, [statistics.fmean(data), *(_percentile(data, p) for p in (50, 90, 99))]))
 
 
+# StepMetrics' counts with defaults, by name -> the default (None: optional, ``kv_blocks_used`` of a run
+# without a shared pool); record_step takes them as keywords.
+_OPTIONAL_COUNTS: dict[str, int | None] = {
+    f.name: f.default for f in fields(StepMetrics) if f.default is not MISSING
+}
+
 # The per-request latencies the summaries report, each in steps and in seconds.
 LATENCIES = ("queueing", "ttft", "tpot", "e2e")
 
@@ -101,31 +108,25 @@ class MetricsCollector:
 
     def record_step(
         self, step_id: int, decode_tokens: int, prefill_tokens: int, active_requests: int, finished_requests: int,
-        step_duration: float, status: str = "completed", total_tokens: int | None = None,
-        waiting_requests: int = 0, preempted_requests: int = 0, padding_tokens: int = 0,
-        kv_blocks_used: int | None = None, max_tokens_per_step: int | None = None,
-        prefix_hit_tokens: int = 0, prefix_hit_blocks: int = 0, admitted_prompt_tokens: int = 0,
-        admitted_prompt_blocks: int = 0, kv_evictions: int = 0, kv_copies: int = 0,
+        step_duration: float, status: str = "completed", total_tokens: int | None = None, **counts: int | None,
     ) -> StepMetrics:
-        """Validate and store one step; accepts ``**stats`` from ``Scheduler.step()`` as is.
+        """Validate and store one step; takes ``**stats`` from ``Scheduler.step()`` as is.
 
-        ``timestamp`` is when the step is *recorded*; ``step_duration`` is what the scheduler measured.
-        ``kv_blocks_used`` (blocks in use in the shared pool after the step) and ``max_tokens_per_step``
-        (the step's budget) are optional: the scheduler's stats do not carry the pool, a plugin adds it.
+        ``counts`` are :class:`StepMetrics`' optional counts by name (``waiting_requests``,
+        ``kv_copies``, ...): the collector stores whatever the stats carry, so a new figure is named
+        once, in ``StepMetrics``. ``timestamp`` is when the step is *recorded*; ``step_duration`` is
+        what the scheduler measured.
         """
-        counts = {"step_id": step_id, "decode_tokens": decode_tokens, "prefill_tokens": prefill_tokens,
-                  "active_requests": active_requests, "finished_requests": finished_requests,
-                  "waiting_requests": waiting_requests, "preempted_requests": preempted_requests,
-                  "padding_tokens": padding_tokens, "prefix_hit_tokens": prefix_hit_tokens,
-                  "prefix_hit_blocks": prefix_hit_blocks, "admitted_prompt_tokens": admitted_prompt_tokens,
-                  "admitted_prompt_blocks": admitted_prompt_blocks, "kv_evictions": kv_evictions,
-                  "kv_copies": kv_copies}
-        for name, value in counts.items():
-            check_int(name, value, 0, ValidationError)
-        if kv_blocks_used is not None:
-            check_int("kv_blocks_used", kv_blocks_used, 0, ValidationError)
-        if max_tokens_per_step is not None:
-            check_int("max_tokens_per_step", max_tokens_per_step, 1, ValidationError)
+        unknown = sorted(counts.keys() - _OPTIONAL_COUNTS.keys())
+        if unknown:
+            raise ValidationError(f"record_step got unknown counts {unknown}; StepMetrics has "
+                                  f"{sorted(_OPTIONAL_COUNTS)}")
+        given = {"step_id": step_id, "decode_tokens": decode_tokens, "prefill_tokens": prefill_tokens,
+                 "active_requests": active_requests, "finished_requests": finished_requests, **counts}
+        for name, value in given.items():
+            may_be_none = name in _OPTIONAL_COUNTS and _OPTIONAL_COUNTS[name] is None  # e.g. kv_blocks_used: no pool
+            if value is not None or not may_be_none:
+                check_int(name, value, 1 if name == "max_tokens_per_step" else 0, ValidationError)  # a budget >= 1
         duration = _check_duration(step_duration)
         if status not in STEP_STATUSES:
             raise ValidationError(f"status must be one of {STEP_STATUSES}, got {status!r}")
@@ -136,13 +137,8 @@ class MetricsCollector:
                 f"({decode_tokens} + {prefill_tokens} = {expected})"
             )
         memory_mb = self._read_rss_mb() if self._read_rss_mb is not None else None
-        step = StepMetrics(
-            step_id, decode_tokens, prefill_tokens, expected, active_requests,
-            finished_requests, duration, status, self._clock(), memory_mb,
-            waiting_requests, preempted_requests, padding_tokens, kv_blocks_used, max_tokens_per_step,
-            prefix_hit_tokens, prefix_hit_blocks, admitted_prompt_tokens, admitted_prompt_blocks, kv_evictions,
-            kv_copies,
-        )
+        step = StepMetrics(step_id, decode_tokens, prefill_tokens, expected, active_requests, finished_requests,
+                           duration, status, self._clock(), memory_mb, **cast(dict[str, Any], counts))
         self.steps.append(step)
         logger.debug("step %d: %d tokens in %.6f s (%s)", step_id, expected, duration, status)
         return step
