@@ -83,7 +83,6 @@ def decoding_schedulers(model: TinyLLM, contexts: list[int], args: argparse.Name
     twin = Scheduler(model, budget, max(contexts))
     twin.step_id = sched.step_id
     for req in copy.deepcopy(sched.running):
-        req.kv_cache.hooks = twin.plugins.cache_plugins  # what add_request would have set
         twin.queues.add(req)  # queued, then running, in the same arrival order
         twin.queues.admit(req)
     scheds = {"split": twin, "fused": sched}

@@ -26,7 +26,7 @@ import torch
 from cb_lab.attention.paged_attention import GatherWorkspace, PagedKV
 from cb_lab.core.batch_builder import cached_prefix_mask
 from cb_lab.core.kv_cache import BaseKVCache, check_rows, same_device, shared_paged
-from cb_lab.core.output_rows import OutputRows, output_rows, prompt_logprobs
+from cb_lab.core.output_rows import output_rows, prompt_logprobs
 from cb_lab.core.plan import PrefillChunk, SeqOutput, StepPlan, StepResult
 from cb_lab.core.request import Request
 from cb_lab.exceptions import SchedulerError, ValidationError
@@ -192,13 +192,6 @@ class Executor(ABC):
             return list(tokens), _token_logprobs(out, tokens, params)
         return [self.sample(row, req) for row, req in zip(out, reqs)], [None] * len(reqs)
 
-    def _output_rows(self, chunks: Sequence[PrefillChunk], first: int = 0) -> OutputRows:
-        """The rows whose output the model computes (``core/output_rows.py``): ``first`` decode rows, then
-        per chunk the rows whose prompt logprobs are asked for and its last row if it ends its prompt.
-        The other prefill rows only fill the cache, so the model skips their outputs (for a real model,
-        an LM head of ``[rows, vocab]``)."""
-        return output_rows(chunks, first, self.model.device)
-
     @staticmethod
     def _outputs(chunks: Sequence[PrefillChunk], sampled: Sampled, prompt: Sequence[LogprobsTensors | None],
                  k: torch.Tensor, v: torch.Tensor) -> tuple[SeqOutput, ...]:
@@ -224,7 +217,7 @@ class SplitExecutor(Executor):
         prefill: tuple[SeqOutput, ...] = ()
         if plan.prefill:
             tokens, mask, past = self._prefill_inputs(plan.prefill)
-            rows = self._output_rows(plan.prefill)
+            rows = output_rows(plan.prefill, 0, self.model.device)  # only these get logits (core/output_rows.py)
             out, k, v = self.model.forward_prefill_ragged(tokens, mask, past, attention_hooks=self.attention_hooks,
                                                           output_rows=rows.rows)
             self.num_model_calls += 1
@@ -238,8 +231,6 @@ class SplitExecutor(Executor):
         out, k, v = self.model.forward_decode(req.last_token, req.kv_cache, attention_hooks=self.attention_hooks)
         self.num_model_calls += 1
         k, v = self._checked_kv(k, v, 1)
-        if req.sampling is None:  # a vector token
-            return SeqOutput(k, v, self.sample(out[0], req))
         (token,), (logprobs,) = self.sample_rows(out[:1], [req])
         return SeqOutput(k, v, token, logprobs)
 
@@ -264,7 +255,7 @@ class FusedExecutor(Executor):
         if not parts:  # only zero-token requests finishing: nothing to compute
             return StepResult((), ())
         B = len(plan.decode)
-        rows = self._output_rows(plan.prefill, first=B)
+        rows = output_rows(plan.prefill, B, self.model.device)  # only these get logits (core/output_rows.py)
         flat = torch.cat(parts)  # [B + P, D]
         out, k, v = self.model.forward_fused(
             flat, decode_kv, mask, past, attention_hooks=self.attention_hooks, output_rows=rows.rows,

@@ -21,7 +21,9 @@ from __future__ import annotations
 import itertools
 from bisect import insort
 from collections import Counter, deque
+from collections.abc import Sequence
 
+from cb_lab.core.kv_cache import CacheHook
 from cb_lab.core.request import Request
 
 __all__ = ["RequestQueues"]
@@ -34,9 +36,14 @@ def _own_ids(req: Request) -> list[str]:
 
 
 class RequestQueues:
-    """``waiting`` (a deque) and ``running`` (a list) in arrival order, and the ids and caches in use."""
+    """``waiting`` (a deque) and ``running`` (a list) in arrival order, and the ids and caches in use.
 
-    def __init__(self) -> None:
+    ``cache_hooks``: what every queued request's cache calls around an append (the scheduler's cache
+    plugins, a live list: plugins registered later run too).
+    """
+
+    def __init__(self, cache_hooks: Sequence[CacheHook] = ()) -> None:
+        self.cache_hooks = cache_hooks
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._arrival: dict[str, tuple[int, int]] = {}  # req_id -> (arrival, fork number)
@@ -97,6 +104,7 @@ class RequestQueues:
         return finished
 
     def _enter(self, req: Request, arrival: tuple[int, int]) -> None:
+        req.kv_cache.hooks = self.cache_hooks
         self._arrival[req.req_id] = arrival
         self._ids.update(_own_ids(req))
         self._caches.add(id(req.kv_cache))

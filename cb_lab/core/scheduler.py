@@ -125,7 +125,7 @@ class Scheduler:
         self.plugins = plugins if plugins is not None else PluginManager()
         run = EXECUTORS[check_choice("executor", executor, EXECUTORS)]  # fused: 1 forward a step; split: 1 a decode
         self.executor: Executor = run(model, sampler, self.plugins.attention_plugins)
-        self.queues = RequestQueues()  # waiting and running, in arrival order (core/queues.py says why)
+        self.queues = RequestQueues(self.plugins.cache_plugins)  # in arrival order (core/queues.py says why)
         self.step_id = 0
         self.num_finished = 0
         self.num_preemptions = 0
@@ -158,7 +158,6 @@ class Scheduler:
         check_fits_model(self.model, req)
         self._check_it_can_finish(req)
         self.plugins.on_request_added(req, self.step_id)  # first: a hook that raises leaves the request out
-        req.kv_cache.hooks = self.plugins.cache_plugins  # live: plugins registered later run too
         self.queues.add(req)
         logger.debug("added %r", req)
 
@@ -205,7 +204,6 @@ class Scheduler:
 
     def _fork(self, parent: Request, new_req_id: str, sampling: SamplingParams | None) -> Request:
         child = parent.fork(new_req_id, sampling)
-        child.kv_cache.hooks = self.plugins.cache_plugins
         self.queues.add_child(parent, child, running=True)
         self._batch_size += 1  # it joins the batch now running: static batching pads its slot too
         logger.debug("forked %r from %r", child, parent)
@@ -229,7 +227,6 @@ class Scheduler:
         forks = [self._fork(req, child_id, sampling) for child_id, sampling in samples[:room]]
         waiting = [req.new_sample(child_id, sampling) for child_id, sampling in samples[room:]]
         for child in waiting:  # in sample order, before the requests that arrived after their parent
-            child.kv_cache.hooks = self.plugins.cache_plugins
             self.queues.add_child(req, child, running=False)
         return forks + waiting
 
