@@ -54,6 +54,6 @@ def check_bool(name: str, value: object, error: type[CBLabException] = Configura
 
 def check_choice(name: str, value: T, choices: Collection[T], error: type[CBLabException] = ConfigurationError) -> T:
     """``value`` if it is one of ``choices`` (listed in the message, in their order)."""
-    if value not in choices:
+    if not any(value == choice for choice in choices):  # not ``in``: an unhashable value is just not one
         raise error(f"{name} must be one of {list(choices)}, got {value!r}")
     return value

@@ -136,8 +136,11 @@ def test_a_waiting_request_holds_nothing_and_max_num_seqs_holds() -> None:
         check_next(sched)
     sched.waiting.remove(waiting)
     sched.max_num_seqs = 2
-    with pytest.raises(SchedulerError, match="3 requests run, over max_num_seqs=2"):
-        check_next(sched)
+    check_next(sched)  # a cap lowered mid-run lets the three running finish...
+    plan = sched.schedule()
+    over = type(plan)(plan.step_id, (), (), admitted=(waiting,))  # ...but a step must not admit over it
+    with pytest.raises(SchedulerError, match="admitted 1, 3 requests run, over max_num_seqs=2"):
+        check_invariants(sched, over, [])
 
 
 def test_long_sequences_skip_the_recompute() -> None:

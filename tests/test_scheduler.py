@@ -272,7 +272,7 @@ class BadKVModel(FlakyModel):
 @pytest.mark.parametrize("executor", ["fused", "split"])
 @pytest.mark.parametrize(("spoil", "error", "message"), [
     (lambda kv: kv[:, :-1], KVCacheError, "dim 7 but the model's KV cache holds dim 8"),
-    (lambda kv: torch.cat([kv, kv[:1]]), ValidationError, "K/V rows for"),
+    (lambda kv: torch.cat([kv, kv[:1]]), ValidationError, "K/V rows, got"),
     (lambda kv: kv.to(torch.int64), ValidationError, "floating point"),
     (lambda kv: kv[:, :, None], ValidationError, "equal shapes"),
 ], ids=["dim", "rows", "dtype", "3d"])

@@ -165,10 +165,7 @@ class Executor(ABC):
     def _checked_kv(self, k: object, v: object, num_rows: int) -> KV:
         """The model's new K/V rows, checked once for the whole call: the commit stores them without checking
         each request's rows again."""
-        k, v = check_rows(k, v, self.model.kv_dim, self.model.device, "the model's KV cache")
-        if k.shape[0] != num_rows:
-            raise ValidationError(f"the model returned {k.shape[0]} K/V rows for {num_rows} tokens")
-        return k, v
+        return check_rows(k, v, self.model.kv_dim, self.model.device, "the model's KV cache", num_rows)
 
     def _prefill_inputs(self, chunks: Sequence[PrefillChunk]) -> tuple[torch.Tensor, torch.Tensor, KV | None]:
         """Chunk rows ``[P, D]``, their mask ``[P, C + P]`` and cached prefixes ``[C, D]`` (None if all start at 0)."""
@@ -190,7 +187,15 @@ class Executor(ABC):
             tokens = sample_batch(out, params, [r.req_id for r in reqs], [len(r.generated_tokens) for r in reqs],
                                   history=history, eos_token_ids=[r.eos_token_id for r in reqs])
             return list(tokens), _token_logprobs(out, tokens, params)
+        if self.sampler is None and reqs:  # the output rows are the tokens fed back: checked once for the call
+            self._check_token_rows(out, len(reqs))
         return [self.sample(row, req) for row, req in zip(out, reqs)], [None] * len(reqs)
+
+    def _check_token_rows(self, out: torch.Tensor, num_rows: int) -> None:
+        want = (num_rows, *self.model.token_shape)
+        if tuple(out.shape) != want or out.dtype != self.model.dtype or not bool(torch.isfinite(out).all()):
+            raise ValidationError(f"the model's output rows are the tokens fed back: they must be {want} finite "
+                                  f"{self.model.dtype}, got {tuple(out.shape)} {out.dtype} (NaN or inf included?)")
 
     @staticmethod
     def _outputs(chunks: Sequence[PrefillChunk], sampled: Sampled, prompt: Sequence[LogprobsTensors | None],

@@ -4,8 +4,8 @@
 the test suite sets it) calls :func:`check_invariants` after every committed step:
 
 - **the step**: it spent at most ``max_tokens_per_step`` tokens;
-- **the queues**: no request is both waiting and running, a waiting request holds no K/V, at
-  most ``max_num_seqs`` requests run;
+- **the queues**: no request is both waiting and running, a waiting request holds no K/V, and a
+  step that admitted requests leaves at most ``max_num_seqs`` running;
 - **positions**: each cache holds exactly the rows its request has run, contiguous from 0:
   ``prefill_pos`` prefill rows plus one per token fed back by a decode, and a paged cache has
   exactly the blocks those rows need;
@@ -62,6 +62,10 @@ def check_invariants(scheduler: Scheduler, plan: StepPlan, finished: Sequence[Re
     if plan.total_tokens > budget:
         raise SchedulerError(f"{where}: {plan.total_tokens} tokens ran, over the budget {budget}")
     _check_queues(scheduler, where)
+    limit = scheduler.max_num_seqs  # (a limit lowered mid-run lets the requests running finish)
+    if plan.admitted and limit is not None and len(scheduler.running) > limit:
+        raise SchedulerError(f"{where}: admitted {len(plan.admitted)}, {len(scheduler.running)} requests run, over "
+                             f"max_num_seqs={limit}")
     requests = [*scheduler.active, *finished]
     for req in requests:
         _check_positions(req, where)
@@ -81,9 +85,6 @@ def _check_queues(scheduler: Scheduler, where: str) -> None:
     for req in scheduler.waiting:
         if len(req.kv_cache) or req.prefill_pos:
             raise SchedulerError(f"{where}: waiting request {req.req_id!r} holds K/V ({req!r})")
-    limit = scheduler.max_num_seqs
-    if limit is not None and len(scheduler.running) > limit:
-        raise SchedulerError(f"{where}: {len(scheduler.running)} requests run, over max_num_seqs={limit}")
 
 
 def expected_cache_len(req: Request) -> int:

@@ -53,9 +53,11 @@ def same_device(a: torch.device, b: torch.device) -> bool:
 
 def check_rows(
     k_new: object, v_new: object, dim: int | None, device: torch.device, holder: str = "this cache",
+    num_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """K/V rows ``[n, dim]`` each (n >= 1, floating point) that ``holder`` on ``device`` can store:
-    ``ValidationError`` if they are malformed, ``KVCacheError`` if they do not fit (``dim`` None: any)."""
+    """K/V rows ``[n, dim]`` each (n >= 1, or exactly ``num_rows``; floating point) that ``holder`` on
+    ``device`` can store: ``ValidationError`` if they are malformed, ``KVCacheError`` if they do not fit
+    (``dim`` None: any)."""
     if not isinstance(k_new, torch.Tensor) or not isinstance(v_new, torch.Tensor):
         raise ValidationError(
             f"K/V rows must be torch.Tensor, got {type(k_new).__name__} and {type(v_new).__name__}"
@@ -65,6 +67,8 @@ def check_rows(
             f"K and V must both be [rows, dim] with equal shapes, got {tuple(k_new.shape)} "
             f"and {tuple(v_new.shape)}"
         )
+    if num_rows is not None and k_new.shape[0] != num_rows:
+        raise ValidationError(f"{holder}: expected {num_rows} K/V rows, got {k_new.shape[0]}")
     if k_new.shape[0] == 0:
         raise ValidationError("append at least one K/V row, got 0 rows")
     if not (k_new.is_floating_point() and v_new.is_floating_point()):
@@ -103,9 +107,14 @@ class BaseKVCache(ABC):
         return self._run_hooks(*check_rows(k_new, v_new, self.dim, self.device))
 
     def _run_hooks(self, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``before_append`` hooks, then their rows checked: the writes after them must not fail."""
+        if not self.hooks:
+            return k_new, v_new
+        num_rows = k_new.shape[0]
         for hook in self.hooks:
             k_new, v_new = hook.before_append(self, k_new, v_new)
-        return k_new, v_new
+        return check_rows(k_new, v_new, self.dim, self.device, "this cache (rows from its before_append hooks)",
+                          num_rows)
 
     def _after_append(self, num_rows: int, nbytes: int) -> None:
         for hook in self.hooks:

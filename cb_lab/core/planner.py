@@ -9,7 +9,8 @@ policy          order
 ==============  ==============================================================
 decode_first    decodes, then running prefills, then admissions (FCFS)  (vLLM)
 prefill_first   running prefills, then admissions (FCFS), then decodes
-sjf             like decode_first, but the waiting queue shortest job first
+sjf             like decode_first, but the requests never admitted shortest job
+                first (preempted ones still go first, by arrival)
 static          like decode_first, but admit only when nothing runs: a whole
                 batch starts together and the next waits until it is done
 ==============  ==============================================================
@@ -22,7 +23,9 @@ this step gives back its tokens and blocks: vLLM's recompute preemption; the vic
 waiting queue ahead of the requests never admitted. No running request ever waits for blocks
 a later one holds, so a run finishes whenever each request alone fits its pool; and a step
 that had to preempt for blocks admits nobody (as vLLM's scheduler), so it never takes in new
-requests only to preempt them next. Every request that waits is listed in ``plan.skipped``
+requests only to preempt them next (``prefill_first`` admits before it plans the decodes, so a
+decode short of blocks there can preempt in a step that admitted: the thrashing that vLLM's order,
+running requests first, avoids). Every request that waits is listed in ``plan.skipped``
 with the reason: ``budget``, ``no_blocks``, ``max_num_seqs`` or ``batch_running``.
 
 With ``enable_prefix_caching`` an admission starts after the cached full blocks of its prefill
@@ -41,6 +44,7 @@ from cb_lab.core.block_pool import BlockLedger
 from cb_lab.core.plan import PrefillChunk, StepPlan
 from cb_lab.core.prefix_cache import block_size_of, prefix_hit
 from cb_lab.core.request import Request
+from cb_lab.exceptions import ConfigurationError
 
 __all__ = ["POLICIES", "SchedulerConfig", "plan_step"]
 
@@ -61,6 +65,8 @@ class SchedulerConfig:
     enable_prefix_caching: bool = False  # an admission starts after the cached full blocks of its prompt
 
     def __setattr__(self, name: str, value: object) -> None:
+        if name not in _SETTING_CHECKS:
+            raise ConfigurationError(f"SchedulerConfig has no setting {name!r}; its settings: {list(_SETTING_CHECKS)}")
         object.__setattr__(self, name, _SETTING_CHECKS[name](name, value))
 
 
@@ -155,8 +161,8 @@ class _StepPlanner:
 
     def admit(self, waiting: Sequence[Request]) -> None:
         queue = [r for r in waiting if not r.finished]  # a zero-token request just completes
-        if self.config.policy == "sjf":
-            queue.sort(key=lambda r: r.prefill_len + r.max_new_tokens - len(r.generated_tokens))
+        if self.config.policy == "sjf":  # preempted ones keep their places ahead; the never admitted by their work
+            queue.sort(key=lambda r: (1, r.prefill_len + r.max_new_tokens) if r.num_preemptions == 0 else (0, 0))
         blocked = "batch_running" if self.config.policy == "static" and self.running else None
         for req in queue:
             cached = prefix_hit(req) if self.config.enable_prefix_caching and not blocked else ()

@@ -50,6 +50,20 @@ def _check_prompt(req_id: str, prompt: object) -> None:
         raise ValidationError(f"request {req_id!r}: prompt contains NaN or inf; pass finite values")
 
 
+def _check_id(req_id: object) -> None:
+    if not isinstance(req_id, str) or not req_id:
+        raise ValidationError(f"req_id must be a non-empty str, got {req_id!r}")
+
+
+def _check_sampling(req_id: str, sampling: object, prompt: torch.Tensor) -> None:
+    """``SamplingParams`` or None, and only over token ids: a vector token is its output row (no logits)."""
+    if sampling is not None and not isinstance(sampling, SamplingParams):
+        raise ValidationError(f"request {req_id!r}: sampling must be SamplingParams, got {sampling!r}")
+    if sampling is not None and prompt.dim() != 1:
+        raise ValidationError(f"request {req_id!r}: sampling is for token ids ([seq_len] prompts); a vector-token "
+                              "request takes its output row (or the Scheduler's sampler): pass sampling=None")
+
+
 @dataclass(eq=False, repr=False)
 class Request:
     """One inference request: a prompt (``[seq_len, dim]`` vectors or ``[seq_len]`` token ids), a token
@@ -80,9 +94,9 @@ class Request:
     _hashes: tuple[int, list[int]] = field(init=False, repr=False, default=(0, []))  # (block size, hashes)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.req_id, str) or not self.req_id:
-            raise ValidationError(f"req_id must be a non-empty str, got {self.req_id!r}")
+        _check_id(self.req_id)
         _check_prompt(self.req_id, self.prompt)
+        _check_sampling(self.req_id, self.sampling, self.prompt)
         n = check_int(f"request {self.req_id!r}: max_new_tokens", self.max_new_tokens, 0, ValidationError)
         if not isinstance(self.kv_cache, BaseKVCache):
             raise ValidationError(
@@ -94,8 +108,6 @@ class Request:
             raise ValidationError(
                 f"request {self.req_id!r}: prefill_pos must be an int in [0, {self.prompt_len}], got {p!r}"
             )
-        if self.sampling is not None and not isinstance(self.sampling, SamplingParams):
-            raise ValidationError(f"request {self.req_id!r}: sampling must be SamplingParams, got {self.sampling!r}")
         if self.sampling is None and self.prompt.dim() == 1:  # token ids: greedy unless told otherwise
             self.sampling = SamplingParams(max_tokens=n, temperature=0.0)
         if len(self.generated_tokens) >= n:
@@ -195,6 +207,8 @@ class Request:
             parent  [p0 p1 p2 | p3 g0 g1 .]   blocks A B (B partial, shared)
             child   [p0 p1 p2 | p3 g0 ...]    shares A and B, recomputes g0, draws its own g1'
         """
+        _check_id(req_id)  # before the cache forks: a refused fork holds no block
+        _check_sampling(req_id, sampling, self.prompt)
         cache = shared_paged(self.kv_cache)
         if cache is None:
             raise RequestError(f"request {self.req_id!r} has a private cache; forking needs a PagedKVCache on a "
@@ -215,6 +229,8 @@ class Request:
     def new_sample(self, req_id: str, sampling: SamplingParams) -> Request:
         """A new request over this one's prompt, from scratch, on an empty cache of the same pool: a
         sample of ``SamplingParams.n`` that waits for room to run (``Scheduler`` forks the others)."""
+        _check_id(req_id)
+        _check_sampling(req_id, sampling, self.prompt)
         cache = shared_paged(self.kv_cache)
         if cache is None:
             raise RequestError(f"request {self.req_id!r} has a private cache; its samples need a PagedKVCache on a "

@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar, cast
 
-from cb_lab.checks import check_choice
+from cb_lab.checks import check_choice, check_optional_int
 from cb_lab.core import invariants
 from cb_lab.core.block_pool import check_pool_capacity
 from cb_lab.core.executor import EXECUTORS, Executor, Sampler, StepModel, check_fits_model
@@ -25,9 +25,9 @@ from cb_lab.core.kv_cache import (
     Append,
     BaseKVCache,
     PagedKVCache,
+    check_rows,
     notify_appended,
     prepare_appends,
-    shared_paged,
     store_appends,
 )
 from cb_lab.core.plan import SeqOutput, StepPlan, StepResult, StepStats
@@ -35,8 +35,9 @@ from cb_lab.core.planner import SchedulerConfig, plan_step
 from cb_lab.core.prefix_cache import pool_counters, prefix_stats, register_full_blocks, step_pools
 from cb_lab.core.queues import RequestQueues
 from cb_lab.core.request import Request
+from cb_lab.core.request_checks import check_can_finish, check_fresh, unrunnable_prefill
 from cb_lab.core.view_registry import render
-from cb_lab.exceptions import SchedulerError
+from cb_lab.exceptions import ConfigurationError, SchedulerError
 from cb_lab.plugins.base import PluginManager
 from cb_lab.sampling import SamplingParams
 
@@ -57,13 +58,17 @@ class _Setting(Generic[T]):
         return cast(T, getattr(scheduler.config, self.name))
 
     def __set__(self, scheduler: Scheduler, value: T) -> None:
-        setattr(scheduler.config, self.name, value)
+        old = getattr(scheduler.config, self.name)
+        setattr(scheduler.config, self.name, value)  # the config checks the value
+        stuck = next((why for r in scheduler.active if (why := unrunnable_prefill(scheduler.config, r))), None)
+        if stuck is not None:  # chunked prefill off, or the budget lowered under it: a request could never run
+            setattr(scheduler.config, self.name, old)
+            raise SchedulerError(f"{self.name}={value!r} is refused (the setting stays {old!r}): {stuck}")
 
 
 @dataclass(frozen=True, slots=True)
 class _Committed:
     """What a commit did beyond its plan."""
-
     finished: list[Request] = field(default_factory=list)
     kv_evictions: int = 0
     kv_copies: int = 0
@@ -122,6 +127,8 @@ class Scheduler:
             check_invariants, enable_prefix_caching,
         )
         self.model = model
+        if plugins is not None and not isinstance(plugins, PluginManager):
+            raise ConfigurationError(f"plugins must be a PluginManager, got {type(plugins).__name__}")
         self.plugins = plugins if plugins is not None else PluginManager()
         run = EXECUTORS[check_choice("executor", executor, EXECUTORS)]  # fused: 1 forward a step; split: 1 a decode
         self.executor: Executor = run(model, sampler, self.plugins.attention_plugins)
@@ -154,77 +161,52 @@ class Scheduler:
         """Queue a fresh request; it takes part from the next step on."""
         if not isinstance(req, Request):
             raise SchedulerError(f"add_request takes a Request, got {type(req).__name__}")
-        self._check_fresh(req)
+        check_fresh(self.queues, req)
         check_fits_model(self.model, req)
-        self._check_it_can_finish(req)
+        check_can_finish(self.config, req)
         self.plugins.on_request_added(req, self.step_id)  # first: a hook that raises leaves the request out
         self.queues.add(req)
         logger.debug("added %r", req)
 
-    def _check_fresh(self, req: Request) -> None:
-        """A new request of its own: unused ids, no parent, nothing run, a cache nobody active holds."""
-        if not self.queues.is_free(req):
-            raise SchedulerError(f"request id {req.req_id!r} (or a sample of it) is already active; use a unique "
-                                 "req_id")
-        if req.parent_id is not None:
-            raise SchedulerError(f"request {req.req_id!r} names parent {req.parent_id!r}; Scheduler.fork adds forks")
-        if req.prefill_pos != 0 or req.generated_tokens or len(req.kv_cache) != 0:
-            raise SchedulerError(f"request {req.req_id!r} has already run ({req!r}); add a new Request")
-        if self.queues.cache_in_use(req):
-            raise SchedulerError(f"request {req.req_id!r} shares its kv_cache with an active request; give it its own")
-
-    def _check_it_can_finish(self, req: Request) -> None:
-        rows = req.prompt_len + max(req.max_new_tokens - 1, 0)  # its longest prefill (after a preemption)
-        if not self.enable_chunked_prefill and rows > self.max_tokens_per_step:
-            raise SchedulerError(
-                f"request {req.req_id!r} may need a {rows}-row prefill but chunked prefill is off and the budget is "
-                f"{self.max_tokens_per_step}; raise max_tokens_per_step or enable chunked prefill"
-            )
-        cache = shared_paged(req.kv_cache)
-        if cache is not None and cache.pool is not None and not cache.pool.growable:
-            blocks = cache.blocks_needed(rows)
-            if blocks > cache.pool.num_blocks:
-                raise SchedulerError(
-                    f"request {req.req_id!r} needs {blocks} KV blocks but its pool has {cache.pool.num_blocks} in all; "
-                    "give the BlockPool more num_blocks"
-                )
-
     def fork(self, req_id: str, new_req_id: str, sampling: SamplingParams | None = None) -> Request:
         """Fork the running decode request ``req_id`` (``Request.fork``): the child shares its K/V
-        blocks, copy-on-write, runs from the next step and is returned."""
+        blocks, copy-on-write, runs from the next step and is returned (one more running request: not
+        past ``max_num_seqs``)."""
         parent = next((r for r in self.running if r.req_id == req_id and r.in_decode), None)
         if parent is None:
             decoding = [r.req_id for r in self.running if r.in_decode]
             raise SchedulerError(f"no running request {req_id!r} in decode to fork; decoding: {decoding}")
         if self.queues.id_in_use(new_req_id):
             raise SchedulerError(f"request id {new_req_id!r} is already used; give the fork a unique id")
-        child = self._fork(parent, new_req_id, sampling)
-        self.plugins.on_request_added(child, self.step_id)
+        if self.max_num_seqs is not None and len(self.running) >= self.max_num_seqs:
+            raise SchedulerError(f"{len(self.running)} requests run, max_num_seqs={self.max_num_seqs}: no room to fork "
+                                 f"{req_id!r}; raise max_num_seqs or fork after a request finishes")
+        child = parent.fork(new_req_id, sampling)
+        try:  # first, as in add_request: a hook that raises leaves the fork out
+            self.plugins.on_request_added(child, self.step_id)
+        except BaseException:
+            child.kv_cache.release()  # the blocks it shared are its parent's alone again
+            raise
+        self._queue_fork(parent, child)
         return child
 
-    def _fork(self, parent: Request, new_req_id: str, sampling: SamplingParams | None) -> Request:
-        child = parent.fork(new_req_id, sampling)
+    def _queue_fork(self, parent: Request, child: Request) -> Request:
         self.queues.add_child(parent, child, running=True)
-        self._batch_size += 1  # it joins the batch now running: static batching pads its slot too
         logger.debug("forked %r from %r", child, parent)
         return child
 
     def _fork_samples(self, req: Request) -> list[Request]:
-        """``SamplingParams.n``: once a request has drawn its first token, fork its other samples.
-
-        As many as ``max_num_seqs`` leaves room for run at once, sharing the prompt's blocks; the
-        others wait (right after their parent's place in the queue) as fresh requests over the same
-        prompt (an empty fork of the cache) and are admitted as requests leave, their prompt's full
-        blocks found by prefix caching. A sample draws the same tokens either way: its own params,
-        its own random stream.
-        """
+        """``SamplingParams.n``: once a request has drawn its first token, fork its other samples. As many
+        as ``max_num_seqs`` leaves room for run at once, sharing the prompt's blocks; the others wait (after
+        their parent) as fresh requests over the prompt, admitted as requests leave (prefix caching finds
+        the prompt's blocks). A sample draws the same tokens either way: its own params and random stream."""
         params = req.sampling
         if params is None or params.n == 1 or req.parent_id is not None or len(req.generated_tokens) != 1:
             return []
         running = sum(not r.finished for r in self.running)  # those finishing this step leave
         room = params.n - 1 if self.max_num_seqs is None else max(self.max_num_seqs - running, 0)
         samples = [(f"{req.req_id}.{i}", params.sample_params(i)) for i in range(1, params.n)]
-        forks = [self._fork(req, child_id, sampling) for child_id, sampling in samples[:room]]
+        forks = [self._queue_fork(req, req.fork(child_id, sampling)) for child_id, sampling in samples[:room]]
         waiting = [req.new_sample(child_id, sampling) for child_id, sampling in samples[room:]]
         for child in waiting:  # in sample order, before the requests that arrived after their parent
             self.queues.add_child(req, child, running=False)
@@ -278,10 +260,32 @@ class Scheduler:
         return plan_step(self.step_id, self.config, self.running, self.waiting, self._decode_turn, force)
 
     def commit(self, plan: StepPlan, result: StepResult) -> list[Request]:
-        """Write a computed step into the requests; returns the requests it finished. The plan is checked
-        against the free blocks first (``check_blocks``): a hand-made one that does not fit raises, writing nothing."""
+        """Write a computed step into the requests; returns the requests it finished. A hand-made plan and
+        result are checked first (this step's, the queues as they are, the outputs' rows, the free blocks:
+        ``check_blocks``): one that does not fit raises, writing nothing."""
+        self._check_plan(plan, result)
         check_blocks(plan)
         return self._commit(plan, result).finished
+
+    def _check_plan(self, plan: StepPlan, result: StepResult) -> None:
+        """A hand-made plan and result fit the scheduler as it is, so the writes cannot fail half way."""
+        running, waiting = set(map(id, self.running)), set(map(id, self.waiting))
+        queued = (all(id(r) in running for r in [*plan.decode, *plan.preempted])
+                  and all(id(r) in waiting for r in plan.admitted)
+                  and all(id(c.request) in running or c.request in plan.admitted for c in plan.prefill))
+        problem = None
+        if plan.step_id != self.step_id:
+            problem = f"it is for step {plan.step_id}, the scheduler is at step {self.step_id}"
+        elif not queued:
+            problem = "a request it runs, preempts or admits is not in the queue that needs"
+        elif len(result.prefill) != len(plan.prefill) or len(result.decode) != len(plan.decode):
+            problem = "the result's outputs do not match its chunks and decodes"
+        if problem is not None:
+            raise SchedulerError(f"cannot commit this plan: {problem}; plan each step with schedule() and commit it "
+                                 "once, with the executor's result")
+        rows = [c.length for c in plan.prefill] + [1] * len(plan.decode)
+        for req, out, n in zip(plan.requests, [*result.prefill, *result.decode], rows, strict=True):
+            check_rows(out.k, out.v, self.model.kv_dim, self.model.device, f"request {req.req_id!r}", n)
 
     def _commit(self, plan: StepPlan, result: StepResult) -> _Committed:
         """Three phases, so that a fault changes nothing or lets the step finish (the planner booked the blocks)."""
@@ -312,10 +316,11 @@ class Scheduler:
             self.queues.preempt(req)
             self.num_preemptions += 1
             logger.info("step %d preempted %r", plan.step_id, req)
-        if plan.admitted and not self.running:
-            self._batch_size = len(plan.admitted)
+        if self.policy != "static" or (plan.admitted and not self.running):  # (static) a new batch starts
+            self._batch_size = 0
         for req in plan.admitted:
             self.queues.admit(req)
+        self._batch_size = max(self._batch_size, len(self.running))  # static: its slots (forks join it)
 
     def _store(self, plan: StepPlan, prepared: list[Append]) -> list[int]:
         """The step's K/V rows into the caches; returns the bytes each append took."""
@@ -381,16 +386,15 @@ class Scheduler:
     def run_until_complete(self, max_steps: int | None = None) -> list[StepStats]:
         """Step until no request is active; returns every step's stats."""
         history: list[StepStats] = []
-        while (self.running or self.waiting) and (max_steps is None or len(history) < max_steps):
+        limit = check_optional_int("max_steps", max_steps, 0, SchedulerError)
+        while (self.running or self.waiting) and (limit is None or len(history) < limit):
             history.append(self.step())
         return history
 
     def __repr__(self) -> str:
         waiting = f", waiting={len(self.waiting)}" if self.waiting else ""
-        return (
-            f"Scheduler(step={self.step_id}, active={len(self.active)}{waiting}, finished={self.num_finished}, "
-            f"budget={self.max_tokens_per_step}, chunk={self.prefill_chunk_size})"
-        )
+        return (f"Scheduler(step={self.step_id}, active={len(self.active)}{waiting}, finished={self.num_finished}, "
+                f"budget={self.max_tokens_per_step}, chunk={self.prefill_chunk_size})")
 
     def _repr_html_(self) -> str:
         return render(self)

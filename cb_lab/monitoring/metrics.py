@@ -119,8 +119,8 @@ class MetricsCollector:
         """
         unknown = sorted(counts.keys() - _OPTIONAL_COUNTS.keys())
         if unknown:
-            raise ValidationError(f"record_step got unknown counts {unknown}; StepMetrics has "
-                                  f"{sorted(_OPTIONAL_COUNTS)}")
+            raise ValidationError(f"record_step got unknown counts {unknown}; it takes {sorted(_OPTIONAL_COUNTS)} "
+                                  "(the timestamp and memory_mb are the collector's own)")
         given = {"step_id": step_id, "decode_tokens": decode_tokens, "prefill_tokens": prefill_tokens,
                  "active_requests": active_requests, "finished_requests": finished_requests, **counts}
         for name, value in given.items():
@@ -131,6 +131,8 @@ class MetricsCollector:
         if status not in STEP_STATUSES:
             raise ValidationError(f"status must be one of {STEP_STATUSES}, got {status!r}")
         expected = decode_tokens + prefill_tokens
+        if status == "no_active_requests" and expected:
+            raise ValidationError(f"an idle step (status 'no_active_requests') runs no token, got {expected}")
         if total_tokens is not None and check_int("total_tokens", total_tokens, 0, ValidationError) != expected:
             raise ValidationError(
                 f"total_tokens ({total_tokens}) must equal decode_tokens + prefill_tokens "
