@@ -224,6 +224,24 @@ def snapshot(reqs: list[Request]) -> list[tuple[Any, ...]]:
     ]
 
 
+def run_through_faults(sched: Scheduler, reqs: list[Request], pool: BlockPool, error: type[Exception]) -> list[
+        Exception]:
+    """Step until nothing is active; every step that raises ``error`` must leave the requests and the pool
+    as they were. Returns the errors raised."""
+    faults: list[Exception] = []
+    while sched.active:
+        before, step_id, pool_before = snapshot(reqs), sched.step_id, pool.stats()
+        try:
+            sched.step()
+        except error as e:
+            faults.append(e)
+            assert sched.step_id == step_id and pool.stats() == pool_before
+            for (*meta_b, k_b), (*meta_a, k_a) in zip(before, snapshot(reqs)):
+                assert meta_b == meta_a
+                torch.testing.assert_close(k_b, k_a, rtol=0, atol=0)
+    return faults
+
+
 @pytest.mark.parametrize("executor", ["fused", "split"])
 @pytest.mark.parametrize("cache", ["dense", "paged", "shared"])
 @pytest.mark.parametrize("fail_calls", [{1}, {2}, {3, 4}, {2, 5, 7}])
@@ -240,18 +258,7 @@ def test_a_fault_in_compute_changes_nothing_and_the_run_completes(
     ]
     for r in reqs:
         sched.add_request(r)
-    faults = 0
-    while sched.active:
-        before, step_id, pool_before = snapshot(reqs), sched.step_id, pool.stats()
-        try:
-            sched.step()
-        except RuntimeError:
-            faults += 1
-            assert sched.step_id == step_id and pool.stats() == pool_before
-            for (*meta_b, k_b), (*meta_a, k_a) in zip(before, snapshot(reqs)):
-                assert meta_b == meta_a
-                torch.testing.assert_close(k_b, k_a, rtol=0, atol=0)
-    assert faults == len(fail_calls)
+    assert len(run_through_faults(sched, reqs, pool, RuntimeError)) == len(fail_calls)
     for r in reqs:
         assert_oracle(model, r, check_cache=cache != "shared")
     assert pool.stats()["used_blocks"] == 0
@@ -287,18 +294,8 @@ def test_a_model_that_returns_bad_kv_rows_fails_its_step_in_compute(
     reqs = [make_request(f"r{i}", L, n, 8, PagedKVCache(3, pool=pool), 3) for i, (L, n) in enumerate([(5, 4), (2, 6)])]
     for r in reqs:
         sched.add_request(r)
-    faults = 0
-    while sched.active:
-        before, step_id, pool_before = snapshot(reqs), sched.step_id, pool.stats()
-        try:
-            sched.step()
-        except error as e:  # the one spoiled call (split: maybe not its step's first)
-            faults += 1
-            assert message in str(e) and sched.step_id == step_id and pool.stats() == pool_before
-            for (*meta_b, k_b), (*meta_a, k_a) in zip(before, snapshot(reqs)):
-                assert meta_b == meta_a
-                torch.testing.assert_close(k_b, k_a, rtol=0, atol=0)
-    assert faults == 1
+    faults = run_through_faults(sched, reqs, pool, error)  # the one spoiled call (split: maybe mid-step)
+    assert len(faults) == 1 and message in str(faults[0])
     for r in reqs:
         assert_oracle(model, r, check_cache=False)
 

@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections import deque
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar, cast
 
@@ -182,11 +183,10 @@ class Scheduler:
             raise SchedulerError(f"{len(self.running)} requests run, max_num_seqs={self.max_num_seqs}: no room to fork "
                                  f"{req_id!r}; raise max_num_seqs or fork after a request finishes")
         child = parent.fork(new_req_id, sampling)
-        try:  # first, as in add_request: a hook that raises leaves the fork out
+        with ExitStack() as undo:  # first, as in add_request: a hook that raises leaves the fork out,
+            undo.callback(child.kv_cache.release)  # its shared blocks its parent's alone again
             self.plugins.on_request_added(child, self.step_id)
-        except BaseException:
-            child.kv_cache.release()  # the blocks it shared are its parent's alone again
-            raise
+            undo.pop_all()  # the hook took it: keep the blocks
         self._queue_fork(parent, child)
         return child
 
